@@ -1,0 +1,37 @@
+# make demo: train on the bundled MNIST sample (2 CPU processes here, every GPU on a GPU machine).
+# make test: the whole test suite (real processes, real files).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DATA ?= $(HOME)/.cache/disttrain/mnist
+DEMO_ARGS ?=
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+
+ifeq ($(GPUS),0)
+LAUNCH := --config_file configs/accelerate/cpu_2proc.yaml
+else ifeq ($(GPUS),1)
+LAUNCH := --num_processes 1
+else
+LAUNCH := --multi_gpu --num_processes $(GPUS)
+endif
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+# (Re)install when the venv is missing or pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/disttrain demo-data $(DEMO_DATA)
+	$(BIN)/accelerate launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.root=$(DEMO_DATA) $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

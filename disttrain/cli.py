@@ -1,0 +1,117 @@
+"""`disttrain train | evaluate | demo-data`.
+
+    accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
+    accelerate launch -m disttrain.cli evaluate --config configs/demo.yaml --weights runs/demo/model.pt
+    disttrain demo-data ~/.cache/disttrain/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from disttrain.config import ConfigError, load_config
+from disttrain.data.folder import DataError
+from disttrain.models import WeightsError
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, FileExistsError)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply without one")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. optim.lr=3e-3")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train an image classifier on one or many processes.")
+    _config_args(parser)
+    return parser
+
+
+def train(cfg) -> list:
+    """Build everything from the config, fit, save `model.pt` and `results.json` in the run dir."""
+    from disttrain.build import build_trainer
+    from disttrain.checkpoint import save_weights
+    from disttrain.runtime import build_accelerator
+
+    accelerator = build_accelerator(cfg)
+    trainer, data = build_trainer(cfg, accelerator)
+    history = trainer.fit()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        save_weights(cfg.run.dir / "model.pt", model.state_dict(), data.classes, cfg.model.name)
+        results = {"world_size": accelerator.num_processes, "epochs": [vars(r) for r in history]}
+        (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return history
+
+
+def evaluate(cfg, weights: str, out: str | None) -> dict:
+    """Exact validation of saved weights on `data.valid_dir`, on however many processes run it."""
+    from disttrain.build import build_augment, build_loaders, scan_data
+    from disttrain.checkpoint import load_weights
+    from disttrain.models import build_model
+    from disttrain.runtime import build_accelerator
+    from disttrain.tracking import ConsoleReporter
+    from disttrain.trainer import evaluate as run_eval
+
+    accelerator = build_accelerator(cfg)
+    reporter = ConsoleReporter(accelerator.is_main_process, progress=False)
+    data = scan_data(cfg, accelerator, reporter)
+    state = load_weights(weights)
+    if state["classes"] != data.classes:
+        raise WeightsError(f"{weights}: trained on classes {state['classes']}, but {cfg.data.root} has {data.classes}")
+    model = build_model(cfg.model, num_classes=len(data.classes))
+    model.load_state_dict(state["model"])
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    _, valid_loader = build_loaders(cfg, data, accelerator)
+    result = run_eval(accelerator, model, valid_loader, build_augment(cfg, accelerator))
+    summary = {**vars(result), "world_size": accelerator.num_processes}
+    reporter.line(f"valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}  ({result.correct}/{result.count})")
+    if out and accelerator.is_main_process:
+        Path(out).write_text(json.dumps(summary, indent=1))
+    accelerator.end_training()
+    return summary
+
+
+def run_user_errors(fn, *args):
+    """Run `fn`; a mistake the user can fix prints one clear line and exits 2 (no traceback)."""
+    try:
+        fn(*args)
+    except USER_ERRORS as err:
+        print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disttrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("train", help="train (same as launch/train.py)"))
+    ev = sub.add_parser("evaluate", help="exact validation of saved weights")
+    _config_args(ev)
+    ev.add_argument("--weights", required=True, help="model.pt written by a training run")
+    ev.add_argument("--out", help="also write the result as JSON here")
+    demo = sub.add_parser("demo-data", help="write the bundled MNIST sample as PNG folders")
+    demo.add_argument("path")
+    demo.add_argument("--train-per-class", type=int, default=400)
+    demo.add_argument("--valid-per-class", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        return run_user_errors(lambda: train(load_config(args.config, args.overrides)))
+    if args.command == "evaluate":
+        return run_user_errors(lambda: evaluate(load_config(args.config, args.overrides), args.weights, args.out))
+    from disttrain.demo_data import write_demo_data
+
+    def demo_data() -> None:
+        print(write_demo_data(args.path, args.train_per_class, args.valid_per_class))
+
+    return run_user_errors(demo_data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Run configuration: one dataclass per section, loaded from YAML, overridden as `section.key=value`.
+
+Every field carries a docstring (the string right below it). Validation lives in each section's
+`__post_init__` and its messages say which key to change and how. All of it runs before any process
+group exists, so a typo costs a second, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value a user must change; the message names the key and the fix."""
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; outputs go to `<output_dir>/<name>/`."""
+    output_dir: str = "runs"
+    """Folder that holds one sub-folder per run."""
+    seed: int = 0
+    """Seed for model init, the data order and augmentation (each rank derives its own stream)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name: {self.name!r} must be a non-empty name without '/'")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.name
+
+
+@dataclass
+class DataConfig:
+    root: str = "~/.cache/disttrain/mnist"
+    """Dataset root holding `<train_dir>/<class>/*` and `<valid_dir>/<class>/*`."""
+    train_dir: str = "train"
+    """Training split folder, relative to `root`."""
+    valid_dir: str = "auto"
+    """Validation split folder relative to `root`; `auto` takes `valid/` or else `val/`."""
+    format: Literal["folder"] = "folder"
+    """Storage format of the data: `folder` (an image folder)."""
+    load_size: int = 256
+    """CPU presize: shorter side resized to this, then a centre square crop (uint8 on the wire)."""
+    image_size: int = 224
+    """Size of the square the model sees; produced on the device from the presized square."""
+    batch_size: int = 64
+    """Images per rank per step (global batch = batch_size x world size x train.grad_accum)."""
+    num_workers: int = 2
+    """CPU data-loader worker processes per rank (0 decodes in the training process)."""
+    bad_files: Literal["skip", "error"] = "skip"
+    """Undecodable files found at scan time: `skip` (counted, listed in bad_files.txt) or `error`."""
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("folder",))
+        _choice("data.bad_files", self.bad_files, ("skip", "error"))
+        for key in ("load_size", "image_size", "batch_size"):
+            _positive(f"data.{key}", getattr(self, key))
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.image_size > self.load_size:
+            raise ConfigError(
+                f"data.image_size ({self.image_size}) is larger than data.load_size ({self.load_size}): "
+                "set data.load_size >= data.image_size (presizing a bit larger leaves room to crop)"
+            )
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    """Random horizontal flip, drawn per sample (turn off for digits and text)."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean subtracted after scaling pixels to [0, 1]."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation divided out after subtracting `mean`."""
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if len(value) != 3:
+                raise ConfigError(f"augment.{key}: needs 3 values (R, G, B), got {value!r}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"augment.std: every value must be > 0, got {self.std!r}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """torchvision classification model name (e.g. resnet18, resnet50, convnext_tiny)."""
+    pretrained: Optional[str] = None
+    """Path to a local state dict (.pt/.pth) to start from; a head of another size is skipped."""
+    channels_last: bool = True
+    """Keep weights and activations in channels_last memory format (faster convs with AMP)."""
+
+    def __post_init__(self) -> None:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if self.name not in names:
+            close = difflib.get_close_matches(self.name, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.name: {self.name!r} is not a torchvision classification model{hint}")
+        if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
+            raise ConfigError(
+                f"model.pretrained: {self.pretrained!r} is not a file; give the path of a local state "
+                "dict (nothing is downloaded) or set model.pretrained=null"
+            )
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer: `adamw` or `sgd`."""
+    lr: float = 1e-3
+    """Peak learning rate (the one-cycle maximum)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to norm weights and biases."""
+    momentum: float = 0.9
+    """SGD momentum, or AdamW's beta1."""
+    nesterov: bool = False
+    """Nesterov momentum (SGD only)."""
+    betas2: float = 0.99
+    """AdamW's beta2."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum: must be in [0, 1), got {self.momentum!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    """LR schedule over all optimizer steps: `onecycle`, `cosine` (with warmup) or `constant`."""
+    warmup: float = 0.25
+    """Fraction of all steps spent warming up (one-cycle: rising to the peak LR)."""
+    div_factor: float = 25.0
+    """One-cycle: the starting LR is lr / div_factor."""
+    final_div_factor: float = 1e5
+    """One-cycle: the final LR is lr / div_factor / final_div_factor."""
+    min_lr_ratio: float = 0.0
+    """Cosine: the LR decays to lr x min_lr_ratio."""
+
+    def __post_init__(self) -> None:
+        _choice("schedule.name", self.name, ("onecycle", "cosine", "constant"))
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"schedule.warmup: a fraction of the steps in [0, 1), got {self.warmup!r}")
+        _positive("schedule.div_factor", self.div_factor)
+        _positive("schedule.final_div_factor", self.final_div_factor)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Number of passes over the training data."""
+    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Autocast precision: `no` (fp32), `bf16`, or `fp16` (CUDA only; uses a grad scaler)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_grad: Optional[float] = None
+    """Clip the global gradient norm to this value; null disables clipping."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    max_steps_per_epoch: Optional[int] = None
+    """Cap the optimizer steps of each epoch (quick smoke runs); null trains on all the data."""
+
+    def __post_init__(self) -> None:
+        _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
+        _positive("train.epochs", self.epochs)
+        _positive("train.grad_accum", self.grad_accum)
+        if self.clip_grad is not None:
+            _positive("train.clip_grad", self.clip_grad)
+        if self.max_steps_per_epoch is not None:
+            _positive("train.max_steps_per_epoch", self.max_steps_per_epoch)
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    """Show a tqdm progress bar on the main process (turn off for SLURM log files)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Name, output folder and seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the images are and how they are loaded."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """On-device augmentation and normalization."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture and starting weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Epochs, precision, accumulation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """What the user sees."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + `section.key=value` overrides, typed by the dataclass fields.
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a CLI string) to the field type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        text = str(value).strip() if not isinstance(value, bool) else value
+        for choice in choices:
+            if text == choice or str(text) == str(choice):
+                return choice
+        raise bad
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            parsed = yaml.safe_load(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    raise bad from None
+                if as_float.is_integer():
+                    return int(as_float)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for sec_name, sec_type in _hints(Config).items():
+        keys += [f"{sec_name}.{f.name}" for f in dataclasses.fields(sec_type)]
+    return keys
+
+
+def _merge(raw: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    sections = _hints(Config)
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in sections:
+        raise _unknown(key, _all_keys())
+    section, name = parts
+    fields = {f.name for f in dataclasses.fields(sections[section])}
+    if name not in fields:
+        raise _unknown(key, _all_keys())
+    raw.setdefault(section, {})[name] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """`["data.batch_size=32", ...]` -> `[("data.batch_size", "32"), ...]`."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-3)")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Build a validated Config from a nested dict (YAML) plus `key=value` override strings."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must be a mapping of sections (run:, data:, ...)")
+    flat: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if values is None:
+            continue
+        if section not in _hints(Config):
+            raise _unknown(str(section), _all_keys())
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            _merge(flat, f"{section}.{name}", value)
+    for key, value in parse_overrides(list(overrides)):
+        _merge(flat, key, value)
+
+    sections = {}
+    for section, sec_type in _hints(Config).items():
+        hints = _hints(sec_type)
+        kwargs = {name: _coerce(f"{section}.{name}", v, hints[name]) for name, v in flat.get(section, {}).items()}
+        sections[section] = sec_type(**kwargs)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return build_config(raw, overrides)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable back with `load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,117 @@
+"""Train/valid loaders for an image folder: uint8 presized batches, sharded across ranks by index.
+
+Sharding: every epoch a seeded permutation of the whole split is cut into `world_size x steps`
+batches whose sizes differ by at most one; batch `step * world_size + rank` is rank `rank`'s batch
+at `step`. Slices are disjoint, cover the split, and every rank takes exactly `steps` steps (a rank
+that leaves the loop early would deadlock DDP). Nothing is padded or dropped, and the global batch
+at each step is a contiguous run of the permutation, so 1 rank x batch 2B and 2 ranks x batch B see
+(nearly) the same global batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from disttrain.data.decode import load_presized
+from disttrain.data.folder import DataError, Split
+
+
+class FolderDataset(Dataset):
+    """Map-style dataset over a scanned split: index -> (uint8 CHW presized image, label)."""
+
+    def __init__(self, split: Split, load_size: int):
+        self.paths = split.paths
+        self.labels = split.labels
+        self.load_size = load_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[index]
+        try:
+            image = load_presized(path, self.load_size)
+        except Exception as err:
+            raise DataError(f"{path}: could not be decoded during training ({err}); was it changed after the scan?") from err
+        return image, self.labels[index]
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """Yields this rank's batches of dataset indices for one epoch (call `set_epoch` each epoch).
+
+    `drop_empty=False` (training) guarantees exactly `len(self)` non-empty batches on every rank;
+    `drop_empty=True` (evaluation) yields only real samples, each exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_empty: bool = False,
+    ):
+        if num_samples <= 0:
+            raise ValueError("RankBatchSampler needs at least one sample")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_empty = drop_empty
+        self.epoch = 0
+        self.steps = math.ceil(num_samples / (world_size * batch_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        """This epoch's permutation of all indices (identical on every rank)."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator).numpy()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        chunks = np.array_split(order, self.world_size * self.steps)
+        for step in range(self.steps):
+            index = step * self.world_size + self.rank
+            batch = chunks[index]
+            if len(batch) == 0:
+                if self.drop_empty:
+                    continue
+                batch = order[index % self.num_samples : index % self.num_samples + 1]
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def make_loader(
+    dataset: Dataset, sampler: RankBatchSampler, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init,
+    )
+
+
+def _worker_init(_: int) -> None:
+    # Decoding is PIL work; torch ops in workers must not fight the training process for cores.
+    torch.set_num_threads(1)

@@ -1,0 +1,201 @@
+"""fit / train_epoch / evaluate. Metrics are exact across ranks: sums and counts, all-reduced.
+
+The trainer knows nothing about where results go; it hands rows to a reporter. `.item()` (a device
+sync) happens only at progress-bar updates and epoch ends, never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from disttrain.data.augment import DeviceAugment
+from disttrain.schedule import Schedule
+from disttrain.tracking import ConsoleReporter
+
+PROGRESS_EVERY = 10  # optimizer steps between progress-bar loss updates
+
+
+def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
+    """Micro-batches per epoch: the loader's, capped at `max_steps_per_epoch` optimizer steps."""
+    if max_steps_per_epoch is None:
+        return loader_batches
+    return min(loader_batches, max_steps_per_epoch * grad_accum)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    correct: int
+    count: int
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    valid_loss: float
+    accuracy: float
+    seconds: float
+    images_per_sec: float
+
+
+class Trainer:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        train_loader: DataLoader,
+        valid_loader: DataLoader,
+        augment: DeviceAugment,
+        reporter: ConsoleReporter,
+        epochs: int,
+        grad_accum: int = 1,
+        clip_grad: float | None = None,
+        label_smoothing: float = 0.0,
+        max_steps_per_epoch: int | None = None,
+    ):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.train_loader = train_loader
+        self.valid_loader = valid_loader
+        self.augment = augment
+        self.reporter = reporter
+        self.epochs = epochs
+        self.grad_accum = grad_accum
+        self.clip_grad = clip_grad
+        self.label_smoothing = label_smoothing
+        self.max_steps_per_epoch = max_steps_per_epoch
+        self.history: list[EpochResult] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches each rank runs per epoch (identical on every rank)."""
+        return epoch_batches(len(self.train_loader), self.grad_accum, self.max_steps_per_epoch)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def fit(self) -> list[EpochResult]:
+        acc = self.accelerator
+        world = acc.num_processes
+        per_rank = self.train_loader.batch_sampler.batch_size
+        self.reporter.line(
+            f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision): "
+            f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
+            f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
+        )
+        start = time.perf_counter()
+        images_total = 0
+        for epoch in range(self.epochs):
+            t0 = time.perf_counter()
+            train_loss, images = self.train_epoch(epoch)
+            result = self.evaluate()
+            seconds = time.perf_counter() - t0
+            images_total += images
+            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / seconds)
+            self.history.append(row)
+            self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
+        elapsed = time.perf_counter() - start
+        self.reporter.line(
+            f"{images_total} training images in {elapsed:.1f} s: {images_total / elapsed:.1f} images/s "
+            f"(world size {world}, epoch time includes validation)"
+        )
+        return self.history
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen)."""
+        acc, model = self.accelerator, self.model
+        model.train()
+        self.train_loader.batch_sampler.set_epoch(epoch)
+        n_batches = self.batches_per_epoch
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        group_start = 0
+        bar = self.reporter.progress(self.train_loader, total=n_batches, desc=f"epoch {epoch}")
+        for i, (images, labels) in enumerate(bar):
+            if i >= n_batches:
+                break
+            images, labels = self._to_device(images, labels)
+            x = self.augment(images, train=True)
+            if i == group_start:  # first micro-batch of an accumulation group
+                group_len = min(self.grad_accum, n_batches - group_start)
+            sync = i == group_start + group_len - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+                acc.backward(loss / group_len)
+            loss_sum += loss.detach().double() * len(labels)
+            count += len(labels)
+            if sync:
+                if self.clip_grad is not None:
+                    acc.clip_grad_norm_(model.parameters(), self.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.step()
+                group_start = i + 1
+                if hasattr(bar, "set_postfix") and self.schedule.steps_done % PROGRESS_EVERY == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
+        if hasattr(bar, "close"):
+            bar.close()
+        totals = acc.reduce(torch.stack([loss_sum, count]), reduction="sum")
+        return (totals[0] / totals[1]).item(), int(totals[1].item())
+
+    def evaluate(self, loader: DataLoader | None = None) -> EvalResult:
+        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.augment)
+        self.model.train()
+        return result
+
+
+def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:
+    """BatchNorm running stats drift apart after the last step (each rank updates them from its own
+    batch); take rank 0's, as a checkpoint would, so every rank evaluates the same model."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, augment: DeviceAugment) -> EvalResult:
+    """Exact validation: every sample once across ranks; loss and accuracy from all-reduced sums.
+
+    Leaves the model in eval mode."""
+    model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
+    model.eval()
+    _sync_buffers(accelerator, model)
+    device = accelerator.device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        x = augment(images, train=False)
+        with accelerator.autocast():
+            logits = model(x)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += (logits.argmax(dim=1) == labels).sum()
+        sums[2] += len(labels)
+    loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
+    return EvalResult(loss=loss_sum / count, accuracy=correct / count, correct=int(correct), count=int(count))

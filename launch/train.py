@@ -1,0 +1,24 @@
+"""Train an image classifier with disttrain.
+
+    accelerate launch launch/train.py --config configs/demo.yaml                     # accelerate's config
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/train.py --config configs/demo.yaml
+    torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml
+    python launch/train.py --config configs/demo.yaml optim.lr=3e-3 train.epochs=1    # one process, GPU or CPU
+
+Overrides are `section.key=value`; the resolved config is written to <output_dir>/<run.name>/config.yaml.
+"""
+
+import sys
+
+from disttrain.cli import run_user_errors, train, train_parser
+from disttrain.config import load_config
+
+
+def main(argv=None) -> int:
+    args = train_parser().parse_args(argv)
+    return run_user_errors(lambda: train(load_config(args.config, args.overrides)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

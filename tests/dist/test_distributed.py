@@ -1,0 +1,80 @@
+"""Real multi-process runs on CPU (gloo): `accelerate launch --multi_gpu --num_processes N`, torchrun."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import launch, make_folder
+
+pytestmark = pytest.mark.dist
+
+TINY = ["model.name=resnet18", "data.load_size=20", "data.image_size=16", "data.num_workers=0", "log.progress=false"]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_weights_identical_on_every_rank_after_training_steps(tmp_path, mnist_small, nproc):
+    args = [f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "data.load_size=28", "data.image_size=28",
+            "data.batch_size=8", "train.max_steps_per_epoch=4", "data.num_workers=0", "log.progress=false",
+            "augment.flip=true"]
+    launch(["tests/dist/weights_worker.py", str(tmp_path)] + args, nproc=nproc)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+    start = torch.load
+    assert states[0].keys() == states[1].keys()
+    params = [k for k in states[0] if "running" not in k and "num_batches" not in k]
+    for other in states[1:]:
+        for key in params:
+            assert torch.equal(states[0][key], other[key]), f"{key} differs between ranks"
+    del start
+
+
+def test_two_rank_validation_equals_one_process(tmp_path, mnist_small):
+    run = ["--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={tmp_path}",
+           "run.name=v", "train.epochs=1", "train.max_steps_per_epoch=6", "log.progress=false", "data.num_workers=0"]
+    launch(["launch/train.py"] + run, nproc=2)
+    weights = tmp_path / "v" / "model.pt"
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}.json"
+        launch(["-m", "disttrain.cli", "evaluate", "--weights", str(weights), "--out", str(out)] + run, nproc=nproc)
+        results[nproc] = json.loads(out.read_text())
+    one, two = results[1], results[2]
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["count"] == two["count"] == 110, "every valid image exactly once (110 is not a multiple of the batch)"
+    assert one["correct"] == two["correct"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("launcher, nproc", [("accelerate", 2), ("accelerate", 3), ("torchrun", 2)])
+def test_uneven_classes_and_indivisible_counts_finish(tmp_path, launcher, nproc):
+    data = make_folder(tmp_path / "data", {"train": {"a": 13, "b": 3, "c": 7}, "val": {"a": 2, "b": 3, "c": 2}})
+    proc = launch(
+        ["launch/train.py", f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=u", "train.epochs=2",
+         "data.batch_size=4", "optim.lr=1e-3"] + TINY,
+        nproc=nproc,
+        launcher=launcher,
+        timeout=240,
+    )
+    assert f"training on {nproc} process(es)" in proc.stdout
+    assert "data: 23 train / 7 valid images in 3 classes" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"^[01]\s+\d+\.\d{6}\s", line)]
+    assert len(rows) == 2
+    results = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert results["world_size"] == nproc
+    assert len(results["epochs"]) == 2
+
+
+def test_config_error_fails_fast_on_every_rank(tmp_path):
+    proc = launch(["launch/train.py", "optim.lrr=1", f"run.output_dir={tmp_path}"], nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'?" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_error_reaches_every_rank_without_a_hang(tmp_path):
+    make_folder(tmp_path / "data", {"train": {"a": 3}, "valid": {"a": 1, "ghost": 1}})
+    proc = launch(["launch/train.py", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path}"] + TINY,
+                  nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("ghost do not exist") >= 2, "each rank reports the error"

@@ -1,0 +1,21 @@
+"""Run by test_distributed.py under a real launcher: train a few steps, then every rank saves its
+own copy of the weights so the test can compare them."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from disttrain.build import build_trainer
+from disttrain.config import load_config
+from disttrain.runtime import build_accelerator
+
+out = Path(sys.argv[1])
+cfg = load_config(None, sys.argv[2:])
+accelerator = build_accelerator(cfg)
+trainer, _ = build_trainer(cfg, accelerator)
+trainer.train_epoch(0)
+state = accelerator.unwrap_model(trainer.model).state_dict()
+torch.save({k: v.detach().cpu() for k, v in state.items()}, out / f"rank{accelerator.process_index}.pt")
+accelerator.wait_for_everyone()
+accelerator.end_training()

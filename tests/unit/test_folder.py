@@ -1,0 +1,141 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_folder, write_image
+from disttrain.data.decode import load_presized, open_image
+from disttrain.data.folder import DataError, scan_image_folder, write_bad_files
+
+
+def _bad_files(cls_dir):
+    """The three kinds of bad file the scan must catch, written into `cls_dir`."""
+    cls_dir.mkdir(parents=True, exist_ok=True)
+    (cls_dir / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (cls_dir / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (cls_dir / "notes.jpg").write_text("this is a text file, not a photo\n")
+    return {"empty.jpg", "truncated.jpg", "notes.jpg"}
+
+
+def test_scan_finds_classes_sorted_and_labels(tmp_path):
+    make_folder(tmp_path, {"train": {"zebra": 3, "ant": 2, "moth": 1}, "valid": {"ant": 1, "zebra": 2}})
+    (tmp_path / "train" / "ant" / "readme.txt").write_text("ignored: not an image extension")
+    data = scan_image_folder(tmp_path)
+    assert data.classes == ["ant", "moth", "zebra"]
+    assert sorted(data.train.labels) == [0, 0, 1, 2, 2, 2]
+    assert sorted(data.valid.labels) == [0, 2, 2]
+    assert data.valid.dir.name == "valid" and not data.bad
+
+
+def test_auto_valid_dir_accepts_val(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
+    assert scan_image_folder(tmp_path).valid.dir.name == "val"
+
+
+def test_missing_valid_dir_is_an_error(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 2}})
+    with pytest.raises(DataError, match=r"no validation folder.*valid.*val"):
+        scan_image_folder(tmp_path)
+
+
+def test_bad_files_are_skipped_counted_and_listed(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 3, "b": 3}, "valid": {"a": 1, "b": 1}})
+    names = _bad_files(tmp_path / "train" / "a")
+    (tmp_path / "valid" / "b" / "zero.png").write_bytes(b"")
+    data = scan_image_folder(tmp_path, bad_files="skip")
+    assert {p.rsplit("/", 1)[1] for p in (b.path for b in data.train.bad)} == names
+    assert len(data.bad) == 4 and len(data.train) == 6 and len(data.valid) == 2
+    assert all(b.reason for b in data.bad)
+    write_bad_files(data.bad, tmp_path / "run" / "bad_files.txt")
+    lines = (tmp_path / "run" / "bad_files.txt").read_text().splitlines()
+    assert len(lines) == 4 and any("empty file (0 bytes)" in line for line in lines)
+
+
+def test_bad_files_error_reports_all_at_once(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 3}, "valid": {"a": 1}})
+    names = _bad_files(tmp_path / "train" / "a")
+    with pytest.raises(DataError) as err:
+        scan_image_folder(tmp_path, bad_files="error")
+    message = str(err.value)
+    assert message.startswith("3 file(s) are not decodable images")
+    assert all(name in message for name in names) and "data.bad_files=skip" in message
+
+
+def test_valid_class_missing_from_train(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 2}, "valid": {"a": 1, "ghost": 1}})
+    with pytest.raises(DataError, match=r"ghost do not exist in .*train"):
+        scan_image_folder(tmp_path)
+
+
+def test_empty_class_is_an_error(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 2}, "valid": {"a": 1}})
+    (tmp_path / "train" / "b").mkdir()
+    _bad_files(tmp_path / "train" / "c")  # only bad files: empty after the skip
+    with pytest.raises(DataError, match=r"class folder\(s\) b, c hold no usable images"):
+        scan_image_folder(tmp_path)
+
+
+def test_no_images_at_all(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "valid").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        scan_image_folder(tmp_path)
+    with pytest.raises(DataError, match="is not a folder"):
+        scan_image_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "mode, suffix", [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "gif"), ("CMYK", "jpg"), ("I;16", "png"), ("RGB", "bmp"), ("RGBA", "webp")]
+)
+def test_every_common_mode_becomes_rgb(tmp_path, mode, suffix):
+    path = write_image(tmp_path / f"x.{suffix}", size=(40, 30), mode=mode)
+    img = open_image(path)
+    assert img.mode == "RGB" and img.size == (40, 30)
+    tensor = load_presized(path, 16)
+    assert tensor.dtype.is_floating_point is False and tuple(tensor.shape) == (3, 16, 16)
+
+
+def test_16_bit_is_scaled_not_clipped(tmp_path):
+    arr = np.full((8, 8), 32768, dtype=np.uint16)
+    arr[:, :4] = 65535
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    rgb = np.asarray(open_image(tmp_path / "deep.png"))
+    assert rgb[0, 0].tolist() == [255, 255, 255]
+    assert rgb[0, 7].tolist() == [128, 128, 128]
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    arr = np.zeros((4, 4, 4), dtype=np.uint8)  # black, fully transparent
+    arr[0, 0] = [10, 20, 30, 255]  # one opaque pixel
+    Image.fromarray(arr, "RGBA").save(tmp_path / "alpha.png")
+    rgb = np.asarray(open_image(tmp_path / "alpha.png"))
+    assert rgb[0, 0].tolist() == [10, 20, 30] and rgb[3, 3].tolist() == [255, 255, 255]
+
+
+def test_presize_keeps_the_centre_square(tmp_path):
+    arr = np.zeros((40, 120, 3), dtype=np.uint8)  # wide: left third red, middle green, right blue
+    arr[:, :40, 0] = 255
+    arr[:, 40:80, 1] = 255
+    arr[:, 80:, 2] = 255
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    out = load_presized(tmp_path / "wide.png", 20)
+    assert tuple(out.shape) == (3, 20, 20)
+    inner = out[:, :, 1:-1]  # the edge columns may blend with the neighbouring band (bilinear)
+    assert inner[1].min() == 255 and inner[0].max() == 0 and inner[2].max() == 0
+
+
+def test_large_jpeg_is_drafted_but_never_below_load_size(tmp_path):
+    path = write_image(tmp_path / "big.jpg", size=(1600, 1200))
+    out = load_presized(path, 224)
+    assert tuple(out.shape) == (3, 224, 224)
+    small = open_image(path, draft_size=224)
+    assert min(small.size) >= 224 and small.size[0] < 1600
+
+
+def test_real_photos_scan(hymenoptera):
+    data = scan_image_folder(hymenoptera)
+    assert data.classes == ["ants", "bees"]
+    assert len(data.train) + len(data.train.bad) == 245 and len(data.valid) + len(data.valid.bad) == 153
