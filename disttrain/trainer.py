@@ -107,21 +107,21 @@ class Trainer:
             f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
             f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
         )
-        start = time.perf_counter()
-        images_total = 0
+        images_total, train_seconds = 0, 0.0
         for epoch in range(self.epochs):
             t0 = time.perf_counter()
             train_loss, images = self.train_epoch(epoch)
+            t1 = time.perf_counter()
             result = self.evaluate()
             seconds = time.perf_counter() - t0
             images_total += images
-            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / seconds)
+            train_seconds += t1 - t0
+            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0))
             self.history.append(row)
             self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
-        elapsed = time.perf_counter() - start
         self.reporter.line(
-            f"{images_total} training images in {elapsed:.1f} s: {images_total / elapsed:.1f} images/s "
-            f"(world size {world}, epoch time includes validation)"
+            f"{images_total} training images in {train_seconds:.1f} s of training: "
+            f"{images_total / train_seconds:.1f} images/s (world size {world}, all ranks together)"
         )
         return self.history
 
@@ -162,7 +162,13 @@ class Trainer:
         if hasattr(bar, "close"):
             bar.close()
         totals = acc.reduce(torch.stack([loss_sum, count]), reduction="sum")
-        return (totals[0] / totals[1]).item(), int(totals[1].item())
+        mean_loss = (totals[0] / totals[1]).item()
+        if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
+            raise FloatingPointError(
+                f"epoch {epoch}: the training loss is {mean_loss}; lower optim.lr, set train.clip_grad, "
+                "or use train.precision=bf16 or no"
+            )
+        return mean_loss, int(totals[1].item())
 
     def evaluate(self, loader: DataLoader | None = None) -> EvalResult:
         result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.augment)

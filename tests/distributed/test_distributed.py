@@ -18,15 +18,15 @@ def test_weights_identical_on_every_rank_after_training_steps(tmp_path, mnist_sm
     args = [f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "data.load_size=28", "data.image_size=28",
             "data.batch_size=8", "train.max_steps_per_epoch=4", "data.num_workers=0", "log.progress=false",
             "augment.flip=true"]
-    launch(["tests/dist/weights_worker.py", str(tmp_path)] + args, nproc=nproc)
+    launch(["tests/distributed/weights_worker.py", str(tmp_path)] + args, nproc=nproc)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
-    start = torch.load
-    assert states[0].keys() == states[1].keys()
+    init = torch.load(tmp_path / "init.pt", weights_only=True)
     params = [k for k in states[0] if "running" not in k and "num_batches" not in k]
+    assert not torch.equal(states[0]["fc.weight"], init["fc.weight"]), "training changed nothing"
     for other in states[1:]:
+        assert other.keys() == states[0].keys()
         for key in params:
             assert torch.equal(states[0][key], other[key]), f"{key} differs between ranks"
-    del start
 
 
 def test_two_rank_validation_equals_one_process(tmp_path, mnist_small):
