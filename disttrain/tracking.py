@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -40,10 +40,12 @@ class ConsoleReporter:
         if self.is_main:
             print(text, file=self.stream, flush=True)
 
-    def progress(self, iterable: Iterable[T], total: int, desc: str) -> Iterator[T] | tqdm:
-        if not self.show_progress:
-            return iter(iterable)
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    def progress(self, iterable: Iterable[T], total: int, desc: str) -> tqdm:
+        """A tqdm bar over `iterable`; disabled (a plain pass-through) off the main process or with
+        log.progress=false."""
+        return tqdm(
+            iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.show_progress
+        )
 
     def epoch_row(self, epoch: int, train_loss: float, valid_loss: float, accuracy: float, seconds: float) -> None:
         if not self._header_done:

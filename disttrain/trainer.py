@@ -7,6 +7,7 @@ sync) happens only at progress-bar updates and epoch ends, never per step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from disttrain.schedule import Schedule
 from disttrain.tracking import ConsoleReporter
 
 PROGRESS_EVERY = 10  # optimizer steps between progress-bar loss updates
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (pinned on CUDA machines) and labels to the device without blocking the host."""
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
@@ -95,9 +101,6 @@ class Trainer:
     def optimizer_steps_per_epoch(self) -> int:
         return math.ceil(self.batches_per_epoch / self.grad_accum)
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
     def fit(self) -> list[EpochResult]:
         acc = self.accelerator
         world = acc.num_processes
@@ -134,11 +137,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         group_start = 0
-        bar = self.reporter.progress(self.train_loader, total=n_batches, desc=f"epoch {epoch}")
+        bar = self.reporter.progress(itertools.islice(self.train_loader, n_batches), total=n_batches, desc=f"epoch {epoch}")
         for i, (images, labels) in enumerate(bar):
-            if i >= n_batches:
-                break
-            images, labels = self._to_device(images, labels)
+            images, labels = to_device(images, labels, self.device)
             x = self.augment(images, train=True)
             if i == group_start:  # first micro-batch of an accumulation group
                 group_len = min(self.grad_accum, n_batches - group_start)
@@ -157,10 +158,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.schedule.step()
                 group_start = i + 1
-                if hasattr(bar, "set_postfix") and self.schedule.steps_done % PROGRESS_EVERY == 0:
+                if not bar.disable and self.schedule.steps_done % PROGRESS_EVERY == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
-        if hasattr(bar, "close"):
-            bar.close()
+        bar.close()
         totals = acc.reduce(torch.stack([loss_sum, count]), reduction="sum")
         mean_loss = (totals[0] / totals[1]).item()
         if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
@@ -195,7 +195,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, aug
     device = accelerator.device
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(images, labels, device)
         x = augment(images, train=False)
         with accelerator.autocast():
             logits = model(x)

@@ -46,17 +46,23 @@ def test_two_rank_validation_equals_one_process(tmp_path, mnist_small):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("launcher, nproc", [("accelerate", 2), ("accelerate", 3), ("torchrun", 2)])
-def test_uneven_classes_and_indivisible_counts_finish(tmp_path, launcher, nproc):
+@pytest.mark.parametrize(
+    "launcher, nproc, accum, steps",
+    [("accelerate", 2, 1, 3), ("accelerate", 3, 1, 2), ("torchrun", 2, 1, 3), ("accelerate", 2, 2, 2)],
+)
+def test_uneven_classes_and_indivisible_counts_finish(tmp_path, launcher, nproc, accum, steps):
+    """23 images in classes of 13, 3 and 7: not divisible by 2 or 3 ranks x 4 per batch. With
+    accumulation 2, the 3 micro-batches of an epoch make 2 optimizer steps (the last one short)."""
     data = make_folder(tmp_path / "data", {"train": {"a": 13, "b": 3, "c": 7}, "val": {"a": 2, "b": 3, "c": 2}})
     proc = launch(
         ["launch/train.py", f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=u", "train.epochs=2",
-         "data.batch_size=4", "optim.lr=1e-3"] + TINY,
+         "data.batch_size=4", "optim.lr=1e-3", f"train.grad_accum={accum}"] + TINY,
         nproc=nproc,
         launcher=launcher,
         timeout=240,
     )
     assert f"training on {nproc} process(es)" in proc.stdout
+    assert f"x {accum} accumulation, {steps} steps per epoch" in proc.stdout
     assert "data: 23 train / 7 valid images in 3 classes" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if re.match(r"^[01]\s+\d+\.\d{6}\s", line)]
     assert len(rows) == 2
