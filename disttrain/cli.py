@@ -1,6 +1,8 @@
-"""`disttrain train | evaluate | demo-data`.
+"""`disttrain train | find-lr | evaluate | demo-data`.
 
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
+    accelerate launch launch/train.py --config configs/demo.yaml --find-lr
+    disttrain find-lr --config configs/demo.yaml
     accelerate launch -m disttrain.cli evaluate --config configs/demo.yaml --weights runs/demo/model.pt
     disttrain demo-data ~/.cache/disttrain/mnist
 """
@@ -14,35 +16,61 @@ from pathlib import Path
 
 from disttrain.config import ConfigError, load_config
 from disttrain.data.folder import DataError
+from disttrain.lr_sweep import SweepError
 from disttrain.models import WeightsError
 
-USER_ERRORS = (ConfigError, DataError, WeightsError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, WeightsError, SweepError, FileExistsError)
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
+def _config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply without one")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. optim.lr=3e-3")
+    parser.usage = f"{parser.prog} [options] [section.key=value ...]"
+    parser.epilog = "Config overrides go anywhere on the line as section.key=value, e.g. optim.lr=3e-3."
+    return parser
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Options anywhere on the line; every other word is a `section.key=value` override."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [word for word in rest if word.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = rest
+    return args
 
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description="Train an image classifier on one or many processes.")
     _config_args(parser)
+    parser.add_argument("--find-lr", action="store_true", help="run only the synchronized LR sweep, then exit")
     return parser
 
 
-def train(cfg) -> list:
-    """Build everything from the config, fit, save `model.pt` and `results.json` in the run dir."""
+def train(cfg, find_lr_only: bool = False) -> list:
+    """Build everything from the config; sweep the LR when asked (`find_lr_only`, or optim.lr=auto);
+    fit; save `model.pt` and `results.json` in the run dir."""
     from disttrain.build import build_trainer
     from disttrain.checkpoint import save_weights
+    from disttrain.lr_sweep import find_lr
     from disttrain.runtime import build_accelerator
 
     accelerator = build_accelerator(cfg)
     trainer, data = build_trainer(cfg, accelerator)
+    if find_lr_only or cfg.optim.lr == "auto":
+        sweep = find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
+        if find_lr_only:
+            accelerator.end_training()
+            return []
+        trainer.schedule.set_peak_lr(sweep.suggestion)
     history = trainer.fit()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(trainer.model)
         save_weights(cfg.run.dir / "model.pt", model.state_dict(), data.classes, cfg.model.name)
-        results = {"world_size": accelerator.num_processes, "epochs": [vars(r) for r in history]}
+        results = {
+            "world_size": accelerator.num_processes,
+            "peak_lr": max(trainer.schedule.base_lrs),
+            "epochs": [vars(r) for r in history],
+        }
         (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -91,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("train", help="train (same as launch/train.py)"))
+    _config_args(sub.add_parser("find-lr", help="only the LR sweep (same as launch/train.py --find-lr)"))
     ev = sub.add_parser("evaluate", help="exact validation of saved weights")
     _config_args(ev)
     ev.add_argument("--weights", required=True, help="model.pt written by a training run")
@@ -99,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("path")
     demo.add_argument("--train-per-class", type=int, default=400)
     demo.add_argument("--valid-per-class", type=int, default=100)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
 
-    if args.command == "train":
-        return run_user_errors(lambda: train(load_config(args.config, args.overrides)))
+    if args.command in ("train", "find-lr"):
+        return run_user_errors(lambda: train(load_config(args.config, args.overrides), args.command == "find-lr"))
     if args.command == "evaluate":
         return run_user_errors(lambda: evaluate(load_config(args.config, args.overrides), args.weights, args.out))
     from disttrain.demo_data import write_demo_data

@@ -130,8 +130,8 @@ class ModelConfig:
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
     """Optimizer: `adamw` or `sgd`."""
-    lr: float = 1e-3
-    """Peak learning rate (the one-cycle maximum)."""
+    lr: Union[float, Literal["auto"]] = 1e-3
+    """Peak learning rate (the one-cycle maximum), or `auto`: run the LR sweep first and use its suggestion."""
     weight_decay: float = 0.01
     """Decoupled weight decay; never applied to norm weights and biases."""
     momentum: float = 0.9
@@ -143,7 +143,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))
-        _positive("optim.lr", self.lr)
+        if self.lr != "auto":
+            _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum: must be in [0, 1), got {self.momentum!r}")
@@ -168,6 +169,49 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.warmup: a fraction of the steps in [0, 1), got {self.warmup!r}")
         _positive("schedule.div_factor", self.div_factor)
         _positive("schedule.final_div_factor", self.final_div_factor)
+
+
+@dataclass
+class SweepConfig:
+    start_lr: float = 1e-7
+    """First learning rate of the range test."""
+    end_lr: float = 10.0
+    """Last learning rate; the LR grows exponentially from start_lr to end_lr over num_iter steps."""
+    num_iter: int = 100
+    """Training steps in the sweep (the loader is cycled when it has fewer batches)."""
+    beta: float = 0.98
+    """Smoothing of the debiased exponential moving average of the loss."""
+    divergence: float = 4.0
+    """Stop when the smoothed loss exceeds divergence x its best value so far."""
+    method: Literal["valley", "steep", "minimum", "slide"] = "valley"
+    """The rule whose suggestion is used (all four are reported)."""
+    skip_start: int = 5
+    """Points left out at the start of the curve when the rules look at it."""
+    skip_end: int = 2
+    """Points left out at the end of the curve when the rules look at it."""
+    save_per_rank: bool = False
+    """Each rank also writes lr_sweep.rank<R>.json with the curve and suggestion it computed."""
+
+    def __post_init__(self) -> None:
+        _positive("sweep.start_lr", self.start_lr)
+        if self.start_lr >= self.end_lr:
+            raise ConfigError(
+                f"sweep.start_lr ({self.start_lr}) must be below sweep.end_lr ({self.end_lr}): the LR grows from start to end"
+            )
+        if self.num_iter < 10:
+            raise ConfigError(f"sweep.num_iter: {self.num_iter} is too few points for a curve; use at least 10 (default 100)")
+        if not 0 <= self.beta < 1:
+            raise ConfigError(f"sweep.beta: must be in [0, 1), got {self.beta!r}")
+        if self.divergence <= 1:
+            raise ConfigError(f"sweep.divergence: must be > 1 (a multiple of the best loss), got {self.divergence!r}")
+        _choice("sweep.method", self.method, ("valley", "steep", "minimum", "slide"))
+        _positive("sweep.skip_start", self.skip_start, allow_zero=True)
+        _positive("sweep.skip_end", self.skip_end, allow_zero=True)
+        if self.skip_start + self.skip_end >= self.num_iter - 2:
+            raise ConfigError(
+                f"sweep.skip_start + sweep.skip_end ({self.skip_start + self.skip_end}) leave no curve of "
+                f"sweep.num_iter={self.num_iter} points; lower them or raise num_iter"
+            )
 
 
 @dataclass
@@ -215,6 +259,8 @@ class Config:
     """Optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate schedule."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The synchronized learning-rate range test (`--find-lr`, `optim.lr=auto`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Epochs, precision, accumulation."""
     log: LogConfig = field(default_factory=LogConfig)

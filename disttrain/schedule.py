@@ -67,6 +67,13 @@ class Schedule:
                 elif group.get("momentum", 0) > 0:
                     group["momentum"] = momentum
 
+    def set_peak_lr(self, lr: float) -> None:
+        """Make `lr` the highest group's peak LR, keeping the ratios between groups (used by
+        optim.lr=auto once the sweep has suggested a rate)."""
+        top = max(self.base_lrs)
+        self.base_lrs = [lr * base / top for base in self.base_lrs]
+        self._apply()
+
     def step(self) -> None:
         self.steps_done += 1
         self._apply()

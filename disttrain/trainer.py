@@ -128,40 +128,53 @@ class Trainer:
         )
         return self.history
 
-    def train_epoch(self, epoch: int) -> tuple[float, int]:
-        """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen)."""
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the micro-batches of an accumulation group: forward and backward
+        each (gradients all-reduced only on the last), clip, step. Returns this rank's (loss sum,
+        sample count) as device tensors; no device sync. The schedule is the caller's business."""
         acc, model = self.accelerator, self.model
-        model.train()
-        self.train_loader.batch_sampler.set_epoch(epoch)
-        n_batches = self.batches_per_epoch
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
-        group_start = 0
-        bar = self.reporter.progress(itertools.islice(self.train_loader, n_batches), total=n_batches, desc=f"epoch {epoch}")
-        for i, (images, labels) in enumerate(bar):
+        for j, (images, labels) in enumerate(batches):
             images, labels = to_device(images, labels, self.device)
             x = self.augment(images, train=True)
-            if i == group_start:  # first micro-batch of an accumulation group
-                group_len = min(self.grad_accum, n_batches - group_start)
-            sync = i == group_start + group_len - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(model):
+            last = j == len(batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-                acc.backward(loss / group_len)
-            loss_sum += loss.detach().double() * len(labels)
-            count += len(labels)
-            if sync:
-                if self.clip_grad is not None:
-                    acc.clip_grad_norm_(model.parameters(), self.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.schedule.step()
-                group_start = i + 1
-                if not bar.disable and self.schedule.steps_done % PROGRESS_EVERY == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
+                acc.backward(loss / len(batches))
+            batch_loss = loss.detach().double() * len(labels)
+            loss_sum = batch_loss if j == 0 else loss_sum + batch_loss
+        if self.clip_grad is not None:
+            acc.clip_grad_norm_(model.parameters(), self.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        count = torch.tensor(float(sum(len(labels) for _, labels in batches)), device=self.device, dtype=torch.float64)
+        return loss_sum, count
+
+    def groups(self, loader_iter, n_batches: int):
+        """Cut `n_batches` micro-batches from `loader_iter` into accumulation groups of grad_accum
+        (the last group of an epoch may be shorter)."""
+        for start in range(0, n_batches, self.grad_accum):
+            yield list(itertools.islice(loader_iter, min(self.grad_accum, n_batches - start)))
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen)."""
+        self.model.train()
+        self.train_loader.batch_sampler.set_epoch(epoch)
+        n_batches = self.batches_per_epoch
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, count
+        bar = self.reporter.progress(
+            self.groups(iter(self.train_loader), n_batches), total=self.optimizer_steps_per_epoch, desc=f"epoch {epoch}"
+        )
+        for group in bar:
+            loss_sum, count = self.step(group)
+            totals[0] += loss_sum
+            totals[1] += count
+            self.schedule.step()
+            if not bar.disable and self.schedule.steps_done % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{(loss_sum / count).item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
         bar.close()
-        totals = acc.reduce(torch.stack([loss_sum, count]), reduction="sum")
+        totals = self.accelerator.reduce(totals, reduction="sum")
         mean_loss = (totals[0] / totals[1]).item()
         if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
             raise FloatingPointError(

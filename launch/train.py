@@ -5,19 +5,21 @@
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/train.py --config configs/demo.yaml
     torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml
     python launch/train.py --config configs/demo.yaml optim.lr=3e-3 train.epochs=1    # one process, GPU or CPU
+    accelerate launch launch/train.py --config configs/demo.yaml --find-lr            # only the LR sweep
+    accelerate launch launch/train.py --config configs/demo.yaml optim.lr=auto        # sweep, then train at it
 
 Overrides are `section.key=value`; the resolved config is written to <output_dir>/<run.name>/config.yaml.
 """
 
 import sys
 
-from disttrain.cli import run_user_errors, train, train_parser
+from disttrain.cli import parse_with_overrides, run_user_errors, train, train_parser
 from disttrain.config import load_config
 
 
 def main(argv=None) -> int:
-    args = train_parser().parse_args(argv)
-    return run_user_errors(lambda: train(load_config(args.config, args.overrides)))
+    args = parse_with_overrides(train_parser(), argv)
+    return run_user_errors(lambda: train(load_config(args.config, args.overrides), find_lr_only=args.find_lr))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,374 @@
+"""The synchronized learning-rate range test.
+
+Every step the LR grows exponentially, one real training step runs (real global batch, precision and
+accumulation), and the ranks' losses are all-reduced (mean) in one collective. Smoothing, the stop
+decision and the four suggestion rules then run on every rank from the same floats, so every rank
+stops at the same step and reaches the same suggestion; an all-gather checks it. Model, optimizer,
+grad scaler, schedule and RNG states are snapshotted in memory and restored exactly afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from disttrain.config import SweepConfig
+
+RULES = ("valley", "steep", "minimum", "slide")
+
+
+class SweepError(RuntimeError):
+    """The sweep produced no usable suggestion; the message says why and what to do."""
+
+
+def sweep_lrs(start: float, end: float, num_iter: int) -> list[float]:
+    """start * (end/start) ** (i / (num_iter - 1)): exactly `start` first and `end` last."""
+    return [start * (end / start) ** (i / (num_iter - 1)) for i in range(num_iter)]
+
+
+class DebiasedEMA:
+    """Exponential moving average with the (1 - beta^n) bias correction (so early values are not
+    pulled toward 0)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+        self.avg = 0.0
+        self.n = 0
+
+    def update(self, value: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * value
+        return self.avg / (1 - self.beta**self.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Suggestion rules: pure functions of (lrs, smoothed losses) already trimmed of skipped points.
+
+
+def valley(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """The longest strictly descending run of the curve (not necessarily contiguous); the LR a
+    little past its first third, inside the stretch where the loss falls steadily."""
+    n = len(losses)
+    if n < 3:
+        return None
+    run = np.zeros(n, dtype=int)  # run[i]: length of the longest descending chain ending at i
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+    end = int(np.argmax(run))
+    if run[end] < 2:
+        return None  # no descent to speak of
+    start = end - int(run[end])
+    third = (end - start) / 3
+    return float(lrs[start + int(third) + int(third / 2)])
+
+
+def steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """The LR where the loss falls fastest with respect to log(LR)."""
+    if len(losses) < 3:
+        return None
+    slope = np.gradient(losses, np.log(lrs))
+    i = int(np.argmin(slope))
+    return float(lrs[i]) if slope[i] < 0 else None
+
+
+def minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """A tenth of the LR at the lowest loss."""
+    if len(losses) == 0:
+        return None
+    return float(lrs[int(np.argmin(losses))]) / 10
+
+
+def slide(lrs: np.ndarray, losses: np.ndarray, window: int = 15, threshold: float = 0.005) -> float | None:
+    """Walk from the high-LR end toward low LRs, comparing the slope at two points `window` apart;
+    stop where they agree within `threshold` (the curve has become a straight, settled line) and
+    take the LR at the far end of that window."""
+    if len(losses) < window + 2:
+        return None
+    slope = np.diff(losses) / np.diff(np.log(lrs))
+    right = len(slope) - 1
+    left = right - window
+    found = lrs[left]
+    while left >= 0 and abs(slope[right] - slope[left]) > threshold:
+        found = lrs[left]
+        right -= 1
+        left -= 1
+    return float(found)
+
+
+RULE_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
+    "valley": valley,
+    "steep": steep,
+    "minimum": minimum,
+    "slide": slide,
+}
+
+
+@dataclass
+class SweepResult:
+    lrs: list[float]
+    losses: list[float | None]
+    """All-reduced (mean over ranks) loss per step; None for a step the fp16 scaler skipped."""
+    smoothed: list[float | None]
+    suggestions: dict[str, float | None]
+    suggestion: float | None
+    method: str
+    world_size: int
+    global_batch_size: int
+    stopped_early: bool
+    iterations: int
+    fallback: str | None = None
+    """Why the suggestion is not `method`'s, or why there is none."""
+    local_losses: list[float | None] = field(default_factory=list)
+    """This rank's own loss per step (written to the per-rank files only)."""
+
+    def summary_line(self, agreed_by: int) -> str:
+        def fmt(v: float | None) -> str:
+            return "none" if v is None else f"{v:.1e}"
+
+        others = ", ".join(f"{rule} {fmt(self.suggestions[rule])}" for rule in RULES if rule != self.method)
+        head = f"LR sweep: suggestion {fmt(self.suggestion)} ({self.method}"
+        head += f"; {self.fallback})" if self.fallback else ")"
+        stop = f"; stopped early at step {self.iterations}" if self.stopped_early else ""
+        return f"{head}, agreed by {agreed_by} ranks; {others}{stop}"
+
+    def to_json(self, per_rank: bool = False) -> dict:
+        data = asdict(self)
+        if not per_rank:
+            data.pop("local_losses")
+        return data
+
+
+def suggest(lrs: list[float], smoothed: list[float | None], cfg: SweepConfig) -> tuple[dict[str, float | None], float | None, str | None]:
+    """All four rules on the curve without its first `skip_start` and last `skip_end` points (and
+    without skipped steps). Returns (every rule's value, the suggestion, a fallback note or None)."""
+    points = [(lr, s) for lr, s in zip(lrs, smoothed) if s is not None and math.isfinite(s)]
+    end = len(points) - cfg.skip_end
+    trimmed = points[cfg.skip_start : end] if end - cfg.skip_start >= 3 else points
+    x = np.array([p[0] for p in trimmed], dtype=np.float64)
+    y = np.array([p[1] for p in trimmed], dtype=np.float64)
+    values = {rule: RULE_FUNCTIONS[rule](x, y) for rule in RULES}
+    if values["valley"] is None and values["steep"] is None:
+        return values, None, "no descent: the loss never fell, so no rule has an answer"
+    if values[cfg.method] is not None:
+        return values, values[cfg.method], None
+    rule = next(r for r in ("valley", "steep", "minimum") if values[r] is not None)
+    return values, values[rule], f"fallback to {rule}: {cfg.method} found no answer on this curve"
+
+
+def run_curve(
+    step: Callable[[int, float], tuple[torch.Tensor, torch.Tensor]],
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    world_size: int,
+    cfg: SweepConfig,
+) -> tuple[list[float], list[float | None], list[float | None], list[float | None], bool]:
+    """The sweep loop. `step(i, lr)` runs one training step at `lr` and returns this rank's (mean
+    loss, skipped flag) as float64 device tensors; `reduce_sum` all-reduces a tensor (sum).
+
+    Returns (lrs, mean losses, smoothed, local losses, stopped_early) for the steps run."""
+    schedule = sweep_lrs(cfg.start_lr, cfg.end_lr, cfg.num_iter)
+    ema = DebiasedEMA(cfg.beta)
+    best = math.inf
+    lrs, losses, smoothed, local = [], [], [], []
+    for i, lr in enumerate(schedule):
+        mine = torch.stack(step(i, lr))  # this rank's (mean loss, skipped flag)
+        total = reduce_sum(mine)  # the one collective per step
+        own_loss, own_skipped, loss_sum, skipped = torch.cat([mine, total]).tolist()  # one device sync
+        lrs.append(lr)
+        local.append(None if own_skipped else own_loss)
+        if skipped > 0:  # the fp16 scaler skipped this step (on every rank): no loss to record
+            losses.append(None)
+            smoothed.append(None)
+            continue
+        loss = loss_sum / world_size
+        losses.append(loss)
+        value = ema.update(loss) if math.isfinite(loss) else math.nan
+        smoothed.append(value)
+        if not math.isfinite(value) or value > cfg.divergence * best:
+            return lrs, losses, smoothed, local, i < cfg.num_iter - 1
+        best = min(best, value)
+    return lrs, losses, smoothed, local, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshot / restore of everything a training step touches.
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot(trainer) -> dict:
+    """In-memory copies (CPU) of model, optimizer, scaler, schedule, augmentation and RNG states."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    scaler = trainer.accelerator.scaler
+    return {
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+        "schedule": copy.deepcopy(trainer.schedule.state_dict()),
+        "augment": trainer.augment.state_dict(),
+        "rng": _rng_state(),
+        "sampler_epoch": trainer.train_loader.batch_sampler.epoch,
+    }
+
+
+def restore(trainer, state: dict) -> None:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if state["scaler"] is not None:
+        trainer.accelerator.scaler.load_state_dict(state["scaler"])
+    trainer.schedule.load_state_dict(state["schedule"])
+    trainer.augment.load_state_dict(state["augment"])
+    _set_rng_state(state["rng"])
+    trainer.train_loader.batch_sampler.set_epoch(state["sampler_epoch"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _cycling_groups(trainer):
+    """Accumulation groups from the train loader, forever: a new epoch order whenever it runs out."""
+    sampler = trainer.train_loader.batch_sampler
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        n = len(trainer.train_loader)
+        yield from trainer.groups(iter(trainer.train_loader), n)
+        epoch += 1
+
+
+def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
+    """Run the range test on `trainer`'s real setup and restore it afterwards; every rank returns
+    the identical result (checked). Raises SweepError when the loss is not finite from the first step."""
+    acc = trainer.accelerator
+    world = acc.num_processes
+    state = snapshot(trainer)
+    ratios = [lr / max(trainer.schedule.base_lrs) for lr in trainer.schedule.base_lrs]
+    groups = _cycling_groups(trainer)
+    trainer.model.train()
+
+    def step(i: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for ratio, group in zip(ratios, trainer.optimizer.param_groups):
+            group["lr"] = lr * ratio
+        loss_sum, count = trainer.step(next(groups))
+        skipped = 1.0 if acc.optimizer_step_was_skipped else 0.0
+        return loss_sum / count, torch.tensor(skipped, device=acc.device, dtype=torch.float64)
+
+    try:
+        lrs, losses, smoothed, local, stopped = run_curve(step, lambda t: acc.reduce(t, reduction="sum"), world, cfg)
+    finally:
+        groups.close()
+        restore(trainer, state)
+    suggestions, suggestion, fallback = suggest(lrs, smoothed, cfg)
+    first = next((s for s in smoothed if s is not None), None)
+    if first is None or not math.isfinite(first):
+        fallback = f"the loss is not finite from the first step (lr {lrs[0]:.1e}): check the data, model and precision"
+        suggestion = None
+    result = SweepResult(
+        lrs=lrs,
+        losses=losses,
+        smoothed=smoothed,
+        suggestions=suggestions,
+        suggestion=suggestion,
+        method=cfg.method,
+        world_size=world,
+        global_batch_size=trainer.train_loader.batch_sampler.batch_size * world * trainer.grad_accum,
+        stopped_early=stopped,
+        iterations=len(lrs),
+        fallback=fallback,
+        local_losses=local,
+    )
+    check_agreement(acc, result)
+    return result
+
+
+def check_agreement(accelerator, result: SweepResult) -> None:
+    """All-gather (suggestion, steps run, last smoothed loss); any difference between ranks is a bug."""
+    if accelerator.num_processes == 1:
+        return
+    last = next((s for s in reversed(result.smoothed) if s is not None), math.nan)
+    mine = torch.tensor(
+        [math.nan if result.suggestion is None else result.suggestion, result.iterations, last],
+        device=accelerator.device,
+        dtype=torch.float64,
+    )
+    everyone = accelerator.gather(mine.unsqueeze(0)).cpu()
+    if not all(torch.equal(row.nan_to_num(-1.0), mine.cpu().nan_to_num(-1.0)) for row in everyone):
+        raise RuntimeError(f"LR sweep: ranks disagree (suggestion, steps, last smoothed loss per rank: {everyone.tolist()}); this is a bug")
+
+
+def save_outputs(result: SweepResult, run_dir: Path, rank: int, is_main: bool, per_rank: bool) -> None:
+    """lr_sweep.json + lr_sweep.png from the main process; lr_sweep.rank<R>.json from every rank."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if per_rank:
+        (run_dir / f"lr_sweep.rank{rank}.json").write_text(json.dumps(result.to_json(per_rank=True), indent=1))
+    if is_main:
+        (run_dir / "lr_sweep.json").write_text(json.dumps(result.to_json(), indent=1))
+        plot(result, run_dir / "lr_sweep.png")
+
+
+def plot(result: SweepResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    pairs = [(lr, l, s) for lr, l, s in zip(result.lrs, result.losses, result.smoothed) if l is not None]
+    if pairs:
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], color="0.75", lw=1, label="loss (mean over ranks)")
+        ax.plot([p[0] for p in pairs], [p[2] for p in pairs], color="C0", lw=2, label="smoothed")
+    for k, rule in enumerate(RULES):
+        lr = result.suggestions.get(rule)
+        if lr is not None:
+            style = "-" if lr == result.suggestion else ":"
+            ax.axvline(lr, color=f"C{k + 1}", ls=style, lw=1.5, label=f"{rule} {lr:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    finite = [p[2] for p in pairs if p[2] is not None and math.isfinite(p[2])]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), finite[0] * 2.5) * 1.05)
+    ax.set_title(f"LR sweep: {result.world_size} rank(s), global batch {result.global_batch_size}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def find_lr(trainer, cfg: SweepConfig, run_dir: Path, reporter) -> SweepResult:
+    """Sweep, save the outputs, print the summary line; raise SweepError (after saving the curve)
+    when there is no suggestion to train with."""
+    acc = trainer.accelerator
+    result = lr_sweep(trainer, cfg)
+    save_outputs(result, run_dir, acc.process_index, acc.is_main_process, cfg.save_per_rank)
+    reporter.line(result.summary_line(agreed_by=acc.num_processes))
+    if result.suggestion is None:
+        raise SweepError(
+            f"the LR sweep has no suggestion ({result.fallback}); the curve is in {run_dir / 'lr_sweep.png'}. "
+            "Set optim.lr to a number, or change sweep.start_lr / sweep.end_lr"
+        )
+    return result
