@@ -284,7 +284,10 @@ def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
         restore(trainer, state)
     suggestions, suggestion, fallback = suggest(lrs, smoothed, cfg)
     first = next((s for s in smoothed if s is not None), None)
-    if first is None or not math.isfinite(first):
+    if first is None:
+        fallback = "the fp16 grad scaler skipped every step: no loss was measured; try train.precision=bf16"
+        suggestion = None
+    elif not math.isfinite(first):
         fallback = f"the loss is not finite from the first step (lr {lrs[0]:.1e}): check the data, model and precision"
         suggestion = None
     result = SweepResult(
