@@ -3,7 +3,6 @@ optimizer, schedule and trainer. Everything a user could get wrong fails here, b
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from disttrain.models import build_model, build_optimizer
 from disttrain.runtime import rank_seed, seed_everything
 from disttrain.schedule import Schedule
 from disttrain.tracking import ConsoleReporter
-from disttrain.trainer import Trainer, epoch_batches
+from disttrain.trainer import Trainer, epoch_steps
 
 
 def scan_data(cfg: Config, accelerator: Accelerator, reporter: ConsoleReporter) -> ImageFolderData:
@@ -80,8 +79,8 @@ def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, Image
     model = build_model(cfg.model, num_classes=len(data.classes))
     optimizer = build_optimizer(cfg.optim, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    steps = epoch_batches(len(train_loader), cfg.train.grad_accum, cfg.train.max_steps_per_epoch)
-    schedule = Schedule(optimizer, cfg.schedule, total_steps=cfg.train.epochs * math.ceil(steps / cfg.train.grad_accum))
+    steps = epoch_steps(len(train_loader), cfg.train.grad_accum, cfg.train.max_steps_per_epoch)
+    schedule = Schedule(optimizer, cfg.schedule, total_steps=cfg.train.epochs * steps)
 
     trainer = Trainer(
         accelerator,

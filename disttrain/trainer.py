@@ -38,6 +38,11 @@ def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int
     return min(loader_batches, max_steps_per_epoch * grad_accum)
 
 
+def epoch_steps(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
+    """Optimizer steps per epoch (a shorter last accumulation group still makes a step)."""
+    return math.ceil(epoch_batches(loader_batches, grad_accum, max_steps_per_epoch) / grad_accum)
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -99,7 +104,7 @@ class Trainer:
 
     @property
     def optimizer_steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.grad_accum)
+        return epoch_steps(len(self.train_loader), self.grad_accum, self.max_steps_per_epoch)
 
     def fit(self) -> list[EpochResult]:
         acc = self.accelerator
