@@ -88,6 +88,28 @@ class DataConfig:
 class AugmentConfig:
     flip: bool = True
     """Random horizontal flip, drawn per sample (turn off for digits and text)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    """Random-resized-crop: range of the crop's area as a fraction of the presized square ([1, 1]: no crop)."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    """Random-resized-crop: range of the crop's aspect ratio (width / height)."""
+    max_rotate: float = 10.0
+    """Rotation drawn uniformly in [-max_rotate, max_rotate] degrees (with probability p_affine)."""
+    max_zoom: float = 1.1
+    """Zoom drawn uniformly in [1, max_zoom] (with probability p_affine)."""
+    max_translate: float = 0.0
+    """Shift drawn uniformly in [-max_translate, max_translate] of the image size, each axis (with p_affine)."""
+    p_affine: float = 0.75
+    """Probability that a sample gets rotation, zoom and translation."""
+    brightness: float = 0.2
+    """Brightness: add a value drawn in [-brightness, brightness] (pixels in [0, 1]), with p_lighting."""
+    contrast: float = 0.2
+    """Contrast: scale around the image's mean by a factor in [1 - contrast, 1 + contrast], with p_lighting."""
+    saturation: float = 0.0
+    """Saturation: blend with the grey image by a factor in [1 - saturation, 1 + saturation], with p_lighting."""
+    p_lighting: float = 0.75
+    """Probability that a sample gets the lighting changes."""
+    erase_p: float = 0.0
+    """Random erasing: probability that a sample gets one rectangle (2-33% of the area) set to the mean."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     """Per-channel mean subtracted after scaling pixels to [0, 1]."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -100,6 +122,18 @@ class AugmentConfig:
                 raise ConfigError(f"augment.{key}: needs 3 values (R, G, B), got {value!r}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"augment.std: every value must be > 0, got {self.std!r}")
+        for key, top in (("crop_scale", 1.0), ("crop_ratio", None)):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1] or (top is not None and low_high[1] > top):
+                bound = f"0 < low <= high <= {top}" if top else "0 < low <= high"
+                raise ConfigError(f"augment.{key}: needs [low, high] with {bound}, got {low_high!r}")
+        for key in ("p_affine", "p_lighting", "erase_p", "brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"augment.{key}: must be in [0, 1], got {getattr(self, key)!r}")
+        if self.max_zoom < 1:
+            raise ConfigError(f"augment.max_zoom: must be >= 1 (1 = no zoom), got {self.max_zoom!r}")
+        _positive("augment.max_rotate", self.max_rotate, allow_zero=True)
+        _positive("augment.max_translate", self.max_translate, allow_zero=True)
 
 
 @dataclass

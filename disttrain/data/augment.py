@@ -1,18 +1,26 @@
-"""On-device augmentation of uint8 batches: per-sample affine matrices, one `grid_sample`, normalize.
+"""On-device augmentation of uint8 batches: per-sample affine matrices, one `grid_sample`, lighting,
+normalize, optional random erasing.
 
 The CPU only decodes and presizes; the batch arrives on the device as uint8. Random parameters are
-drawn per sample from this rank's own seeded generator (on the CPU, so a seed gives the same draws
-on any device), composed into one 2x3 affine matrix per image and applied by a single resampling
-to `image_size`. Today the matrix holds the resize and a horizontal flip; crop, rotation, zoom and
-lighting compose into the same matrix / the same pass.
+drawn per sample from this rank's own seeded generator (on the CPU, a few numbers per image, so a
+seed gives the same draws on any device). Random-resized-crop, flip, rotation, zoom and translation
+are composed into one 2x3 matrix per image (output coordinates -> source coordinates, both in
+[-1, 1]) and applied by a single resampling to `image_size`: one interpolation, whatever the chain.
+The eval path is the same code with the identity matrix (a plain resize of the presized square).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from disttrain.config import AugmentConfig
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 class DeviceAugment:
@@ -33,14 +41,54 @@ class DeviceAugment:
         self.generator.set_state(state["generator"])
 
     def train_matrices(self, n: int) -> torch.Tensor:
-        """(n, 2, 3) affine matrices in normalized coordinates, random per sample."""
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = 1.0
-        theta[:, 1, 1] = 1.0
-        if self.cfg.flip:
-            flips = torch.rand(n, generator=self.generator) < 0.5
-            theta[:, 0, 0] = torch.where(flips, -1.0, 1.0)
-        return theta
+        """(n, 2, 3) affine matrices, random per sample: crop . translate . rotate . zoom . flip."""
+        cfg, g = self.cfg, self.generator
+        # random-resized-crop: a (w, h) window (fractions of the side) at a random place inside
+        area = _uniform(n, *cfg.crop_scale, g)
+        log_ratio = _uniform(n, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), g)
+        w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        cx = _uniform(n, -1, 1, g) * (1 - w)
+        cy = _uniform(n, -1, 1, g) * (1 - h)
+        # rotation, zoom and translation, applied to a sample with probability p_affine
+        affine = torch.rand(n, generator=g, dtype=torch.float64) < cfg.p_affine
+        angle = torch.where(affine, _uniform(n, -cfg.max_rotate, cfg.max_rotate, g), 0.0) * math.pi / 180
+        zoom = torch.where(affine, _uniform(n, 1.0, cfg.max_zoom, g), 1.0)
+        tx = torch.where(affine, _uniform(n, -cfg.max_translate, cfg.max_translate, g), 0.0) * 2
+        ty = torch.where(affine, _uniform(n, -cfg.max_translate, cfg.max_translate, g), 0.0) * 2
+        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
+
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+        # [[w, 0], [0, h]] @ [[cos, -sin], [sin, cos]] @ diag(flip, 1), then the shift
+        theta[:, 0, 0] = w * cos * flip
+        theta[:, 0, 1] = -w * sin
+        theta[:, 1, 0] = h * sin * flip
+        theta[:, 1, 1] = h * cos
+        theta[:, 0, 2] = cx + tx
+        theta[:, 1, 2] = cy + ty
+        return theta.float()
+
+    def lighting_params(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample (brightness shift, contrast factor, saturation factor); neutral with 1 - p_lighting."""
+        cfg, g = self.cfg, self.generator
+        on = torch.rand(n, generator=g, dtype=torch.float64) < cfg.p_lighting
+        brightness = torch.where(on, _uniform(n, -cfg.brightness, cfg.brightness, g), 0.0)
+        contrast = torch.where(on, _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, g), 1.0)
+        saturation = torch.where(on, _uniform(n, 1 - cfg.saturation, 1 + cfg.saturation, g), 1.0)
+        return brightness.float(), contrast.float(), saturation.float()
+
+    def erase_boxes(self, n: int) -> torch.Tensor:
+        """(n, 4) boxes x0, y0, x1, y1 in [0, 1]; an empty box for samples not erased."""
+        g = self.generator
+        on = torch.rand(n, generator=g, dtype=torch.float64) < self.cfg.erase_p
+        area = _uniform(n, 0.02, 0.33, g)
+        log_ratio = _uniform(n, math.log(0.3), math.log(1 / 0.3), g)
+        w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+        h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        x0, y0 = _uniform(n, 0, 1, g) * (1 - w), _uniform(n, 0, 1, g) * (1 - h)
+        boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+        return torch.where(on[:, None], boxes, torch.zeros_like(boxes)).float()
 
     def _resample(self, x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -52,13 +100,33 @@ class DeviceAugment:
         grid = F.affine_grid(theta.to(x.device, x.dtype), [n, c, size, size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
+    def _lighting(self, x: torch.Tensor) -> torch.Tensor:
+        brightness, contrast, saturation = (t.to(x.device).view(-1, 1, 1, 1) for t in self.lighting_params(len(x)))
+        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = grey + (x - grey) * saturation
+        mean = grey.mean(dim=(2, 3), keepdim=True)
+        x = mean + (x - mean) * contrast + brightness
+        return x.clamp_(0.0, 1.0)
+
+    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+        boxes = self.erase_boxes(len(x)).to(x.device)
+        size = x.shape[-1]
+        coords = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size
+        inside_x = (coords[None, :] >= boxes[:, 0:1]) & (coords[None, :] < boxes[:, 2:3])  # (n, W)
+        inside_y = (coords[None, :] >= boxes[:, 1:2]) & (coords[None, :] < boxes[:, 3:4])  # (n, H)
+        mask = inside_y[:, None, :, None] & inside_x[:, None, None, :]
+        return x.masked_fill(mask, 0.0)  # 0 after normalization = the dataset mean
+
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"DeviceAugment expects uint8 (N, 3, H, W) batches, got {images.dtype} {tuple(images.shape)}")
         x = images.float().div_(255.0)
-        theta = self.train_matrices(len(x)) if train else None
-        x = self._resample(x, theta)
+        x = self._resample(x, self.train_matrices(len(x)) if train else None)
+        if train and (self.cfg.brightness or self.cfg.contrast or self.cfg.saturation) and self.cfg.p_lighting:
+            x = self._lighting(x)
         x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        if train and self.cfg.erase_p:
+            x = self._erase(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
