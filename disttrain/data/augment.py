@@ -23,6 +23,13 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
+def _window(n: int, area: list[float], ratio: list[float], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (width, height) as fractions of the side: area in `area`, log-uniform aspect in `ratio`."""
+    size = _uniform(n, *area, generator)
+    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator)
+    return torch.sqrt(size * torch.exp(log_ratio)).clamp(max=1.0), torch.sqrt(size / torch.exp(log_ratio)).clamp(max=1.0)
+
+
 class DeviceAugment:
     """`augment(images_uint8, train=True)` -> normalized float32 batch of `image_size`, channels_last."""
 
@@ -44,10 +51,7 @@ class DeviceAugment:
         """(n, 2, 3) affine matrices, random per sample: crop . translate . rotate . zoom . flip."""
         cfg, g = self.cfg, self.generator
         # random-resized-crop: a (w, h) window (fractions of the side) at a random place inside
-        area = _uniform(n, *cfg.crop_scale, g)
-        log_ratio = _uniform(n, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), g)
-        w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-        h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        w, h = _window(n, cfg.crop_scale, cfg.crop_ratio, g)
         cx = _uniform(n, -1, 1, g) * (1 - w)
         cy = _uniform(n, -1, 1, g) * (1 - h)
         # rotation, zoom and translation, applied to a sample with probability p_affine
@@ -82,10 +86,7 @@ class DeviceAugment:
         """(n, 4) boxes x0, y0, x1, y1 in [0, 1]; an empty box for samples not erased."""
         g = self.generator
         on = torch.rand(n, generator=g, dtype=torch.float64) < self.cfg.erase_p
-        area = _uniform(n, 0.02, 0.33, g)
-        log_ratio = _uniform(n, math.log(0.3), math.log(1 / 0.3), g)
-        w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-        h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+        w, h = _window(n, [0.02, 0.33], [0.3, 1 / 0.3], g)
         x0, y0 = _uniform(n, 0, 1, g) * (1 - w), _uniform(n, 0, 1, g) * (1 - h)
         boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
         return torch.where(on[:, None], boxes, torch.zeros_like(boxes)).float()
