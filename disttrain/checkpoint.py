@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from disttrain.models import WeightsError
+
 
 def atomic_save(obj: object, path: str | Path) -> Path:
     path = Path(path)
@@ -25,7 +27,10 @@ def save_weights(path: str | Path, model_state: dict, classes: list[str], arch: 
 
 def load_weights(path: str | Path) -> dict:
     """Read a file written by `save_weights` (tensors, strings and lists only: weights_only=True)."""
-    state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{path}: not a loadable weights file ({err})") from err
     if not isinstance(state, dict) or "model" not in state or "classes" not in state:
-        raise ValueError(f"{path}: not a disttrain weights file (expected keys 'model' and 'classes')")
+        raise WeightsError(f"{path}: not a disttrain weights file (expected keys 'model' and 'classes')")
     return state

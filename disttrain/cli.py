@@ -105,10 +105,10 @@ def evaluate(cfg, weights: str, out: str | None) -> dict:
     return summary
 
 
-def run_user_errors(fn, *args):
-    """Run `fn`; a mistake the user can fix prints one clear line and exits 2 (no traceback)."""
+def run_user_errors(fn) -> int:
+    """Run `fn()`; a mistake the user can fix prints one clear line and exits 2 (no traceback)."""
     try:
-        fn(*args)
+        fn()
     except USER_ERRORS as err:
         print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
         return 2

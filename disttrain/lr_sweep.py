@@ -262,7 +262,8 @@ def _cycling_groups(trainer):
 
 def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
     """Run the range test on `trainer`'s real setup and restore it afterwards; every rank returns
-    the identical result (checked). Raises SweepError when the loss is not finite from the first step."""
+    the identical result (checked). A curve with no usable suggestion comes back with
+    `suggestion=None` and the reason in `fallback` (`find_lr` turns that into a SweepError)."""
     acc = trainer.accelerator
     world = acc.num_processes
     state = snapshot(trainer)

@@ -133,10 +133,10 @@ class Trainer:
         )
         return self.history
 
-    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
         """One optimizer step over the micro-batches of an accumulation group: forward and backward
-        each (gradients all-reduced only on the last), clip, step. Returns this rank's (loss sum,
-        sample count) as device tensors; no device sync. The schedule is the caller's business."""
+        each (gradients all-reduced only on the last), clip, step. Returns this rank's loss sum (a
+        device tensor: no device sync) and sample count. The schedule is the caller's business."""
         acc, model = self.accelerator, self.model
         for j, (images, labels) in enumerate(batches):
             images, labels = to_device(images, labels, self.device)
@@ -153,8 +153,7 @@ class Trainer:
             acc.clip_grad_norm_(model.parameters(), self.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        count = torch.tensor(float(sum(len(labels) for _, labels in batches)), device=self.device, dtype=torch.float64)
-        return loss_sum, count
+        return loss_sum, sum(len(labels) for _, labels in batches)
 
     def groups(self, loader_iter, n_batches: int):
         """Cut `n_batches` micro-batches from `loader_iter` into accumulation groups of grad_accum
@@ -167,19 +166,20 @@ class Trainer:
         self.model.train()
         self.train_loader.batch_sampler.set_epoch(epoch)
         n_batches = self.batches_per_epoch
-        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, count
+        loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
         bar = self.reporter.progress(
             self.groups(iter(self.train_loader), n_batches), total=self.optimizer_steps_per_epoch, desc=f"epoch {epoch}"
         )
         for group in bar:
-            loss_sum, count = self.step(group)
-            totals[0] += loss_sum
-            totals[1] += count
+            loss_sum, samples = self.step(group)
+            loss_total += loss_sum
+            count += samples
             self.schedule.step()
             if not bar.disable and self.schedule.steps_done % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{(loss_sum / count).item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{(loss_sum / samples).item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
         bar.close()
-        totals = self.accelerator.reduce(totals, reduction="sum")
+        totals = self.accelerator.reduce(torch.stack([loss_total, loss_total.new_tensor(count)]), reduction="sum")
         mean_loss = (totals[0] / totals[1]).item()
         if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
             raise FloatingPointError(

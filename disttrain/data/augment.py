@@ -125,7 +125,9 @@ class DeviceAugment:
         x = self._resample(x, self.train_matrices(len(x)) if train else None)
         if train and (self.cfg.brightness or self.cfg.contrast or self.cfg.saturation) and self.cfg.p_lighting:
             x = self._lighting(x)
-        x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        if self._mean.device != x.device:  # once: no host->device copy per batch
+            self._mean, self._std = self._mean.to(x.device), self._std.to(x.device)
+        x = (x - self._mean) / self._std
         if train and self.cfg.erase_p:
             x = self._erase(x)
         if self.channels_last:

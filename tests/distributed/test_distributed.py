@@ -10,7 +10,10 @@ from conftest import launch, make_folder
 
 pytestmark = pytest.mark.dist
 
-TINY = ["model.name=resnet18", "data.load_size=20", "data.image_size=16", "data.num_workers=0", "log.progress=false"]
+# 32 px, not 16: at 16 px ResNet-18's last stages are 1x1 maps, and bf16 autocast on CPU with 2 gloo ranks
+# then gives a NaN loss in about 1 run of 4 (none at 32 px or with precision=no, 8 runs each): an upstream
+# kernel problem that the trainer reports as an error; see the README.
+TINY = ["model.name=resnet18", "data.load_size=36", "data.image_size=32", "data.num_workers=0", "log.progress=false"]
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
