@@ -1,4 +1,4 @@
-"""Assemble a run from a Config: scan the data (once, on the main process), build loaders, model,
+"""Assemble a run from a Config: scan the data or read the shard manifest (once, on the main process), build loaders, model,
 optimizer, schedule and trainer. Everything a user could get wrong fails here, before step one."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from disttrain.config import Config, save_config
+from disttrain.config import Config, ConfigError, save_config
 from disttrain.data.augment import DeviceAugment
+from disttrain.data.decode import decode_jpeg_batch
 from disttrain.data.folder import DataError, ImageFolderData, scan_image_folder, write_bad_files
-from disttrain.data.loader import FolderDataset, RankBatchSampler, make_loader
+from disttrain.data.loader import DeviceLoader, FolderDataset, RankBatchSampler, make_loader
+from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.models import build_model, build_optimizer
 from disttrain.runtime import rank_seed, seed_everything
 from disttrain.schedule import Schedule
@@ -20,43 +22,76 @@ from disttrain.tracking import ConsoleReporter
 from disttrain.trainer import Trainer, epoch_steps
 
 
-def scan_data(cfg: Config, accelerator: Accelerator, reporter: ConsoleReporter) -> ImageFolderData:
-    """The main process scans and validates the folder; every rank receives the same result (or the
-    same error, so no rank is left waiting in a collective)."""
+def _load_on_main(accelerator: Accelerator, load):
+    """`load()` runs on the main process only; every rank receives the same result (or the same
+    DataError, so no rank is left waiting in a collective)."""
     payload: list = [None]
     if accelerator.is_main_process:
         try:
-            payload[0] = scan_image_folder(
-                cfg.data.root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=max(2, cfg.data.num_workers)
-            )
+            payload[0] = load()
         except DataError as err:
             payload[0] = err
     if accelerator.num_processes > 1:
         broadcast_object_list(payload, from_process=0)
-    result = payload[0]
-    if isinstance(result, DataError):
-        raise result
-    data: ImageFolderData = result
+    if isinstance(payload[0], DataError):
+        raise payload[0]
+    return payload[0]
+
+
+def load_data(cfg: Config, accelerator: Accelerator, reporter: ConsoleReporter) -> ImageFolderData | Manifest:
+    """The scanned image folder (`data.format=folder`) or the shard manifest (`shards`)."""
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.format == "shards":
+        manifest: Manifest = _load_on_main(accelerator, lambda: load_manifest(root))
+        train, valid = manifest.splits["train"], manifest.splits["valid"]
+        reporter.line(
+            f"data: {train.samples} train / {valid.samples} valid samples in {len(manifest.classes)} classes "
+            f"from {len(train.paths)} + {len(valid.paths)} shards in {root}"
+        )
+        if manifest.presize < cfg.data.load_size:
+            reporter.line(
+                f"warning: the shards were presized to {manifest.presize} px, data.load_size is {cfg.data.load_size}: "
+                "images are upsampled; set data.load_size to at most the shards' presize"
+            )
+        return manifest
+    data: ImageFolderData = _load_on_main(
+        accelerator,
+        lambda: scan_image_folder(root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=max(2, cfg.data.num_workers)),
+    )
     if accelerator.is_main_process:
         write_bad_files(data.bad, cfg.run.dir / "bad_files.txt")
     skipped = f"; {len(data.bad)} undecodable file(s) skipped, listed in {cfg.run.dir / 'bad_files.txt'}" if data.bad else ""
     reporter.line(
-        f"data: {len(data.train)} train / {len(data.valid)} valid images in {len(data.classes)} classes "
-        f"from {Path(cfg.data.root).expanduser()}{skipped}"
+        f"data: {len(data.train)} train / {len(data.valid)} valid images in {len(data.classes)} classes from {root}{skipped}"
     )
     return data
 
 
-def build_loaders(cfg: Config, data: ImageFolderData, accelerator: Accelerator):
-    world, rank = accelerator.num_processes, accelerator.process_index
+def build_loaders(cfg: Config, data: ImageFolderData | Manifest, accelerator: Accelerator) -> tuple[DeviceLoader, DeviceLoader]:
+    """Train and valid loaders for this rank. Accelerate does not touch them: each rank reads only
+    its own part (Accelerate's dispatching would make rank 0 decode everything)."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    pin = device.type == "cuda"
+    bs, workers = cfg.data.batch_size, cfg.data.num_workers
+    if isinstance(data, Manifest):
+        if cfg.data.decode == "gpu" and device.type != "cuda":
+            raise ConfigError("data.decode=gpu: nvJPEG needs a CUDA device and this run has none; set data.decode=cpu")
+        raw = cfg.data.decode == "gpu"
+        finish = (lambda images, dev: decode_jpeg_batch(images, cfg.data.load_size, dev)) if raw else None
+        common = dict(load_size=cfg.data.load_size, world=world, rank=rank, num_workers=workers, raw=raw)
+        train_set = ShardDataset(data, "train", bs, train=True, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+        valid_set = ShardDataset(data, "valid", bs * 2, train=False, **common)
+        return (
+            DeviceLoader(make_loader(train_set, workers, pin), train_set, bs, device, finish),
+            DeviceLoader(make_loader(valid_set, workers, pin), valid_set, bs * 2, device, finish),
+        )
     if len(data.train) < world:
         raise DataError(f"{data.train.dir}: {len(data.train)} training images cannot be shared by {world} ranks")
-    pin = accelerator.device.type == "cuda"
-    train_sampler = RankBatchSampler(len(data.train), cfg.data.batch_size, world, rank, seed=cfg.run.seed, shuffle=True)
-    valid_sampler = RankBatchSampler(len(data.valid), cfg.data.batch_size * 2, world, rank, shuffle=False, drop_empty=True)
-    train = make_loader(FolderDataset(data.train, cfg.data.load_size), train_sampler, cfg.data.num_workers, pin)
-    valid = make_loader(FolderDataset(data.valid, cfg.data.load_size), valid_sampler, cfg.data.num_workers, pin)
-    return train, valid
+    train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True)
+    valid_sampler = RankBatchSampler(len(data.valid), bs * 2, world, rank, shuffle=False, drop_empty=True)
+    train = make_loader(FolderDataset(data.train, cfg.data.load_size), workers, pin, train_sampler)
+    valid = make_loader(FolderDataset(data.valid, cfg.data.load_size), workers, pin, valid_sampler)
+    return DeviceLoader(train, train_sampler, bs, device), DeviceLoader(valid, valid_sampler, bs * 2, device)
 
 
 def build_augment(cfg: Config, accelerator: Accelerator) -> DeviceAugment:
@@ -68,11 +103,11 @@ def build_augment(cfg: Config, accelerator: Accelerator) -> DeviceAugment:
     )
 
 
-def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, ImageFolderData]:
+def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, ImageFolderData | Manifest]:
     reporter = ConsoleReporter(accelerator.is_main_process, progress=cfg.log.progress)
     if accelerator.is_main_process:
         save_config(cfg, cfg.run.dir / "config.yaml")
-    data = scan_data(cfg, accelerator, reporter)
+    data = load_data(cfg, accelerator, reporter)
     train_loader, valid_loader = build_loaders(cfg, data, accelerator)
 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank

@@ -1,9 +1,10 @@
-"""`disttrain train | find-lr | evaluate | demo-data`.
+"""`disttrain train | find-lr | evaluate | prepare | demo-data`.
 
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
     accelerate launch launch/train.py --config configs/demo.yaml --find-lr
     disttrain find-lr --config configs/demo.yaml
     accelerate launch -m disttrain.cli evaluate --config configs/demo.yaml --weights runs/demo/model.pt
+    disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
     disttrain demo-data ~/.cache/disttrain/mnist
 """
 
@@ -79,7 +80,7 @@ def train(cfg, find_lr_only: bool = False) -> list:
 
 def evaluate(cfg, weights: str, out: str | None) -> dict:
     """Exact validation of saved weights on `data.valid_dir`, on however many processes run it."""
-    from disttrain.build import build_augment, build_loaders, scan_data
+    from disttrain.build import build_augment, build_loaders, load_data
     from disttrain.checkpoint import load_weights
     from disttrain.models import build_model
     from disttrain.runtime import build_accelerator
@@ -88,7 +89,7 @@ def evaluate(cfg, weights: str, out: str | None) -> dict:
 
     accelerator = build_accelerator(cfg)
     reporter = ConsoleReporter(accelerator.is_main_process, progress=False)
-    data = scan_data(cfg, accelerator, reporter)
+    data = load_data(cfg, accelerator, reporter)
     state = load_weights(weights)
     if state["classes"] != data.classes:
         raise WeightsError(f"{weights}: trained on classes {state['classes']}, but {cfg.data.root} has {data.classes}")
@@ -103,6 +104,14 @@ def evaluate(cfg, weights: str, out: str | None) -> dict:
         Path(out).write_text(json.dumps(summary, indent=1))
     accelerator.end_training()
     return summary
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    from disttrain.data.prepare import PrepareSettings
+    from disttrain.data.prepare import prepare as write_shards
+
+    settings = PrepareSettings(args.samples_per_shard, args.presize, args.quality, args.seed, args.train_dir, args.valid_dir)
+    return write_shards(args.src, args.dst, settings, workers=args.workers, force=args.force, progress=not args.no_progress)
 
 
 def run_user_errors(fn) -> int:
@@ -124,16 +133,32 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(ev)
     ev.add_argument("--weights", required=True, help="model.pt written by a training run")
     ev.add_argument("--out", help="also write the result as JSON here")
+    prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
+    prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*")
+    prep.add_argument("dst", help="output folder for the shards and manifest.json")
+    prep.add_argument("--samples-per-shard", type=int, default=1000, help="target samples per shard (default 1000)")
+    prep.add_argument("--presize", type=int, default=256, help="shorter side of the stored JPEGs (default 256)")
+    prep.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    prep.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle that fills the shards")
+    prep.add_argument("--train-dir", default="train")
+    prep.add_argument("--valid-dir", default="auto", help="validation folder; auto: valid/ or else val/")
+    prep.add_argument("--force", action="store_true", help="rewrite a finished or different output")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo = sub.add_parser("demo-data", help="write the bundled MNIST sample as PNG folders")
     demo.add_argument("path")
     demo.add_argument("--train-per-class", type=int, default=400)
     demo.add_argument("--valid-per-class", type=int, default=100)
     args = parse_with_overrides(parser, argv)
+    if args.overrides and args.command not in ("train", "find-lr", "evaluate"):
+        parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
 
     if args.command in ("train", "find-lr"):
         return run_user_errors(lambda: train(load_config(args.config, args.overrides), args.command == "find-lr"))
     if args.command == "evaluate":
         return run_user_errors(lambda: evaluate(load_config(args.config, args.overrides), args.weights, args.out))
+    if args.command == "prepare":
+        return run_user_errors(lambda: prepare(args))
     from disttrain.demo_data import write_demo_data
 
     def demo_data() -> None:

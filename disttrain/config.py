@@ -58,8 +58,13 @@ class DataConfig:
     """Training split folder, relative to `root`."""
     valid_dir: str = "auto"
     """Validation split folder relative to `root`; `auto` takes `valid/` or else `val/`."""
-    format: Literal["folder"] = "folder"
-    """Storage format of the data: `folder` (an image folder)."""
+    format: Literal["folder", "shards"] = "folder"
+    """`folder`: `root` is an image folder. `shards`: `root` holds the tar shards and manifest.json
+    written by `disttrain prepare SRC DST`."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """JPEG decoding: `cpu` (PIL in the loader workers) or `gpu` (nvJPEG on CUDA, shards only)."""
+    shuffle_buffer: int = 1000
+    """Shards: samples each loader worker holds to shuffle the stream (undecoded bytes, ~20 KB each)."""
     load_size: int = 256
     """CPU presize: shorter side resized to this, then a centre square crop (uint8 on the wire)."""
     image_size: int = 224
@@ -72,7 +77,11 @@ class DataConfig:
     """Undecodable files found at scan time: `skip` (counted, listed in bad_files.txt) or `error`."""
 
     def __post_init__(self) -> None:
-        _choice("data.format", self.format, ("folder",))
+        _choice("data.format", self.format, ("folder", "shards"))
+        _choice("data.decode", self.decode, ("cpu", "gpu"))
+        if self.decode == "gpu" and self.format != "shards":
+            raise ConfigError("data.decode=gpu decodes the JPEG bytes of shards: set data.format=shards (see `disttrain prepare`)")
+        _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _choice("data.bad_files", self.bad_files, ("skip", "error"))
         for key in ("load_size", "image_size", "batch_size"):
             _positive(f"data.{key}", getattr(self, key))

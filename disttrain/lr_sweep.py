@@ -229,7 +229,7 @@ def snapshot(trainer) -> dict:
         "schedule": copy.deepcopy(trainer.schedule.state_dict()),
         "augment": trainer.augment.state_dict(),
         "rng": _rng_state(),
-        "sampler_epoch": trainer.train_loader.batch_sampler.epoch,
+        "sampler_epoch": trainer.train_loader.epoch,
     }
 
 
@@ -243,7 +243,8 @@ def restore(trainer, state: dict) -> None:
     trainer.schedule.load_state_dict(state["schedule"])
     trainer.augment.load_state_dict(state["augment"])
     _set_rng_state(state["rng"])
-    trainer.train_loader.batch_sampler.set_epoch(state["sampler_epoch"])
+    trainer.train_loader.set_epoch(state["sampler_epoch"])
+    trainer.train_loader.take_skipped()  # unreadable samples met by the sweep were logged as warnings already
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,10 +252,9 @@ def restore(trainer, state: dict) -> None:
 
 def _cycling_groups(trainer):
     """Accumulation groups from the train loader, forever: a new epoch order whenever it runs out."""
-    sampler = trainer.train_loader.batch_sampler
     epoch = 0
     while True:
-        sampler.set_epoch(epoch)
+        trainer.train_loader.set_epoch(epoch)
         n = len(trainer.train_loader)
         yield from trainer.groups(iter(trainer.train_loader), n)
         epoch += 1
@@ -299,7 +299,7 @@ def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
         suggestion=suggestion,
         method=cfg.method,
         world_size=world,
-        global_batch_size=trainer.train_loader.batch_sampler.batch_size * world * trainer.grad_accum,
+        global_batch_size=trainer.train_loader.batch_size * world * trainer.grad_accum,
         stopped_early=stopped,
         iterations=len(lrs),
         fallback=fallback,

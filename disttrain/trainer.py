@@ -17,18 +17,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
 from disttrain.data.augment import DeviceAugment
+from disttrain.data.loader import DeviceLoader
 from disttrain.schedule import Schedule
 from disttrain.tracking import ConsoleReporter
 
 PROGRESS_EVERY = 10  # optimizer steps between progress-bar loss updates
-
-
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (pinned on CUDA machines) and labels to the device without blocking the host."""
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
@@ -49,6 +44,7 @@ class EvalResult:
     accuracy: float
     correct: int
     count: int
+    skipped: int = 0
 
 
 @dataclass
@@ -68,8 +64,8 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         schedule: Schedule,
-        train_loader: DataLoader,
-        valid_loader: DataLoader,
+        train_loader: DeviceLoader,
+        valid_loader: DeviceLoader,
         augment: DeviceAugment,
         reporter: ConsoleReporter,
         epochs: int,
@@ -109,7 +105,7 @@ class Trainer:
     def fit(self) -> list[EpochResult]:
         acc = self.accelerator
         world = acc.num_processes
-        per_rank = self.train_loader.batch_sampler.batch_size
+        per_rank = self.train_loader.batch_size
         self.reporter.line(
             f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision): "
             f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
@@ -134,12 +130,12 @@ class Trainer:
         return self.history
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
-        """One optimizer step over the micro-batches of an accumulation group: forward and backward
+        """One optimizer step over the micro-batches (uint8 images and labels already on the device,
+        as the DeviceLoader delivers them) of an accumulation group: forward and backward
         each (gradients all-reduced only on the last), clip, step. Returns this rank's loss sum (a
         device tensor: no device sync) and sample count. The schedule is the caller's business."""
         acc, model = self.accelerator, self.model
         for j, (images, labels) in enumerate(batches):
-            images, labels = to_device(images, labels, self.device)
             x = self.augment(images, train=True)
             last = j == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
@@ -164,7 +160,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> tuple[float, int]:
         """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen)."""
         self.model.train()
-        self.train_loader.batch_sampler.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
         n_batches = self.batches_per_epoch
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
@@ -179,8 +175,10 @@ class Trainer:
             if not bar.disable and self.schedule.steps_done % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{(loss_sum / samples).item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
         bar.close()
-        totals = self.accelerator.reduce(torch.stack([loss_total, loss_total.new_tensor(count)]), reduction="sum")
+        local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped())])
+        totals = self.accelerator.reduce(local, reduction="sum")
         mean_loss = (totals[0] / totals[1]).item()
+        self._report_skipped(f"epoch {epoch}: {{}} unreadable training sample(s) skipped and replaced by others", totals[2])
         if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
             raise FloatingPointError(
                 f"epoch {epoch}: the training loss is {mean_loss}; lower optim.lr, set train.clip_grad, "
@@ -188,10 +186,16 @@ class Trainer:
             )
         return mean_loss, int(totals[1].item())
 
-    def evaluate(self, loader: DataLoader | None = None) -> EvalResult:
+    def evaluate(self, loader: DeviceLoader | None = None) -> EvalResult:
         result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.augment)
+        self._report_skipped("validation: {} unreadable sample(s) skipped", result.skipped)
         self.model.train()
         return result
+
+    def _report_skipped(self, template: str, count) -> None:
+        count = int(count)
+        if count:
+            self.reporter.line(template.format(count))
 
 
 def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:
@@ -203,7 +207,7 @@ def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, augment: DeviceAugment) -> EvalResult:
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: DeviceAugment) -> EvalResult:
     """Exact validation: every sample once across ranks; loss and accuracy from all-reduced sums.
 
     Leaves the model in eval mode."""
@@ -211,9 +215,8 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, aug
     model.eval()
     _sync_buffers(accelerator, model)
     device = accelerator.device
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, correct, count, skipped
     for images, labels in loader:
-        images, labels = to_device(images, labels, device)
         x = augment(images, train=False)
         with accelerator.autocast():
             logits = model(x)
@@ -221,5 +224,6 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, aug
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += (logits.argmax(dim=1) == labels).sum()
         sums[2] += len(labels)
-    loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
-    return EvalResult(loss=loss_sum / count, accuracy=correct / count, correct=int(correct), count=int(count))
+    sums[3] += loader.take_skipped()
+    loss_sum, correct, count, skipped = accelerator.reduce(sums, reduction="sum").tolist()
+    return EvalResult(loss_sum / count, correct / count, int(correct), int(count), int(skipped))

@@ -86,3 +86,49 @@ def presize(img: Image.Image, size: int) -> torch.Tensor:
 def load_presized(source: str | Path | bytes, size: int) -> torch.Tensor:
     """Decode and presize in one call (what a CPU data worker does per sample)."""
     return presize(decode_rgb(source, size), size)
+
+
+def presize_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
+    """`presize` for a decoded uint8 (3, H, W) tensor on any device: shorter side to `size`
+    (antialiased bilinear), centre square crop."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[-2:]
+    scale = size / min(w, h)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return image[:, top : top + size, left : left + size]
+
+
+def decode_jpeg_batch(data: list[torch.Tensor], size: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The batched decoder (`data.decode=gpu`): JPEG byte tensors (CPU) -> presized uint8 batch
+    (B, 3, size, size) on `device`; nvJPEG on CUDA. A payload the decoder rejects is replaced by
+    another image of the same batch (the batch keeps its size) and counted: returns (batch, failures).
+
+    torchvision's decoders are deprecated since 0.29 in favour of TorchCodec; this function is the
+    one place to swap when they go."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad payload fails the whole batched call: decode one by one
+            images = []
+            for payload in data:
+                try:
+                    images.append(decode_jpeg(payload, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(None)
+    good = [image for image in images if image is not None]
+    if not good:
+        raise ValueError(f"none of the {len(data)} JPEG payloads of a batch could be decoded")
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
+    for i, image in enumerate(images):
+        out[i] = presize_tensor(image if image is not None else good[i % len(good)], size)
+    return out, len(images) - len(good)

@@ -95,29 +95,30 @@ def check_image(path: str | Path) -> str | None:
     return None
 
 
-def _scan_split(name: str, split_dir: Path, classes: list[str], workers: int) -> Split:
+def _list_split(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(path, label) of every candidate image file in a split, classes in order, files sorted."""
     class_dirs = _class_dirs(split_dir)
     candidates: list[tuple[Path, int]] = []
     for label, cls in enumerate(classes):
-        if cls not in class_dirs:
-            continue
-        candidates += [(p, label) for p in _image_files(class_dirs[cls])]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(check_image, [p for p, _ in candidates], chunksize=64))
-    split = Split(name=name, dir=split_dir, paths=[], labels=[])
-    for (path, label), reason in zip(candidates, reasons):
-        if reason is None:
-            split.paths.append(str(path))
-            split.labels.append(label)
-        else:
-            split.bad.append(BadFile(str(path), reason))
-    return split
+        if cls in class_dirs:
+            candidates += [(p, label) for p in _image_files(class_dirs[cls])]
+    return candidates
 
 
-def scan_image_folder(
-    root: str | Path, train_dir: str = "train", valid_dir: str = "auto", bad_files: str = "skip", workers: int = 4
-) -> ImageFolderData:
-    """Scan, validate and label both splits. Raises DataError with every problem a user must fix."""
+@dataclass
+class FolderListing:
+    """The structure of an image folder, checked but not decoded: classes and candidate files."""
+
+    classes: list[str]
+    train_dir: Path
+    valid_dir: Path
+    train: list[tuple[Path, int]]
+    valid: list[tuple[Path, int]]
+
+
+def list_image_folder(root: str | Path, train_dir: str = "train", valid_dir: str = "auto") -> FolderListing:
+    """Classes (train's sub-folders, sorted) and candidate files of both splits; raises DataError for a
+    layout a user must fix. Reads directories only, no image bytes."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder (it should hold {train_dir}/<class>/ and valid/<class>/)")
@@ -135,26 +136,53 @@ def scan_image_folder(
             f"{valid_path}: class folder(s) {', '.join(extra)} do not exist in {train_path}; "
             "the model can only predict training classes: add them to train or remove them from valid"
         )
+    return FolderListing(classes, train_path, valid_path, _list_split(train_path, classes), _list_split(valid_path, classes))
 
-    train = _scan_split("train", train_path, classes, workers)
-    valid = _scan_split("valid", valid_path, classes, workers)
 
-    if bad_files == "error" and (train.bad or valid.bad):
-        lines = "\n".join(f"  {b.path}: {b.reason}" for b in train.bad + valid.bad)
-        raise DataError(
-            f"{len(train.bad) + len(valid.bad)} file(s) are not decodable images:\n{lines}\n"
-            "remove or replace them, or set data.bad_files=skip to train without them"
-        )
-    present = set(train.labels)
+def _check_split(name: str, split_dir: Path, candidates: list[tuple[Path, int]], workers: int) -> Split:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(check_image, [p for p, _ in candidates], chunksize=64))
+    split = Split(name=name, dir=split_dir, paths=[], labels=[])
+    for (path, label), reason in zip(candidates, reasons):
+        if reason is None:
+            split.paths.append(str(path))
+            split.labels.append(label)
+        else:
+            split.bad.append(BadFile(str(path), reason))
+    return split
+
+
+def check_usable(classes: list[str], train_dir: Path, valid_dir: Path, train_labels, valid_count: int) -> None:
+    """Every class has a usable training image and the validation split is not empty."""
+    present = set(train_labels)
     empty = [c for i, c in enumerate(classes) if i not in present]
     if empty:
         raise DataError(
-            f"{train_path}: class folder(s) {', '.join(empty)} hold no usable images; "
-            "add images or remove the folder(s)"
+            f"{train_dir}: class folder(s) {', '.join(empty)} hold no usable images; add images or remove the folder(s)"
         )
-    if len(valid) == 0:
-        raise DataError(f"{valid_path}: no usable images in any class folder")
-    return ImageFolderData(classes=classes, train=train, valid=valid)
+    if valid_count == 0:
+        raise DataError(f"{valid_dir}: no usable images in any class folder")
+
+
+def bad_files_error(bad: list[BadFile]) -> DataError:
+    lines = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
+    return DataError(
+        f"{len(bad)} file(s) are not decodable images:\n{lines}\n"
+        "remove or replace them, or set data.bad_files=skip to train without them"
+    )
+
+
+def scan_image_folder(
+    root: str | Path, train_dir: str = "train", valid_dir: str = "auto", bad_files: str = "skip", workers: int = 4
+) -> ImageFolderData:
+    """Scan, validate and label both splits. Raises DataError with every problem a user must fix."""
+    listing = list_image_folder(root, train_dir, valid_dir)
+    train = _check_split("train", listing.train_dir, listing.train, workers)
+    valid = _check_split("valid", listing.valid_dir, listing.valid, workers)
+    if bad_files == "error" and (train.bad or valid.bad):
+        raise bad_files_error(train.bad + valid.bad)
+    check_usable(listing.classes, listing.train_dir, listing.valid_dir, train.labels, len(valid))
+    return ImageFolderData(classes=listing.classes, train=train, valid=valid)
 
 
 def write_bad_files(bad: list[BadFile], path: str | Path) -> None:

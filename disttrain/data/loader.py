@@ -1,4 +1,5 @@
-"""Train/valid loaders for an image folder: uint8 presized batches, sharded across ranks by index.
+"""Loaders: uint8 presized batches from an image folder (sharded across ranks by index) or from
+shards (`disttrain.data.shards`), delivered on the device by `DeviceLoader`.
 
 Sharding: every epoch a seeded permutation of the whole split is cut into `world_size x steps`
 batches whose sizes differ by at most one; batch `step * world_size + rank` is rank `rank`'s batch
@@ -11,7 +12,7 @@ at each step is a contiguous run of the permutation, so 1 rank x batch 2B and 2 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -98,18 +99,99 @@ class RankBatchSampler(Sampler[list[int]]):
         return self.steps
 
 
-def make_loader(
-    dataset: Dataset, sampler: RankBatchSampler, num_workers: int, pin_memory: bool
-) -> DataLoader:
+def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: RankBatchSampler | None = None) -> DataLoader:
+    """A DataLoader over a map-style dataset with a `RankBatchSampler`, or (no sampler) over an
+    iterable dataset that yields whole batches itself."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        batch_size=1 if sampler is not None else None,  # the sampler or the dataset makes the batches
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=_worker_init,
     )
+
+
+class EpochSource(Protocol):
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class DeviceLoader:
+    """What the trainer iterates: `(images, labels)` on the device, one epoch per `iter()`.
+
+    Batches arrive as pinned uint8 (CUDA) and are copied with `non_blocking=True` on a side stream:
+    the next batch is already on its way while the current one trains. `finish` runs on the device
+    copy (the GPU JPEG decoder when `data.decode=gpu`). Samples the readers skipped are counted in
+    `skipped` (the caller takes and resets it with `take_skipped`).
+    """
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        source: EpochSource,
+        batch_size: int,
+        device: torch.device,
+        finish: Callable[[object, torch.device], tuple[torch.Tensor, int]] | None = None,
+    ):
+        self.loader = loader
+        self.source = source
+        self.batch_size = batch_size
+        self.device = device
+        self.finish = finish
+        self.skipped = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.source.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def take_skipped(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+    def _transfer(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch[0], batch[1]
+        if len(batch) > 2:
+            self.skipped += batch[2]["skipped"]
+        labels = labels.to(self.device, non_blocking=True)
+        if self.finish is not None:
+            images, failed = self.finish(images, self.device)
+            self.skipped += failed
+            return images, labels
+        return images.to(self.device, non_blocking=True), labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self._transfer(batch)
+            return
+        stream = torch.cuda.Stream(self.device)
+        batches = iter(self.loader)
+
+        def start_next():
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            with torch.cuda.stream(stream):
+                return self._transfer(batch)
+
+        upcoming = start_next()
+        while upcoming is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            for tensor in upcoming:
+                tensor.record_stream(current)  # allocated on the side stream, used on this one
+            ready, upcoming = upcoming, start_next()
+            yield ready
 
 
 def _worker_init(_: int) -> None:

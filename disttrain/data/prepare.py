@@ -1,0 +1,288 @@
+"""`disttrain prepare SRC DST`: an image folder -> webdataset tar shards + `manifest.json`.
+
+Each split (`train`, and `valid` from `valid/` or `val/`) is shuffled once (seeded, so every shard
+mixes the classes), cut into shards whose sizes differ by at most one sample, and written by worker
+processes. A sample is three tar members sharing a key: `KEY.jpg` (the image, shorter side reduced
+to `presize`, RGB JPEG), `KEY.cls` (the label index as ASCII) and `KEY.path` (its path under the
+split folder). Any webdataset reader can stream them.
+
+Crash safety: a shard is written as `NAME.tar.tmp`, flushed, then renamed; the parent records each
+finished shard in `.prepare-progress.jsonl`; `manifest.json` is written last (also by rename). An
+interrupted run leaves no shard that looks complete but is not, and re-running finishes only the
+missing shards. Re-running over a finished output with the same source and settings is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from disttrain.data.decode import open_image
+from disttrain.data.folder import DataError, list_image_folder
+
+MANIFEST = "manifest.json"
+PROGRESS = ".prepare-progress.jsonl"
+FORMAT = "disttrain-shards/1"
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    samples_per_shard: int = 1000
+    """Target samples per shard (shards of a split differ by at most one sample)."""
+    presize: int = 256
+    """Shorter side of the stored JPEGs (smaller images are stored at their own size)."""
+    quality: int = 90
+    """JPEG quality of re-encoded images."""
+    seed: int = 0
+    """Seed of the one-time shuffle that decides which sample goes into which shard."""
+    train_dir: str = "train"
+    """Training split folder under SRC."""
+    valid_dir: str = "auto"
+    """Validation split folder under SRC; `auto` takes `valid/` or else `val/`."""
+
+    def check(self) -> None:
+        for key in ("samples_per_shard", "presize"):
+            if getattr(self, key) < 1:
+                raise DataError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+        if not 1 <= self.quality <= 100:
+            raise DataError(f"--quality: must be in 1..100, got {self.quality}")
+
+
+@dataclass
+class ShardTask:
+    split: str
+    name: str
+    files: list[tuple[str, int]]  # (absolute path, label)
+    split_dir: str
+    first_key: int
+
+
+def encode_sample(path: str, presize: int, quality: int) -> bytes:
+    """The stored JPEG: the original bytes when it already is an RGB/grey JPEG no larger than
+    `presize` on its shorter side (no second lossy pass), otherwise decoded, reduced, re-encoded."""
+    raw = Path(path).read_bytes()
+    if not raw:
+        raise ValueError("empty file (0 bytes)")
+    img = open_image(raw, draft_size=presize)
+    w, h = img.size
+    with Image.open(io.BytesIO(raw)) as original:
+        reusable = original.format == "JPEG" and original.mode in ("RGB", "L") and original.size == (w, h)
+    if min(w, h) <= presize and reusable:
+        return raw
+    if min(w, h) > presize:
+        scale = presize / min(w, h)
+        img = img.resize((max(presize, round(w * scale)), max(presize, round(h * scale))), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0  # the same input gives the same bytes
+    info.uname = info.gname = "disttrain"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(task: ShardTask, out_dir: str, presize: int, quality: int) -> dict:
+    """Write one shard (temporary name, then rename); returns its progress record."""
+    final = Path(out_dir) / task.name
+    tmp = final.with_name(final.name + ".tmp")
+    bad, samples = [], 0
+    with open(tmp, "wb") as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, (path, label) in enumerate(task.files):
+                try:
+                    jpeg = encode_sample(path, presize, quality)
+                except Exception as err:  # any decode failure means "cannot train on this file"
+                    bad.append({"path": path, "reason": f"{type(err).__name__}: {err}".strip()})
+                    continue
+                key = f"{task.first_key + i:08d}"
+                _add_member(tar, f"{key}.cls", str(label).encode())
+                _add_member(tar, f"{key}.jpg", jpeg)
+                _add_member(tar, f"{key}.path", os.path.relpath(path, task.split_dir).encode())
+                samples += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return {"split": task.split, "name": task.name, "samples": samples, "bytes": final.stat().st_size, "bad_files": bad}
+
+
+def plan_shards(src: str | Path, settings: PrepareSettings) -> tuple[list[str], dict[str, list[ShardTask]], dict]:
+    """Classes, the shard tasks of each split, and the source description (with a fingerprint of
+    every file's path, size and mtime, so a changed source is never mistaken for a finished one)."""
+    listing = list_image_folder(src, settings.train_dir, settings.valid_dir)
+    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    tasks: dict[str, list[ShardTask]] = {}
+    for split, split_dir, files in (("train", listing.train_dir, listing.train), ("valid", listing.valid_dir, listing.valid)):
+        if not files:
+            raise DataError(f"{split_dir}: no image files in any class folder")
+        order = np.random.default_rng(settings.seed).permutation(len(files))
+        chunks = np.array_split(order, -(-len(files) // settings.samples_per_shard))
+        tasks[split], first = [], 0
+        for n, chunk in enumerate(chunks):
+            chunk_files = [(str(files[i][0]), files[i][1]) for i in chunk]
+            tasks[split].append(ShardTask(split, f"{split}-{n:06d}.tar", chunk_files, str(split_dir), first))
+            first += len(chunk)
+        for path, label in files:
+            stat = path.stat()
+            digest.update(f"{split}\0{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    source = {
+        "root": str(Path(src).expanduser().resolve()),
+        "train_dir": listing.train_dir.name,
+        "valid_dir": listing.valid_dir.name,
+        "fingerprint": digest.hexdigest(),
+    }
+    return listing.classes, tasks, source
+
+
+def _read_progress(out: Path, fingerprint: str) -> dict[str, dict]:
+    """Finished shards of this plan: recorded in the progress file and present with their size."""
+    done = {}
+    path = out / PROGRESS
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        shard = out / record.get("name", "")
+        if record.get("fingerprint") == fingerprint and shard.is_file() and shard.stat().st_size == record["bytes"]:
+            done[record["name"]] = record
+    return done
+
+
+def _clear(out: Path) -> None:
+    for pattern in ("*.tar", "*.tar.tmp", MANIFEST, PROGRESS):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+def load_finished_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); rerun with --force to rewrite the shards") from err
+
+
+def prepare(
+    src: str | Path,
+    dst: str | Path,
+    settings: PrepareSettings = PrepareSettings(),
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Write the shards and manifest; returns the manifest. See the module docstring."""
+    settings.check()
+    out = Path(dst).expanduser()
+    classes, tasks, source = plan_shards(src, settings)
+    fingerprint = source["fingerprint"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    finished = load_finished_manifest(out)
+    if finished is not None and not force:
+        if finished.get("source", {}).get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{out}: holds shards made from another source or with other settings "
+                f"({finished.get('source', {}).get('root')}); use --force to rewrite them, or another DST"
+            )
+        missing = [s["name"] for split in finished["splits"].values() for s in split["shards"] if not (out / s["name"]).is_file()]
+        if missing:
+            raise DataError(f"{out}: shard(s) {', '.join(missing[:5])} are missing; rerun with --force")
+        log(f"{out}: up to date ({finished['splits']['train']['samples']} train / {finished['splits']['valid']['samples']} valid samples); nothing to do")
+        return finished
+    if force:
+        _clear(out)
+
+    started = time.time()
+    done = _read_progress(out, fingerprint)
+    todo = [t for split_tasks in tasks.values() for t in split_tasks if t.name not in done]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    total = sum(len(t.files) for t in todo)
+    if done:
+        log(f"{out}: resuming, {len(done)} shard(s) already written, {len(todo)} to go")
+    _run_tasks(todo, out, settings, workers, total, fingerprint, done, progress)
+
+    manifest = {
+        "format": FORMAT,
+        "classes": classes,
+        "presize": settings.presize,
+        "quality": settings.quality,
+        "samples_per_shard": settings.samples_per_shard,
+        "seed": settings.seed,
+        "source": source,
+        "made": {"workers": workers, "seconds": round(time.time() - started, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "splits": {},
+    }
+    for split, split_tasks in tasks.items():
+        records = [done[t.name] for t in split_tasks]
+        manifest["splits"][split] = {
+            "samples": sum(r["samples"] for r in records),
+            "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in records],
+            "bad_files": [b for r in records for b in r["bad_files"]],
+        }
+    _check_manifest_usable(manifest, out)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    (out / PROGRESS).unlink(missing_ok=True)
+    bad = sum(len(s["bad_files"]) for s in manifest["splits"].values())
+    log(
+        f"{out}: {manifest['splits']['train']['samples']} train / {manifest['splits']['valid']['samples']} valid samples in "
+        f"{sum(len(s['shards']) for s in manifest['splits'].values())} shards"
+        + (f"; {bad} undecodable file(s) skipped, listed in {MANIFEST}" if bad else "")
+    )
+    return manifest
+
+
+def _check_manifest_usable(manifest: dict, out: Path) -> None:
+    for split, info in manifest["splits"].items():
+        if info["samples"] == 0:
+            raise DataError(f"{out}: no decodable images in the {split} split (see bad_files in the progress records)")
+
+
+def _run_tasks(todo, out, settings, workers, total, fingerprint, done, progress) -> None:
+    from tqdm.auto import tqdm
+
+    if not todo:
+        return
+    with open(out / PROGRESS, "a") as log_file, tqdm(total=total, unit="img", desc="prepare", disable=not progress) as bar:
+
+        def record(result: dict) -> None:
+            result["fingerprint"] = fingerprint
+            log_file.write(json.dumps(result) + "\n")
+            log_file.flush()
+            os.fsync(log_file.fileno())
+            done[result["name"]] = result
+            bar.update(result["samples"] + len(result["bad_files"]))
+
+        if workers == 1:
+            for task in todo:
+                record(write_shard(task, str(out), settings.presize, settings.quality))
+            return
+        # spawn: workers start clean (no inherited threads or CUDA state) and import only PIL here
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(write_shard, t, str(out), settings.presize, settings.quality) for t in todo}
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    record(future.result())

@@ -1,0 +1,399 @@
+"""Read the shards written by `disttrain prepare`: split by rank, then by dataloader worker, with
+exactly the same number of batches on every rank.
+
+Splitting: each epoch the shards are put in a seeded order (the same on every rank) and seen as one
+sequence of N samples. Rank r takes the r-th of `world` contiguous ranges (sizes differ by at most
+one); its range is cut again between its dataloader workers. A range boundary may fall inside a
+shard: both neighbours then stream that shard and each keeps its own part (reading the other part's
+bytes, decoding none of them). So the split is exact whatever the number of shards, even with fewer
+shards than ranks x workers, and nobody waits for a shard.
+
+Training: every rank runs `steps = ceil(N / (world x batch_size))` full batches per epoch, split
+between its workers; a worker's range is sized to its share of those batches, so it never holds more
+samples than it must deliver, and tops up the few it lacks (and any it could not read) by drawing
+again from its own range. Every sample is seen at least once per epoch. Within a worker, a seeded
+shuffle buffer mixes the stream (the shards were already shuffled once when written).
+
+Validation: every readable sample exactly once across all ranks, in batches of at most batch_size;
+evaluation reduces sums at the end, so ranks may run different numbers of batches.
+
+Corrupt data (a truncated shard, a payload that is not an image, a sample without `.cls`) is
+skipped, counted and reported with each batch; training batch counts do not change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from disttrain.data.decode import load_presized
+from disttrain.data.folder import DataError
+
+MANIFEST = "manifest.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger("disttrain.data")
+
+
+@dataclass
+class ShardSplit:
+    paths: list[Path]
+    counts: list[int]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class Manifest:
+    root: Path
+    classes: list[str]
+    presize: int
+    splits: dict[str, ShardSplit]
+    bad_files: list[dict] = field(default_factory=list)
+
+
+def load_manifest(root: str | Path) -> Manifest:
+    """Parse `<root>/manifest.json` and check that every shard it lists is there."""
+    root = Path(root).expanduser()
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = (
+            "it looks like an image folder: set data.format=folder, or make shards with `disttrain prepare "
+            f"{root} {root}-shards`" if (root / "train").is_dir() else "make shards with `disttrain prepare SRC_FOLDER DIR`"
+        )
+        raise DataError(f"data.root: {path} does not exist; {hint}")
+    try:
+        raw = json.loads(path.read_text())
+        splits = {}
+        for name in ("train", "valid"):
+            info = raw["splits"][name]
+            splits[name] = ShardSplit([root / s["name"] for s in info["shards"]], [int(s["samples"]) for s in info["shards"]])
+        manifest = Manifest(root, list(raw["classes"]), int(raw["presize"]), splits,
+                            [b for s in raw["splits"].values() for b in s.get("bad_files", [])])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: not a disttrain shard manifest ({type(err).__name__}: {err}); rerun `disttrain prepare --force`") from err
+    missing = [str(p) for split in splits.values() for p in split.paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{path}: lists shard(s) that do not exist: {', '.join(missing[:5])}; rerun `disttrain prepare`")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Who reads what: a pure function of (shard sizes, world, rank, workers, batch size, epoch, seed).
+
+
+@dataclass
+class WorkerPlan:
+    pieces: list[tuple[int, int, int]]
+    """(shard index, first sample, end sample) ranges this worker reads, in order."""
+    samples: int
+    """Samples in those ranges."""
+    batches: int
+    """Batches this worker yields (training: exact; validation: if every sample is readable)."""
+
+
+def train_steps(total: int, world: int, batch_size: int) -> int:
+    """Batches per rank per epoch when training from shards (the same on every rank)."""
+    return math.ceil(total / (world * batch_size))
+
+
+def shard_order(num_shards: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _pieces(order: list[int], counts: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """The [start, stop) range of the sequence `order` of shards as per-shard pieces."""
+    pieces, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + counts[shard])
+        if lo < hi:
+            pieces.append((shard, lo - offset, hi - offset))
+        offset += counts[shard]
+    return pieces
+
+
+def plan_epoch(
+    counts: list[int], world: int, rank: int, workers: int, batch_size: int, train: bool, epoch: int = 0, seed: int = 0
+) -> list[WorkerPlan]:
+    """This rank's plan, one entry per dataloader worker (1 entry for num_workers=0)."""
+    workers = max(1, workers)
+    order = shard_order(len(counts), epoch, seed, shuffle=train)
+    total = sum(counts)
+    lo, hi = total * rank // world, total * (rank + 1) // world
+    n = hi - lo
+    if train:
+        steps = train_steps(total, world, batch_size)
+        quotas = [steps // workers + (w < steps % workers) for w in range(workers)]
+        cumulative = [sum(quotas[:w]) for w in range(workers + 1)]
+        bounds = [lo + n * c // steps for c in cumulative]  # a worker holds <= quota x batch_size samples
+    else:
+        bounds = [lo + n * w // workers for w in range(workers + 1)]
+    plans = []
+    for w in range(workers):
+        size = bounds[w + 1] - bounds[w]
+        batches = quotas[w] if train else math.ceil(size / batch_size)
+        plans.append(WorkerPlan(_pieces(order, counts, bounds[w], bounds[w + 1]), size, batches))
+    return plans
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming a shard.
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: bytes
+    label: int
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/KEY.ext.more` -> (`dir/KEY`, `ext.more`), the webdataset convention."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def read_range(path: Path, start: int, stop: int, skipped: dict[str, int], num_classes: int) -> Iterator[RawSample]:
+    """Samples `start..stop-1` of one shard (counted by key groups), streamed. Unusable samples and
+    the samples a truncated shard no longer holds are counted in `skipped` (by reason)."""
+    index, key, members = -1, None, {}
+
+    def finish() -> RawSample | None:
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        reason = None
+        if ext is None:
+            reason = "no image member"
+        elif "cls" not in members:
+            reason = "no .cls member"
+        else:
+            try:
+                label = int(members["cls"].decode().strip())
+            except ValueError:
+                label = -1
+            if not 0 <= label < num_classes:
+                reason = "bad label"
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            log.warning("%s: sample %s skipped (%s)", path, key, reason)
+            return None
+        return RawSample(key, members[ext], label)
+
+    try:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_name(member.name)
+                if member_key != key:
+                    if start <= index < stop:
+                        sample = finish()
+                        if sample is not None:
+                            yield sample
+                    index, key, members = index + 1, member_key, {}
+                    if index >= stop:
+                        return
+                if start <= index < stop:
+                    members[ext] = tar.extractfile(member).read()
+        if start <= index < stop:
+            sample = finish()
+            if sample is not None:
+                yield sample
+        index += 1
+    except (tarfile.TarError, EOFError, OSError) as err:
+        log.warning("%s: unreadable after sample %d (%s); the rest of this shard's range is skipped", path, index, err)
+    lost = stop - max(start, index)
+    if lost > 0:
+        skipped["truncated shard"] = skipped.get("truncated shard", 0) + lost
+
+
+def decode_sample(sample: RawSample, load_size: int, skipped: dict[str, int]) -> torch.Tensor | None:
+    try:
+        return load_presized(sample.image, load_size)
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "not an image"
+        skipped["undecodable"] = skipped.get("undecodable", 0) + 1
+        log.warning("sample %s skipped (undecodable: %s)", sample.key, err)
+        return None
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Streaming shuffle: keep `size` items, emit a random one as each new item arrives."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class ShardDataset(IterableDataset):
+    """Yields this rank's batches for the current epoch: `(uint8 images (B,3,S,S), int64 labels, info)`,
+    where `info = {"skipped": samples skipped since the previous batch, "keys": sample keys}`.
+    With `raw=True` the images are left undecoded (a list of 1-D uint8 byte tensors) for the GPU decoder.
+
+    `set_epoch` is seen by persistent workers too (the epoch lives in shared memory).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        batch_size: int,
+        load_size: int,
+        world: int = 1,
+        rank: int = 0,
+        num_workers: int = 0,
+        train: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        raw: bool = False,
+    ):
+        self.manifest = manifest
+        self.split = manifest.splits[split]
+        self.batch_size = batch_size
+        self.load_size = load_size
+        self.world, self.rank, self.num_workers = world, rank, num_workers
+        self.train = train
+        self.seed = seed
+        self.buffer_size = shuffle_buffer if train else 0
+        self.raw = raw
+        self._epoch = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+        if train and self.split.samples < world:
+            raise DataError(f"{manifest.root}: {self.split.samples} training samples cannot be shared by {world} ranks")
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    def plans(self, epoch: int | None = None) -> list[WorkerPlan]:
+        return plan_epoch(self.split.counts, self.world, self.rank, self.num_workers, self.batch_size, self.train,
+                          self.epoch if epoch is None else epoch, self.seed)
+
+    def __len__(self) -> int:
+        return sum(p.batches for p in self.plans())
+
+    def _stream(self, pieces, skipped) -> Iterator[RawSample]:
+        for shard, start, stop in pieces:
+            yield from read_range(self.split.paths[shard], start, stop, skipped, len(self.manifest.classes))
+
+    def _prepared(self, sample: RawSample, skipped: dict[str, int]):
+        if self.raw:
+            return torch.frombuffer(bytearray(sample.image), dtype=torch.uint8)
+        return decode_sample(sample, self.load_size, skipped)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch = self.epoch
+        plans = self.plans(epoch)
+        plan = plans[worker]
+        rng = random.Random(f"buffer:{self.seed}:{epoch}:{self.rank}:{worker}")
+        skipped: dict[str, int] = {}
+        batch = _BatchBuilder(self.batch_size, self.load_size, self.raw)
+        stream = self._stream(plan.pieces, skipped)
+        if self.buffer_size > 1:
+            stream = shuffle_buffer(stream, self.buffer_size, rng)
+        quota = plan.batches * self.batch_size if self.train else None
+        spare_cap = (quota - plan.samples + self.batch_size) if self.train else 0
+        spares: list[RawSample] = []
+        produced = 0
+        for sample in stream:
+            image = self._prepared(sample, skipped)
+            if image is None:
+                continue
+            if len(spares) < spare_cap:
+                spares.append(sample)
+            produced += 1
+            if batch.add(image, sample.label, sample.key):
+                yield batch.take(skipped)
+            if produced == quota:  # never more than the rank's share (cannot happen by construction)
+                break
+        if self.train and produced < quota:
+            yield from self._top_up(quota - produced, spares, plans, batch, skipped, rng)
+        elif len(batch):
+            yield batch.take(skipped)
+
+    def _top_up(self, missing, spares, plans, batch, skipped, rng):
+        """Fill the training quota by drawing again from samples this worker read successfully (from
+        anywhere in the rank's range if it had none)."""
+        if not spares:
+            spares = [s for s in self._stream([p for w in plans for p in w.pieces], {}) if decode_sample(s, self.load_size, {}) is not None]
+            spares = spares[: missing + self.batch_size]
+        if not spares:
+            ranges = ", ".join(f"{self.split.paths[s].name}[{a}:{b}]" for w in plans for s, a, b in w.pieces)
+            raise DataError(f"rank {self.rank}: no readable sample in its shard range(s) {ranges}; rerun `disttrain prepare --force`")
+        order = []
+        while len(order) < missing:
+            cycle = list(range(len(spares)))
+            rng.shuffle(cycle)
+            order += cycle
+        for i in order[:missing]:
+            image = self._prepared(spares[i], {})
+            if batch.add(image, spares[i].label, spares[i].key):
+                yield batch.take(skipped)
+
+
+class _BatchBuilder:
+    """Collects decoded samples straight into a preallocated uint8 batch tensor."""
+
+    def __init__(self, batch_size: int, load_size: int, raw: bool):
+        self.batch_size, self.load_size, self.raw = batch_size, load_size, raw
+        self._reset()
+
+    def _reset(self) -> None:
+        self.images = [] if self.raw else torch.empty((self.batch_size, 3, self.load_size, self.load_size), dtype=torch.uint8)
+        self.labels, self.keys = [], []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, image, label: int, key: str) -> bool:
+        """Add one sample; True when the batch is full."""
+        if self.raw:
+            self.images.append(image)
+        else:
+            self.images[len(self.labels)] = image
+        self.labels.append(label)
+        self.keys.append(key)
+        return len(self.labels) == self.batch_size
+
+    def take(self, skipped: dict[str, int]):
+        n = len(self.labels)
+        images = self.images if self.raw else self.images[:n]
+        out = (images, torch.tensor(self.labels, dtype=torch.int64), {"skipped": sum(skipped.values()), "keys": self.keys})
+        skipped.clear()
+        self._reset()
+        return out
+
+
+def image_payloads(path: Path) -> Iterator[bytes]:
+    """Every image payload of a shard, in order (the benchmark's decode-only ceiling)."""
+    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        for member in tar:
+            if member.isfile() and _split_name(member.name)[1] in IMAGE_EXTS:
+                yield tar.extractfile(member).read()
+
