@@ -158,10 +158,16 @@ class DeviceLoader:
         skipped, self.skipped = self.skipped, 0
         return skipped
 
+    def _counted(self, batches):
+        """Batches with at least one sample; the readers' skip counts (shards) are added up."""
+        for batch in batches:
+            if len(batch) > 2:
+                self.skipped += batch[2]["skipped"]
+            if len(batch[1]):
+                yield batch
+
     def _transfer(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch[0], batch[1]
-        if len(batch) > 2:
-            self.skipped += batch[2]["skipped"]
         labels = labels.to(self.device, non_blocking=True)
         if self.finish is not None:
             images, failed = self.finish(images, self.device)
@@ -170,12 +176,12 @@ class DeviceLoader:
         return images.to(self.device, non_blocking=True), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self._counted(iter(self.loader))
         if self.device.type != "cuda":
-            for batch in self.loader:
+            for batch in batches:
                 yield self._transfer(batch)
             return
         stream = torch.cuda.Stream(self.device)
-        batches = iter(self.loader)
 
         def start_next():
             batch = next(batches, None)

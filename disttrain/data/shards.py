@@ -334,7 +334,7 @@ class ShardDataset(IterableDataset):
                 break
         if self.train and produced < quota:
             yield from self._top_up(quota - produced, spares, plans, batch, skipped, rng)
-        elif len(batch):
+        elif len(batch) or skipped:  # an empty batch still carries the count of skipped samples
             yield batch.take(skipped)
 
     def _top_up(self, missing, spares, plans, batch, skipped, rng):

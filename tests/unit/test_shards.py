@@ -1,0 +1,282 @@
+"""Shards: prepare -> read round trips, the rank/worker split, equal batch counts, corrupt members."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_folder
+from disttrain.data.decode import load_presized
+from disttrain.data.folder import DataError
+from disttrain.data.loader import DeviceLoader, make_loader
+from disttrain.data.prepare import PrepareSettings, prepare
+from disttrain.data.shards import ShardDataset, load_manifest, plan_epoch, read_range, train_steps
+
+CLASSES = ("a", "b", "c")
+
+
+def _prepare(tmp_path: Path, train_per_class: int, valid_per_class: int, per_shard: int, valid_name="val") -> Path:
+    src = make_folder(
+        tmp_path / "src",
+        {"train": {c: train_per_class for c in CLASSES}, valid_name: {c: valid_per_class for c in CLASSES}},
+        size=(30, 22),
+    )
+    out = tmp_path / "shards"
+    prepare(src, out, PrepareSettings(samples_per_shard=per_shard, presize=16), workers=1, progress=False, log=lambda _: None)
+    return out
+
+
+def _source_labels(shards: Path, split: str) -> dict[str, int]:
+    """key -> label as written, read with plain tarfile (independent of the reader under test)."""
+    labels, paths = {}, {}
+    for shard in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                if ext == "cls":
+                    labels[key] = int(data)
+                elif ext == "path":
+                    paths[key] = data.decode()
+    assert {k: CLASSES[v] for k, v in labels.items()} == {k: p.split("/")[0] for k, p in paths.items()}
+    return labels
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory) -> Path:
+    """train: 3 shards (20+20+20 samples), val/: 2 shards (10+11)."""
+    return _prepare(tmp_path_factory.mktemp("three"), train_per_class=20, valid_per_class=7, per_shard=20)
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory) -> Path:
+    """train: 1 shard of 27 samples; valid/: 1 shard of 6."""
+    return _prepare(tmp_path_factory.mktemp("one"), train_per_class=9, valid_per_class=2, per_shard=100, valid_name="valid")
+
+
+def test_prepare_writes_balanced_shards_and_a_manifest(three_shards):
+    manifest = json.loads((three_shards / "manifest.json").read_text())
+    assert manifest["classes"] == list(CLASSES)
+    assert manifest["presize"] == 16 and manifest["source"]["valid_dir"] == "val"
+    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [20, 20, 20]
+    assert [s["samples"] for s in manifest["splits"]["valid"]["shards"]] == [11, 10]
+    assert manifest["splits"]["train"]["samples"] == 60 and manifest["splits"]["train"]["bad_files"] == []
+    labels = _source_labels(three_shards, "train")
+    assert collections.Counter(labels.values()) == {0: 20, 1: 20, 2: 20}
+    # shards mix the classes (shuffled once when written)
+    with tarfile.open(three_shards / "train-000000.tar") as tar:
+        first = {int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")}
+    assert len(first) == 3
+    # images stored with the shorter side at the presize (30x22 -> 22x16)
+    with tarfile.open(three_shards / "train-000000.tar") as tar:
+        jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        assert Image.open(io.BytesIO(tar.extractfile(jpg).read())).size == (22, 16)
+    assert not list(three_shards.glob("*.tmp")) and not (three_shards / ".prepare-progress.jsonl").exists()
+
+
+def test_shards_are_standard_webdataset(three_shards):
+    import webdataset as wds
+
+    dataset = wds.WebDataset([str(p) for p in sorted(three_shards.glob("train-*.tar"))], shardshuffle=False).decode("pil")
+    samples = list(dataset)
+    assert len(samples) == 60
+    assert {s["__key__"] for s in samples} == set(_source_labels(three_shards, "train"))
+    assert all(isinstance(s["jpg"], Image.Image) and s["cls"] in (0, 1, 2) for s in samples)
+
+
+def _read_all(shards: Path, split: str, world: int, workers: int, batch_size: int, train: bool, epoch: int = 0):
+    """Every rank's batches (a loader per rank, as each rank builds its own)."""
+    manifest = load_manifest(shards)
+    per_rank = []
+    for rank in range(world):
+        dataset = ShardDataset(manifest, split, batch_size, 16, world, rank, workers, train=train, seed=3)
+        dataset.set_epoch(epoch)
+        batches = [(images, labels, info) for images, labels, info in make_loader(dataset, workers, False)]
+        assert len(batches) == len(dataset)
+        per_rank.append(batches)
+    return per_rank
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_validation_round_trip_every_sample_once(three_shards, world, workers):
+    truth = _source_labels(three_shards, "valid")
+    seen = collections.Counter()
+    for batches in _read_all(three_shards, "valid", world, workers, batch_size=4, train=False):
+        for images, labels, info in batches:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16) and 1 <= len(labels) <= 4
+            assert [truth[k] for k in info["keys"]] == labels.tolist()
+            seen.update(info["keys"])
+    assert seen == collections.Counter(list(truth))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_training_round_trip_equal_full_batches_every_sample(three_shards, world, workers):
+    truth = _source_labels(three_shards, "train")
+    steps = train_steps(60, world, 7)
+    seen = collections.Counter()
+    for batches in _read_all(three_shards, "train", world, workers, batch_size=7, train=True, epoch=2):
+        assert len(batches) == steps
+        for images, labels, info in batches:
+            assert images.shape == (7, 3, 16, 16) and info["skipped"] == 0
+            assert [truth[k] for k in info["keys"]] == labels.tolist()
+            seen.update(info["keys"])
+    assert set(seen) == set(truth)  # every sample at least once
+    assert sum(seen.values()) == steps * world * 7
+    assert sum(seen.values()) - len(truth) < world * 7  # repeats only to fill the last batches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_shard_two_ranks_two_workers(one_shard, workers):
+    """Fewer shards than ranks x workers: every reader takes its part of the one shard."""
+    per_rank = _read_all(one_shard, "train", 2, workers, batch_size=4, train=True)
+    assert [len(b) for b in per_rank] == [4, 4]  # ceil(27 / 8)
+    keys = [k for batches in per_rank for _, _, info in batches for k in info["keys"]]
+    assert set(keys) == set(_source_labels(one_shard, "train"))
+    valid = _read_all(one_shard, "valid", 2, workers, batch_size=4, train=False)
+    assert sorted(k for batches in valid for _, _, info in batches for k in info["keys"]) == sorted(_source_labels(one_shard, "valid"))
+
+
+def test_epochs_differ_and_repeat_with_the_seed(three_shards):
+    def order(epoch):
+        return [k for _, _, info in _read_all(three_shards, "train", 1, 0, 6, True, epoch)[0] for k in info["keys"]]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+
+
+def test_plan_properties_on_random_layouts():
+    rng = random.Random(0)
+    for _ in range(300):
+        counts = [rng.randint(1, 40) for _ in range(rng.randint(1, 6))]
+        world, workers, bs = rng.randint(1, 5), rng.randint(0, 4), rng.randint(1, 9)
+        total = sum(counts)
+        if total < world:
+            continue
+        for train in (True, False):
+            covered, epoch = collections.Counter(), rng.randint(0, 3)
+            for rank in range(world):
+                plans = plan_epoch(counts, world, rank, workers, bs, train, epoch=epoch, seed=1)
+                assert len(plans) == max(1, workers)
+                if train:
+                    assert sum(p.batches for p in plans) == train_steps(total, world, bs)
+                    assert all(p.samples <= p.batches * bs for p in plans)
+                for p in plans:
+                    assert sum(b - a for _, a, b in p.pieces) == p.samples
+                    covered.update((s, i) for s, a, b in p.pieces for i in range(a, b))
+            assert covered == collections.Counter((s, i) for s, n in enumerate(counts) for i in range(n))
+
+
+# -- corrupt data -------------------------------------------------------------------------------
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(seed: int) -> bytes:
+    out = io.BytesIO()
+    img = Image.frombytes("RGB", (20, 20), random.Random(seed).randbytes(1200))
+    img.save(out, "JPEG")
+    return out.getvalue()
+
+
+def _corrupt_shards(tmp_path: Path) -> Path:
+    """train: one good shard (12), one with 3 bad samples among 10, one truncated after 4 of 10."""
+    root = tmp_path / "corrupt"
+    root.mkdir()
+    shards = []
+
+    def shard(name: str, samples: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        with tarfile.open(root / name, "w") as tar:
+            for key, cls, img in samples:
+                if cls is not None:
+                    _member(tar, f"{key}.cls", cls)
+                if img is not None:
+                    _member(tar, f"{key}.jpg", img)
+        shards.append({"name": name, "samples": len(samples)})
+
+    shard("train-000000.tar", [(f"g{i:02d}", b"%d" % (i % 2), _jpeg(i)) for i in range(12)])
+    bad = [(f"b{i:02d}", b"%d" % (i % 2), _jpeg(100 + i)) for i in range(10)]
+    bad[2] = ("b02", b"1", b"this is not an image")
+    bad[5] = ("b05", None, _jpeg(5))  # no .cls
+    bad[7] = ("b07", b"0", _jpeg(7)[:200])  # truncated JPEG payload
+    shard("train-000001.tar", bad)
+    shard("train-000002.tar", [(f"t{i:02d}", b"0", _jpeg(200 + i)) for i in range(10)])
+    with tarfile.open(root / "train-000002.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "t04.jpg").offset_data + 10
+    data = (root / "train-000002.tar").read_bytes()
+    (root / "train-000002.tar").write_bytes(data[:cut])  # cut inside the 5th sample's image
+    shard("valid-000000.tar", bad)
+    manifest = {
+        "classes": ["x", "y"],
+        "presize": 20,
+        "splits": {"train": {"shards": shards[:3]}, "valid": {"shards": shards[3:]}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_read_range_counts_what_it_skips(tmp_path):
+    root = _corrupt_shards(tmp_path)
+    skipped: dict[str, int] = {}
+    keys = [s.key for s in read_range(root / "train-000001.tar", 0, 10, skipped, num_classes=2)]
+    assert keys == ["b00", "b01", "b02", "b03", "b04", "b06", "b07", "b08", "b09"]  # b05 has no label
+    assert skipped == {"no .cls member": 1}
+    skipped = {}
+    keys = [s.key for s in read_range(root / "train-000002.tar", 2, 8, skipped, num_classes=2)]
+    assert keys == ["t02", "t03"] and skipped == {"truncated shard": 4}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_members_are_skipped_without_changing_batch_counts(tmp_path, workers):
+    root = _corrupt_shards(tmp_path)
+    manifest = load_manifest(root)
+    skipped, lengths = 0, []
+    for rank in range(2):
+        dataset = ShardDataset(manifest, "train", 4, 20, world=2, rank=rank, num_workers=workers, train=True)
+        batches = list(make_loader(dataset, workers, False))
+        lengths.append(len(batches))
+        assert all(len(labels) == 4 for _, labels, _ in batches)
+        keys = [k for _, _, info in batches for k in info["keys"]]
+        assert not {"b02", "b05", "b07"} & set(keys)
+        skipped += sum(info["skipped"] for _, _, info in batches)
+    assert lengths == [train_steps(32, 2, 4)] * 2
+    assert skipped == 3 + 6  # three bad samples, six lost to the truncation
+
+    valid = ShardDataset(manifest, "valid", 4, 20, world=1, rank=0, num_workers=workers, train=False)
+    loader = DeviceLoader(make_loader(valid, workers, False), valid, 4, torch.device("cpu"))
+    count = sum(len(labels) for _, labels in loader)
+    assert count == 7 and loader.take_skipped() == 3 and loader.skipped == 0
+
+
+def test_missing_manifest_and_missing_shard_are_clear_errors(tmp_path, three_shards):
+    make_folder(tmp_path / "folder", {"train": {"a": 1}, "valid": {"a": 1}})
+    with pytest.raises(DataError, match="looks like an image folder: set data.format=folder"):
+        load_manifest(tmp_path / "folder")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "manifest.json").write_text((three_shards / "manifest.json").read_text())
+    with pytest.raises(DataError, match="lists shard\\(s\\) that do not exist: .*train-000000.tar"):
+        load_manifest(copy)
+
+
+def test_reader_decodes_like_the_folder_path(three_shards):
+    """A shard sample decodes to exactly what the CPU decoder makes of its stored JPEG."""
+    manifest = load_manifest(three_shards)
+    sample = next(read_range(manifest.splits["train"].paths[0], 0, 1, {}, 3))
+    dataset = ShardDataset(manifest, "train", 1, 16, train=False)
+    images, labels, info = next(iter(dataset))
+    assert info["keys"] == [sample.key]
+    assert torch.equal(images[0], load_presized(sample.image, 16)) and labels.item() == sample.label
