@@ -25,7 +25,7 @@ def plain_steps(trainer, lrs: list[float]) -> None:
     """One plain training step per LR in `lrs` (the sweep's own LR sequence: on a CPU the step time
     depends on the LR, 0.96x vs 1.18x measured, so both must walk the same LRs to isolate the
     sweep's own cost). No per-step sync; one at the end."""
-    trainer.train_loader.batch_sampler.set_epoch(0)
+    trainer.train_loader.set_epoch(0)
     done, total = 0, None
     while done < len(lrs):
         n = min(len(trainer.train_loader), len(lrs) - done)

@@ -1,5 +1,9 @@
-"""Bytes -> RGB image -> presized uint8 CHW tensor. The decoder sits behind `decode_rgb` alone so it
-can be swapped (PIL today; torchvision.io / nvJPEG later) without touching the loaders."""
+"""Bytes -> RGB pixels -> presized uint8 square, height x width x channels (the layout decoders
+produce and channels_last wants; the device reads the batch as NCHW through a permuted view).
+
+The decoder sits behind `decode_rgb` alone so it can be swapped without touching the loaders:
+libjpeg-turbo via simplejpeg for JPEGs, PIL for everything else; `decode_jpeg_batch` is the batched
+GPU decoder (nvJPEG) for `data.decode=gpu`."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import io
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile
 
 # A truncated file must fail loudly, never decode to a half-grey picture.
@@ -64,35 +70,66 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Ima
         return _to_rgb(img)
 
 
-def decode_rgb(source: str | Path | bytes, load_size: int) -> Image.Image:
-    """The swappable decoder: file or bytes -> RGB PIL image, at least `load_size` on its shorter side
-    when the original is (JPEG draft decoding)."""
-    return open_image(source, draft_size=load_size)
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG header, or None when `data` is not a JPEG libjpeg-turbo takes."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return height, width
 
 
-def presize(img: Image.Image, size: int) -> torch.Tensor:
-    """Shorter side to `size`, then a centre square crop: uint8 tensor (3, size, size)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+def decode_rgb(source: str | Path | bytes, load_size: int) -> np.ndarray:
+    """The swappable decoder: file or bytes -> RGB uint8 array (H, W, 3), at least `load_size` on its
+    shorter side when the original is.
+
+    JPEGs go straight to libjpeg-turbo (simplejpeg: no PIL image, no extra copy), scaled in the DCT
+    when the shorter side is at least twice `load_size`; a JPEG it rejects as damaged (strict mode)
+    falls through to PIL, which raises. Every other format (and CMYK JPEGs) goes through PIL."""
+    data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    size = _jpeg_size(data)
+    if size is not None:
+        height, width = size
+        limits = {"min_height": load_size} if height <= width else {"min_width": load_size}
+        scale = {"min_factor": 2.0, **limits} if min(height, width) >= 2 * load_size else {}
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", **scale)
+        except ValueError:
+            pass  # CMYK, arithmetic coding, damaged data: PIL decides
+    return np.asarray(open_image(data, draft_size=load_size))
 
 
-def load_presized(source: str | Path | bytes, size: int) -> torch.Tensor:
-    """Decode and presize in one call (what a CPU data worker does per sample)."""
-    return presize(decode_rgb(source, size), size)
+def presize(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Shorter side to `size` (antialiased bilinear on torch's uint8 kernel), then the centre square:
+    uint8 (size, size, 3), written into `out` when given (a slot of a batch buffer)."""
+    h, w = image.shape[:2]
+    if out is None:
+        out = np.empty((size, size, 3), dtype=np.uint8)
+    if min(h, w) == size:
+        top, left = (h - size) // 2, (w - size) // 2
+        out[...] = image[top : top + size, left : left + size]
+        return out
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    hwc = torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else image.copy())
+    # a (1, 3, H, W) view with channels_last strides: torch's uint8 antialiased kernel then stays
+    # channels_last, and copying the square into the HWC slot is a plain row copy
+    resized = F.interpolate(hwc[None].permute(0, 3, 1, 2), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    torch.from_numpy(out).copy_(resized[0, :, top : top + size, left : left + size].permute(1, 2, 0))
+    return out
+
+
+def load_presized(source: str | Path | bytes, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode and presize in one call (what a CPU data worker does per sample): uint8 (size, size, 3)."""
+    return presize(decode_rgb(source, size), size, out)
 
 
 def presize_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
     """`presize` for a decoded uint8 (3, H, W) tensor on any device: shorter side to `size`
     (antialiased bilinear), centre square crop."""
-    import torch.nn.functional as F
-
     h, w = image.shape[-2:]
     scale = size / min(w, h)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))

@@ -23,7 +23,7 @@ from disttrain.data.folder import DataError, Split
 
 
 class FolderDataset(Dataset):
-    """Map-style dataset over a scanned split: index -> (uint8 CHW presized image, label)."""
+    """Map-style dataset over a scanned split: index -> (uint8 (S, S, 3) presized image, label)."""
 
     def __init__(self, split: Split, load_size: int):
         self.paths = split.paths
@@ -36,7 +36,7 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.paths[index]
         try:
-            image = load_presized(path, self.load_size)
+            image = torch.from_numpy(load_presized(path, self.load_size))
         except Exception as err:
             raise DataError(f"{path}: could not be decoded during training ({err}); was it changed after the scan?") from err
         return image, self.labels[index]
@@ -123,7 +123,7 @@ class EpochSource(Protocol):
 class DeviceLoader:
     """What the trainer iterates: `(images, labels)` on the device, one epoch per `iter()`.
 
-    Batches arrive as pinned uint8 (CUDA) and are copied with `non_blocking=True` on a side stream:
+    Batches arrive as pinned uint8 NHWC (CUDA) and are copied with `non_blocking=True` on a side stream:
     the next batch is already on its way while the current one trains. `finish` runs on the device
     copy (the GPU JPEG decoder when `data.decode=gpu`). Samples the readers skipped are counted in
     `skipped` (the caller takes and resets it with `take_skipped`).
@@ -167,13 +167,14 @@ class DeviceLoader:
                 yield batch
 
     def _transfer(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, S, S, 3) on the wire -> (B, 3, S, S) on the device, a channels_last view (no copy)."""
         images, labels = batch[0], batch[1]
         labels = labels.to(self.device, non_blocking=True)
         if self.finish is not None:
             images, failed = self.finish(images, self.device)
             self.skipped += failed
             return images, labels
-        return images.to(self.device, non_blocking=True), labels
+        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._counted(iter(self.loader))

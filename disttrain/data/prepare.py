@@ -41,7 +41,7 @@ class PrepareSettings:
     samples_per_shard: int = 1000
     """Target samples per shard (shards of a split differ by at most one sample)."""
     presize: int = 256
-    """Shorter side of the stored JPEGs (smaller images are stored at their own size)."""
+    """Shorter side of the stored JPEGs (larger images are reduced, smaller ones enlarged)."""
     quality: int = 90
     """JPEG quality of re-encoded images."""
     seed: int = 0
@@ -69,18 +69,19 @@ class ShardTask:
 
 
 def encode_sample(path: str, presize: int, quality: int) -> bytes:
-    """The stored JPEG: the original bytes when it already is an RGB/grey JPEG no larger than
-    `presize` on its shorter side (no second lossy pass), otherwise decoded, reduced, re-encoded."""
+    """The stored JPEG, shorter side exactly `presize` (small images are enlarged here, once, so the
+    reader never resizes when `data.load_size` equals the presize). The original bytes are kept when
+    they already are an RGB/grey JPEG of that size (no second lossy pass)."""
     raw = Path(path).read_bytes()
     if not raw:
         raise ValueError("empty file (0 bytes)")
     img = open_image(raw, draft_size=presize)
     w, h = img.size
-    with Image.open(io.BytesIO(raw)) as original:
-        reusable = original.format == "JPEG" and original.mode in ("RGB", "L") and original.size == (w, h)
-    if min(w, h) <= presize and reusable:
-        return raw
-    if min(w, h) > presize:
+    if min(w, h) == presize:
+        with Image.open(io.BytesIO(raw)) as original:
+            if original.format == "JPEG" and original.mode in ("RGB", "L") and original.size == (w, h):
+                return raw
+    else:
         scale = presize / min(w, h)
         img = img.resize((max(presize, round(w * scale)), max(presize, round(h * scale))), Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()

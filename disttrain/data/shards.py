@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -221,9 +222,10 @@ def read_range(path: Path, start: int, stop: int, skipped: dict[str, int], num_c
         skipped["truncated shard"] = skipped.get("truncated shard", 0) + lost
 
 
-def decode_sample(sample: RawSample, load_size: int, skipped: dict[str, int]) -> torch.Tensor | None:
+def decode_sample(sample: RawSample, load_size: int, skipped: dict[str, int], out: np.ndarray | None = None) -> np.ndarray | None:
+    """Decode and presize into `out` (a batch slot); None (counted in `skipped`) if undecodable."""
     try:
-        return load_presized(sample.image, load_size)
+        return load_presized(sample.image, load_size, out)
     except Exception as err:  # noqa: BLE001 - any decoder failure means "not an image"
         skipped["undecodable"] = skipped.get("undecodable", 0) + 1
         log.warning("sample %s skipped (undecodable: %s)", sample.key, err)
@@ -248,7 +250,7 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 class ShardDataset(IterableDataset):
-    """Yields this rank's batches for the current epoch: `(uint8 images (B,3,S,S), int64 labels, info)`,
+    """Yields this rank's batches for the current epoch: `(uint8 images (B,S,S,3), int64 labels, info)`,
     where `info = {"skipped": samples skipped since the previous batch, "keys": sample keys}`.
     With `raw=True` the images are left undecoded (a list of 1-D uint8 byte tensors) for the GPU decoder.
 
@@ -300,10 +302,14 @@ class ShardDataset(IterableDataset):
         for shard, start, stop in pieces:
             yield from read_range(self.split.paths[shard], start, stop, skipped, len(self.manifest.classes))
 
-    def _prepared(self, sample: RawSample, skipped: dict[str, int]):
+    def _add(self, batch: _BatchBuilder, sample: RawSample, skipped: dict[str, int]) -> bool:
+        """Decode `sample` into the batch's next slot; False (and counted) if it is unusable."""
         if self.raw:
-            return torch.frombuffer(bytearray(sample.image), dtype=torch.uint8)
-        return decode_sample(sample, self.load_size, skipped)
+            batch.raw.append(torch.frombuffer(bytearray(sample.image), dtype=torch.uint8))
+        elif decode_sample(sample, self.load_size, skipped, out=batch.next_slot()) is None:
+            return False
+        batch.commit(sample.label, sample.key)
+        return True
 
     def __iter__(self):
         info = get_worker_info()
@@ -322,13 +328,12 @@ class ShardDataset(IterableDataset):
         spares: list[RawSample] = []
         produced = 0
         for sample in stream:
-            image = self._prepared(sample, skipped)
-            if image is None:
+            if not self._add(batch, sample, skipped):
                 continue
             if len(spares) < spare_cap:
                 spares.append(sample)
             produced += 1
-            if batch.add(image, sample.label, sample.key):
+            if batch.full:
                 yield batch.take(skipped)
             if produced == quota:  # never more than the rank's share (cannot happen by construction)
                 break
@@ -352,38 +357,50 @@ class ShardDataset(IterableDataset):
             rng.shuffle(cycle)
             order += cycle
         for i in order[:missing]:
-            image = self._prepared(spares[i], {})
-            if batch.add(image, spares[i].label, spares[i].key):
+            self._add(batch, spares[i], {})
+            if batch.full:
                 yield batch.take(skipped)
 
 
+def _uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A uint8 tensor; in a loader worker, allocated straight in shared memory (as torch's own collate
+    does) so the decoded batch is written once and handed to the trainer without another copy."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class _BatchBuilder:
-    """Collects decoded samples straight into a preallocated uint8 batch tensor."""
+    """Samples decoded straight into a preallocated uint8 (B, S, S, 3) batch (or raw JPEG tensors)."""
 
     def __init__(self, batch_size: int, load_size: int, raw: bool):
-        self.batch_size, self.load_size, self.raw = batch_size, load_size, raw
+        self.batch_size, self.load_size, self.is_raw = batch_size, load_size, raw
         self._reset()
 
     def _reset(self) -> None:
-        self.images = [] if self.raw else torch.empty((self.batch_size, 3, self.load_size, self.load_size), dtype=torch.uint8)
+        self.raw: list[torch.Tensor] = []
+        shape = (self.batch_size, self.load_size, self.load_size, 3)
+        self.images = None if self.is_raw else _uint8_buffer(shape, shared=get_worker_info() is not None)
         self.labels, self.keys = [], []
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def add(self, image, label: int, key: str) -> bool:
-        """Add one sample; True when the batch is full."""
-        if self.raw:
-            self.images.append(image)
-        else:
-            self.images[len(self.labels)] = image
+    @property
+    def full(self) -> bool:
+        return len(self.labels) == self.batch_size
+
+    def next_slot(self) -> np.ndarray:
+        return self.images[len(self.labels)].numpy()
+
+    def commit(self, label: int, key: str) -> None:
         self.labels.append(label)
         self.keys.append(key)
-        return len(self.labels) == self.batch_size
 
     def take(self, skipped: dict[str, int]):
         n = len(self.labels)
-        images = self.images if self.raw else self.images[:n]
+        images = self.raw if self.is_raw else self.images[:n]
         out = (images, torch.tensor(self.labels, dtype=torch.int64), {"skipped": sum(skipped.values()), "keys": self.keys})
         skipped.clear()
         self._reset()

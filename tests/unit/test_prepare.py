@@ -117,7 +117,7 @@ def test_batched_decoder_presizes_like_the_cpu_path_and_replaces_bad_payloads(tm
     batch, failed = decode_jpeg_batch(payloads, 24, torch.device("cpu"))
     assert failed == 0 and batch.shape == (3, 3, 24, 24) and batch.dtype == torch.uint8
     for image, jpeg in zip(batch, jpegs):
-        assert (image.float() - load_presized(jpeg, 24).float()).abs().mean() < 3.0
+        assert (image.permute(1, 2, 0).float() - torch.from_numpy(load_presized(jpeg, 24)).float()).abs().mean() < 3.0
     bad = payloads[:1] + [torch.frombuffer(bytearray(b"garbage" * 10), dtype=torch.uint8)] + payloads[2:]
     replaced, failed = decode_jpeg_batch(bad, 24, torch.device("cpu"))
     assert failed == 1 and replaced.shape == (3, 3, 24, 24)

@@ -112,7 +112,7 @@ def test_validation_round_trip_every_sample_once(three_shards, world, workers):
     seen = collections.Counter()
     for batches in _read_all(three_shards, "valid", world, workers, batch_size=4, train=False):
         for images, labels, info in batches:
-            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16) and 1 <= len(labels) <= 4
+            assert images.dtype == torch.uint8 and images.shape[1:] == (16, 16, 3) and 1 <= len(labels) <= 4
             assert [truth[k] for k in info["keys"]] == labels.tolist()
             seen.update(info["keys"])
     assert seen == collections.Counter(list(truth))
@@ -127,7 +127,7 @@ def test_training_round_trip_equal_full_batches_every_sample(three_shards, world
     for batches in _read_all(three_shards, "train", world, workers, batch_size=7, train=True, epoch=2):
         assert len(batches) == steps
         for images, labels, info in batches:
-            assert images.shape == (7, 3, 16, 16) and info["skipped"] == 0
+            assert images.shape == (7, 16, 16, 3) and info["skipped"] == 0
             assert [truth[k] for k in info["keys"]] == labels.tolist()
             seen.update(info["keys"])
     assert set(seen) == set(truth)  # every sample at least once
@@ -279,4 +279,4 @@ def test_reader_decodes_like_the_folder_path(three_shards):
     dataset = ShardDataset(manifest, "train", 1, 16, train=False)
     images, labels, info = next(iter(dataset))
     assert info["keys"] == [sample.key]
-    assert torch.equal(images[0], load_presized(sample.image, 16)) and labels.item() == sample.label
+    assert torch.equal(images[0], torch.from_numpy(load_presized(sample.image, 16))) and labels.item() == sample.label
