@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DATA ?= $(HOME)/.cache/disttrain/mnist
 DEMO_ARGS ?=
+DEMO_FORMAT ?= folder
+DEMO_SHARDS ?= $(DEMO_DATA)-shards
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 
 ifeq ($(GPUS),0)
@@ -26,9 +28,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# make demo DEMO_FORMAT=shards: the same run from webdataset shards written by `disttrain prepare`
 demo: $(STAMP)
 	$(BIN)/disttrain demo-data $(DEMO_DATA)
+ifeq ($(DEMO_FORMAT),shards)
+	$(BIN)/disttrain prepare $(DEMO_DATA) $(DEMO_SHARDS) --presize 28 --quality 95 --no-progress
+	$(BIN)/accelerate launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.format=shards data.root=$(DEMO_SHARDS) $(DEMO_ARGS)
+else
 	$(BIN)/accelerate launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.root=$(DEMO_DATA) $(DEMO_ARGS)
+endif
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
