@@ -7,10 +7,10 @@
 (b) disttrain from the folder and (c) from shards (`disttrain prepare`), each up to the uint8 batch
     in the main process: decode, presize, collate (augmentation runs on the device later);
 (d) the ceiling: the same workers only decoding the shards' JPEGs (nothing collated or sent back).
-Each is a DataLoader with --workers worker processes, read for --epochs passes; the first pass
-(worker start, page cache) is not timed; (a)-(d) are timed --repeats times, interleaved, and the
-fastest of each is kept. Targets with 2 workers on a 2-core machine:
-(c)/(a) >= 4, (b)/(a) >= 1.5, (c)/(d) >= 0.8. For information, (b) and (c) are also run with
+Each is a DataLoader with --workers worker processes, read for at least --epochs passes and
+--seconds seconds after a first, untimed pass (worker start, page cache); (a)-(d) are timed
+--repeats times, interleaved, and the fastest of each is kept (this machine's speed drifts).
+Targets with 2 workers on a 2-core machine: (c)/(a) >= 4, (b)/(a) >= 1.5, (c)/(d) >= 0.8. For information, (b) and (c) are also run with
 DeviceAugment on this machine's CPU in the main process (on a GPU machine it runs on the GPU).
 The last line printed is `ratios: folder/torchvision=X.XX shards/torchvision=Y.YY shards/ceiling=Z.ZZ`.
 """
@@ -37,10 +37,11 @@ from disttrain.data.shards import ShardDataset, load_manifest, plan_epoch, read_
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def timed_passes(make_iter, epochs: int, per_batch=None) -> float:
-    """Images per second over passes 2..epochs of `make_iter(epoch)` (pass 1 warms up)."""
-    images, start = 0, None
-    for epoch in range(epochs):
+def timed_passes(make_iter, min_passes: int, min_seconds: float, per_batch=None) -> float:
+    """Images per second over passes 2, 3, ... of `make_iter(epoch)` (pass 1 warms up: worker start,
+    page cache), timing at least `min_passes` passes and at least `min_seconds`."""
+    images, start, epoch = 0, None, 0
+    while start is None or epoch <= min_passes or time.perf_counter() - start < min_seconds:
         if epoch == 1:
             start = time.perf_counter()
         for batch in make_iter(epoch):
@@ -49,6 +50,7 @@ def timed_passes(make_iter, epochs: int, per_batch=None) -> float:
                 per_batch(batch)
             if epoch >= 1:
                 images += n
+        epoch += 1
     return images / (time.perf_counter() - start)
 
 
@@ -120,7 +122,8 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/hymenoptera/train", help="a folder of <class>/<images>")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=16, help="passes over the data per timing; the first is not timed")
+    parser.add_argument("--epochs", type=int, default=15, help="timed passes over the data per timing, at least")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per timing, at least")
     parser.add_argument("--repeats", type=int, default=3, help="timings of (a)-(d), interleaved; the fastest of each is kept")
     parser.add_argument("--size", type=int, default=224, help="training size (torchvision crop, DeviceAugment output)")
     parser.add_argument("--load-size", type=int, default=256, help="disttrain presize (the shards are made at this size)")
@@ -142,7 +145,8 @@ def main() -> None:
         print(f"prepare: {time.perf_counter() - t0:.1f} s for both splits with {args.workers} workers (one-time)")
         shards = Path(tmp) / "shards"
         n_images = sum(load_manifest(shards).splits["train"].counts)
-        print(f"data: {folder} ({n_images} images), batch {args.batch}, {args.workers} workers, {args.epochs - 1} timed passes")
+        print(f"data: {folder} ({n_images} images), batch {args.batch}, {args.workers} workers, "
+              f">= {args.epochs} timed passes and >= {args.seconds:.0f} s per timing, best of {args.repeats}")
 
         augment = DeviceAugment(AugmentConfig(), args.size, seed=0)
         results = {}
@@ -156,7 +160,7 @@ def main() -> None:
         ]
         for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every pipeline
             for key, label, build, per_batch in runs[: 4 if repeat else len(runs)]:
-                speed = timed_passes(build(), args.epochs if per_batch is None else 3, per_batch)
+                speed = timed_passes(build(), args.epochs if per_batch is None else 2, args.seconds if per_batch is None else 0, per_batch)
                 results[key] = max(results.get(key, 0.0), speed)
         for key, label, _, _ in runs:
             print(f"({key}) {label}: {results[key]:.1f} images/s")

@@ -18,7 +18,7 @@ from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.models import build_model, build_optimizer
 from disttrain.runtime import rank_seed, seed_everything
 from disttrain.schedule import Schedule
-from disttrain.tracking import ConsoleReporter
+from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.trainer import Trainer, epoch_steps
 
 
@@ -108,6 +108,7 @@ def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, Image
     if accelerator.is_main_process:
         save_config(cfg, cfg.run.dir / "config.yaml")
     data = load_data(cfg, accelerator, reporter)
+    tracker = Tracker(cfg, accelerator.is_main_process, reporter)
     train_loader, valid_loader = build_loaders(cfg, data, accelerator)
 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
@@ -131,6 +132,9 @@ def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, Image
         clip_grad=cfg.train.clip_grad,
         label_smoothing=cfg.train.label_smoothing,
         max_steps_per_epoch=cfg.train.max_steps_per_epoch,
+        classes=list(data.classes),
+        tracker=tracker,
+        log_every=cfg.log.every_n_steps,
     )
     torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank
     return trainer, data

@@ -49,18 +49,29 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train(cfg, find_lr_only: bool = False) -> list:
     """Build everything from the config; sweep the LR when asked (`find_lr_only`, or optim.lr=auto);
-    fit; save `model.pt` and `results.json` in the run dir."""
+    fit; save `model.pt` and `results.json` in the run dir; track in metrics.jsonl and W&B."""
     from disttrain.build import build_trainer
     from disttrain.checkpoint import save_weights
     from disttrain.lr_sweep import find_lr
     from disttrain.runtime import build_accelerator
+    from disttrain.tracking import setup_logging
 
     accelerator = build_accelerator(cfg)
+    setup_logging(accelerator.process_index, accelerator.is_main_process)
     trainer, data = build_trainer(cfg, accelerator)
+    try:
+        history = _train(cfg, accelerator, trainer, data, find_lr_only, find_lr, save_weights)
+    finally:
+        trainer.tracker.finish()
+    accelerator.end_training()
+    return history
+
+
+def _train(cfg, accelerator, trainer, data, find_lr_only, find_lr, save_weights) -> list:
     if find_lr_only or cfg.optim.lr == "auto":
         sweep = find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
+        trainer.tracker.log_sweep(sweep, cfg.run.dir / "lr_sweep.png")
         if find_lr_only:
-            accelerator.end_training()
             return []
         trainer.schedule.set_peak_lr(sweep.suggestion)
     history = trainer.fit()
@@ -74,7 +85,6 @@ def train(cfg, find_lr_only: bool = False) -> list:
         }
         (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return history
 
 

@@ -283,9 +283,39 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """`online`, `offline` (sync later with `wandb sync`) or `disabled`; null: online when W&B
+    credentials are present (WANDB_API_KEY or `wandb login`), else offline. WANDB_MODE wins."""
+    project: str = "disttrain"
+    """W&B project (WANDB_PROJECT wins)."""
+    entity: Optional[str] = None
+    """W&B team or user; null: your default entity (WANDB_ENTITY wins)."""
+    name: Optional[str] = None
+    """Run name shown in W&B; null: run.name (WANDB_NAME wins)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run (WANDB_TAGS, comma-separated, wins)."""
+    group: Optional[str] = None
+    """Group runs together in W&B, e.g. the runs of one experiment (WANDB_RUN_GROUP wins)."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            _choice("log.wandb.mode", self.mode, ("online", "offline", "disabled"))
+        if not self.project:
+            raise ConfigError("log.wandb.project: must not be empty")
+
+
+@dataclass
 class LogConfig:
     progress: bool = True
     """Show a tqdm progress bar on the main process (turn off for SLURM log files)."""
+    every_n_steps: int = 10
+    """Optimizer steps between two logged points of the train/* series (W&B and metrics.jsonl)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking (main process only)."""
+
+    def __post_init__(self) -> None:
+        _positive("log.every_n_steps", self.every_n_steps)
 
 
 @dataclass
@@ -417,23 +447,36 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+def _leaf_types(cls: type = None, prefix: str = "") -> dict[str, Any]:
+    """Every settable key (`section.key`, `section.sub.key`) with its field type."""
+    cls = cls or Config
+    out: dict[str, Any] = {}
+    for name, tp in _hints(cls).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_types(tp, key + "."))
+        elif cls is not Config:
+            out[key] = tp
+    return out
+
+
 def _all_keys() -> list[str]:
-    keys = []
-    for sec_name, sec_type in _hints(Config).items():
-        keys += [f"{sec_name}.{f.name}" for f in dataclasses.fields(sec_type)]
-    return keys
+    return list(_leaf_types())
 
 
-def _merge(raw: dict[str, dict[str, Any]], key: str, value: Any) -> None:
-    sections = _hints(Config)
-    parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in sections:
-        raise _unknown(key, _all_keys())
-    section, name = parts
-    fields = {f.name for f in dataclasses.fields(sections[section])}
-    if name not in fields:
-        raise _unknown(key, _all_keys())
-    raw.setdefault(section, {})[name] = value
+def _flatten(raw: Any, prefix: str, flat: dict[str, Any], leaves: dict[str, Any]) -> None:
+    """YAML mappings of sections (and sub-sections) -> `{"section.key": value}`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: must be a mapping of keys, got {raw!r}")
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if key in leaves:
+            flat[key] = value
+        elif any(k.startswith(key + ".") for k in leaves):
+            if value is not None:
+                _flatten(value, key + ".", flat, leaves)
+        else:
+            raise _unknown(key, list(leaves))
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -447,30 +490,31 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _build(cls: type, prefix: str, flat: dict[str, Any]):
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, key + ".", flat)
+        elif key in flat:
+            kwargs[f.name] = _coerce(key, flat[key], tp)
+    return cls(**kwargs)
+
+
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a validated Config from a nested dict (YAML) plus `key=value` override strings."""
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError("the config file must be a mapping of sections (run:, data:, ...)")
-    flat: dict[str, dict[str, Any]] = {}
-    for section, values in raw.items():
-        if values is None:
-            continue
-        if section not in _hints(Config):
-            raise _unknown(str(section), _all_keys())
-        if not isinstance(values, dict):
-            raise ConfigError(f"{section}: must be a mapping of keys, got {values!r}")
-        for name, value in values.items():
-            _merge(flat, f"{section}.{name}", value)
+    leaves = _leaf_types()
+    flat: dict[str, Any] = {}
+    _flatten(raw, "", flat, leaves)
     for key, value in parse_overrides(list(overrides)):
-        _merge(flat, key, value)
-
-    sections = {}
-    for section, sec_type in _hints(Config).items():
-        hints = _hints(sec_type)
-        kwargs = {name: _coerce(f"{section}.{name}", v, hints[name]) for name, v in flat.get(section, {}).items()}
-        sections[section] = sec_type(**kwargs)
-    return Config(**sections)
+        if key not in leaves:
+            raise _unknown(key, list(leaves))
+        flat[key] = value
+    return _build(Config, "", flat)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:

@@ -21,9 +21,9 @@ from torch import nn
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.loader import DeviceLoader
 from disttrain.schedule import Schedule
-from disttrain.tracking import ConsoleReporter
+from disttrain.tracking import ConsoleReporter, Tracker
 
-PROGRESS_EVERY = 10  # optimizer steps between progress-bar loss updates
+SAMPLE_GRID = 16  # augmented images shown once in W&B (train/samples)
 
 
 def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
@@ -45,6 +45,10 @@ class EvalResult:
     correct: int
     count: int
     skipped: int = 0
+    top5: float | None = None
+    """Top-5 accuracy (None with fewer than 5 classes)."""
+    confusion: torch.Tensor | None = None
+    """(classes x classes) counts, row = true class, column = predicted, summed over ranks."""
 
 
 @dataclass
@@ -73,6 +77,9 @@ class Trainer:
         clip_grad: float | None = None,
         label_smoothing: float = 0.0,
         max_steps_per_epoch: int | None = None,
+        classes: list[str] | None = None,
+        tracker: Tracker | None = None,
+        log_every: int = 10,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -87,7 +94,14 @@ class Trainer:
         self.clip_grad = clip_grad
         self.label_smoothing = label_smoothing
         self.max_steps_per_epoch = max_steps_per_epoch
+        self.classes = classes or []
+        self.tracker = tracker
+        self.log_every = log_every
         self.history: list[EpochResult] = []
+        self.global_step = 0  # optimizer steps of training (the sweep's do not count)
+        self.last_grad_norm: torch.Tensor | None = None
+        self._samples_logged = False
+        self._window = _Window(accelerator.device)  # loss and images since the last log point
 
     @property
     def device(self) -> torch.device:
@@ -123,6 +137,9 @@ class Trainer:
             row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0))
             self.history.append(row)
             self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
+            self._log_epoch(epoch, result, seconds)
+        if self.tracker is not None and result.confusion is not None:
+            self.tracker.log_confusion(result.confusion, self.classes, step=self.global_step)
         self.reporter.line(
             f"{images_total} training images in {train_seconds:.1f} s of training: "
             f"{images_total / train_seconds:.1f} images/s (world size {world}, all ranks together)"
@@ -137,6 +154,9 @@ class Trainer:
         acc, model = self.accelerator, self.model
         for j, (images, labels) in enumerate(batches):
             x = self.augment(images, train=True)
+            if not self._samples_logged and self.tracker is not None:
+                self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.cfg.mean, self.augment.cfg.std, step=0)
+                self._samples_logged = True
             last = j == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
@@ -146,7 +166,7 @@ class Trainer:
             batch_loss = loss.detach().double() * len(labels)
             loss_sum = batch_loss if j == 0 else loss_sum + batch_loss
         if self.clip_grad is not None:
-            acc.clip_grad_norm_(model.parameters(), self.clip_grad)
+            self.last_grad_norm = acc.clip_grad_norm_(model.parameters(), self.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, sum(len(labels) for _, labels in batches)
@@ -158,23 +178,28 @@ class Trainer:
             yield list(itertools.islice(loader_iter, min(self.grad_accum, n_batches - start)))
 
     def train_epoch(self, epoch: int) -> tuple[float, int]:
-        """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen)."""
+        """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen).
+        Every `log_every` optimizer steps the ranks reduce the loss since the last log point (the
+        only device syncs of the loop) and the main process logs train/* and updates the bar."""
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        n_batches = self.batches_per_epoch
+        n_batches, steps = self.batches_per_epoch, self.optimizer_steps_per_epoch
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        bar = self.reporter.progress(
-            self.groups(iter(self.train_loader), n_batches), total=self.optimizer_steps_per_epoch, desc=f"epoch {epoch}"
-        )
-        for group in bar:
+        window = self._window
+        window.resume()
+        bar = self.reporter.progress(self.groups(iter(self.train_loader), n_batches), total=steps, desc=f"epoch {epoch}")
+        for i, group in enumerate(bar):
             loss_sum, samples = self.step(group)
             loss_total += loss_sum
             count += samples
+            window.add(loss_sum, samples)
             self.schedule.step()
-            if not bar.disable and self.schedule.steps_done % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{(loss_sum / samples).item():.4f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
+            self.global_step += 1
+            if self.global_step % self.log_every == 0:
+                self._log_train(window, epoch + (i + 1) / steps, bar)
         bar.close()
+        window.pause()  # evaluation time does not count towards train/images_per_sec
         local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped())])
         totals = self.accelerator.reduce(local, reduction="sum")
         mean_loss = (totals[0] / totals[1]).item()
@@ -186,8 +211,31 @@ class Trainer:
             )
         return mean_loss, int(totals[1].item())
 
+    def _log_train(self, window: _Window, epoch: float, bar) -> None:
+        loss, images, seconds = window.take(self.accelerator)
+        metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch}
+        lrs = self.schedule.get_last_lr()
+        if len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
+            metrics["train/lr"] = lrs[0]
+        else:
+            metrics.update({f"train/lr/group{g}": lr for g, lr in enumerate(lrs)})
+        if self.last_grad_norm is not None:
+            metrics["train/grad_norm"] = float(self.last_grad_norm)
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=self.global_step)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images / seconds:.0f}")
+
+    def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
+        if self.tracker is None:
+            return
+        metrics = {"valid/loss": result.loss, "valid/accuracy": result.accuracy, "epoch_time_sec": seconds, "epoch": epoch + 1}
+        if result.top5 is not None:
+            metrics["valid/top5"] = result.top5
+        self.tracker.log(metrics, step=self.global_step)
+
     def evaluate(self, loader: DeviceLoader | None = None) -> EvalResult:
-        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.augment)
+        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.augment, len(self.classes) or None)
         self._report_skipped("validation: {} unreadable sample(s) skipped", result.skipped)
         self.model.train()
         return result
@@ -206,24 +254,78 @@ def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:
             dist.broadcast(buffer.data, src=0)
 
 
+class _Window:
+    """Loss and images since the last log point (device tensors, read only at the log point) and
+    the training time they took (the clock is paused outside train_epoch)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.images = 0
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def add(self, loss_sum: torch.Tensor, images: int) -> None:
+        self.loss += loss_sum
+        self.images += images
+
+    def take(self, accelerator: Accelerator) -> tuple[float, int, float]:
+        """(mean loss over all ranks, images on all ranks, training seconds) since the last call:
+        one all-reduce, called on every rank at the same step."""
+        totals = accelerator.reduce(torch.stack([self.loss, self.loss.new_tensor(self.images)]), reduction="sum")
+        loss_sum, images = totals.tolist()
+        self.pause()
+        seconds = max(self.seconds, 1e-9)
+        self.loss.zero_()
+        self.images, self.seconds = 0, 0.0
+        self.resume()
+        return loss_sum / images, int(images), seconds
+
+
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: DeviceAugment) -> EvalResult:
-    """Exact validation: every sample once across ranks; loss and accuracy from all-reduced sums.
+def evaluate(
+    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: DeviceAugment, num_classes: int | None = None
+) -> EvalResult:
+    """Exact validation: every sample once across ranks; loss, accuracy, top-5 and the confusion
+    matrix from sums reduced once at the end (`num_classes` enables top-5 and the matrix).
 
     Leaves the model in eval mode."""
     model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
     model.eval()
     _sync_buffers(accelerator, model)
     device = accelerator.device
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, correct, count, skipped
+    classes = num_classes or 0
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, correct, count, skipped, top-5 correct
+    confusion = torch.zeros(classes * classes, device=device, dtype=torch.float64)
     for images, labels in loader:
         x = augment(images, train=False)
         with accelerator.autocast():
             logits = model(x)
         logits = logits.float()
+        predicted = logits.argmax(dim=1)
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += (logits.argmax(dim=1) == labels).sum()
+        sums[1] += (predicted == labels).sum()
         sums[2] += len(labels)
+        if classes >= 5:
+            sums[4] += (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
+        if classes:
+            confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes).double()
     sums[3] += loader.take_skipped()
-    loss_sum, correct, count, skipped = accelerator.reduce(sums, reduction="sum").tolist()
-    return EvalResult(loss_sum / count, correct / count, int(correct), int(count), int(skipped))
+    totals = accelerator.reduce(torch.cat([sums, confusion]), reduction="sum").cpu()
+    loss_sum, correct, count, skipped, top5 = totals[:5].tolist()
+    return EvalResult(
+        loss_sum / count,
+        correct / count,
+        int(correct),
+        int(count),
+        int(skipped),
+        top5=top5 / count if classes >= 5 else None,
+        confusion=totals[5:].long().view(classes, classes) if classes else None,
+    )

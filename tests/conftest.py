@@ -31,8 +31,12 @@ def run_env() -> dict:
     return env
 
 
-def launch(args: list[str], nproc: int = 2, launcher: str = "accelerate", timeout: int = LAUNCH_TIMEOUT, check: bool = True):
-    """Run a script or `-m module` the way a user does: accelerate launch / torchrun / python."""
+def launch(
+    args: list[str], nproc: int = 2, launcher: str = "accelerate", timeout: int = LAUNCH_TIMEOUT, check: bool = True,
+    env: dict | None = None,
+):
+    """Run a script or `-m module` the way a user does: accelerate launch / torchrun / python
+    (`env`: variables added to the test environment)."""
     if launcher == "accelerate":
         cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", str(free_port())]
         cmd += ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--cpu", "--num_processes", "1"]
@@ -41,7 +45,7 @@ def launch(args: list[str], nproc: int = 2, launcher: str = "accelerate", timeou
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     else:
         cmd = [sys.executable]
-    proc = subprocess.run(cmd + args, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd + args, cwd=REPO, env={**run_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd + args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

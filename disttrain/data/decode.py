@@ -140,8 +140,8 @@ def presize_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
-def decode_jpeg_batch(data: list[torch.Tensor], size: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The batched decoder (`data.decode=gpu`): JPEG byte tensors (CPU) -> presized uint8 batch
+def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The batched decoder (`data.decode=gpu`): JPEG bytes (or 1-D uint8 CPU tensors) -> presized uint8 batch
     (B, 3, size, size) on `device`; nvJPEG on CUDA. A payload the decoder rejects is replaced by
     another image of the same batch (the batch keeps its size) and counted: returns (batch, failures).
 
@@ -151,6 +151,7 @@ def decode_jpeg_batch(data: list[torch.Tensor], size: int, device: torch.device)
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) if isinstance(d, (bytes, bytearray)) else d for d in data]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from disttrain.data.decode import load_presized
 from disttrain.data.folder import DataError, Split
+from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
 
 
 class FolderDataset(Dataset):
@@ -109,7 +110,7 @@ def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: R
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
         worker_init_fn=_worker_init,
     )
 
@@ -143,6 +144,7 @@ class DeviceLoader:
         self.device = device
         self.finish = finish
         self.skipped = 0
+        self._buffers: list[tuple[torch.Tensor, int]] = []  # CPU copies out of worker slots, reused
 
     @property
     def epoch(self) -> int:
@@ -169,12 +171,27 @@ class DeviceLoader:
     def _transfer(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, S, S, 3) on the wire -> (B, 3, S, S) on the device, a channels_last view (no copy)."""
         images, labels = batch[0], batch[1]
-        labels = labels.to(self.device, non_blocking=True)
+        if isinstance(images, SlotRef):  # pixels in a worker's shared slot: copy out, free the slot
+            cuda = self.device.type == "cuda"
+            images = self.source.pool.take(images, torch.Tensor.pin_memory if cuda else self._copy_out)
+        labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
         if self.finish is not None:
             images, failed = self.finish(images, self.device)
             self.skipped += failed
             return images, labels
         return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2), labels
+
+    def _copy_out(self, view: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of a slot's batch, into one of a few buffers this loader keeps when nothing
+        else references it any more (a fresh 12 MB tensor per step costs twice the copy in page
+        faults); otherwise into a new one."""
+        for buffer, idle_refs in self._buffers:
+            if buffer.shape == view.shape and _storage_refs(buffer) <= idle_refs:
+                return buffer.copy_(view)
+        buffer = view.clone()
+        if len(self._buffers) < 4:
+            self._buffers.append((buffer, _storage_refs(buffer)))
+        return buffer
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._counted(iter(self.loader))
@@ -199,6 +216,11 @@ class DeviceLoader:
                 tensor.record_stream(current)  # allocated on the side stream, used on this one
             ready, upcoming = upcoming, start_next()
             yield ready
+
+
+def _storage_refs(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) share `tensor`'s memory."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
 def _worker_init(_: int) -> None:

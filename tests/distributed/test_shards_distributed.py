@@ -37,6 +37,8 @@ def test_two_processes_train_from_one_shard_with_a_corrupt_member(tmp_path, mnis
     assert "data: 301 train / 110 valid samples in 10 classes from 1 + 1 shards" in proc.stdout
     assert "10 steps per epoch" in proc.stdout  # ceil(301 / 32), on both ranks
     assert "epoch 0: 1 unreadable training sample(s) skipped and replaced by others" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "zzbad skipped (undecodable" in line]
+    assert warnings and all(re.match(r"\[rank [01]\] WARNING disttrain\.data: ", line) for line in warnings), proc.stderr[-3000:]
     row = ROW.search(proc.stdout)
     assert row, proc.stdout
     results = json.loads((tmp_path / "s" / "results.json").read_text())

@@ -18,7 +18,7 @@ from disttrain.data.decode import load_presized
 from disttrain.data.folder import DataError
 from disttrain.data.loader import DeviceLoader, make_loader
 from disttrain.data.prepare import PrepareSettings, prepare
-from disttrain.data.shards import ShardDataset, load_manifest, plan_epoch, read_range, train_steps
+from disttrain.data.shards import ShardDataset, SlotRef, load_manifest, plan_epoch, read_range, train_steps
 
 CLASSES = ("a", "b", "c")
 
@@ -92,6 +92,11 @@ def test_shards_are_standard_webdataset(three_shards):
     assert all(isinstance(s["jpg"], Image.Image) and s["cls"] in (0, 1, 2) for s in samples)
 
 
+def _pixels(dataset: ShardDataset, images):
+    """The batch's pixels: from the worker's shared slot when the loader sent a SlotRef."""
+    return dataset.pool.take(images, torch.Tensor.clone) if isinstance(images, SlotRef) else images
+
+
 def _read_all(shards: Path, split: str, world: int, workers: int, batch_size: int, train: bool, epoch: int = 0):
     """Every rank's batches (a loader per rank, as each rank builds its own)."""
     manifest = load_manifest(shards)
@@ -99,7 +104,7 @@ def _read_all(shards: Path, split: str, world: int, workers: int, batch_size: in
     for rank in range(world):
         dataset = ShardDataset(manifest, split, batch_size, 16, world, rank, workers, train=train, seed=3)
         dataset.set_epoch(epoch)
-        batches = [(images, labels, info) for images, labels, info in make_loader(dataset, workers, False)]
+        batches = [(_pixels(dataset, images), labels, info) for images, labels, info in make_loader(dataset, workers, False)]
         assert len(batches) == len(dataset)
         per_rank.append(batches)
     return per_rank
@@ -246,7 +251,7 @@ def test_corrupt_members_are_skipped_without_changing_batch_counts(tmp_path, wor
     skipped, lengths = 0, []
     for rank in range(2):
         dataset = ShardDataset(manifest, "train", 4, 20, world=2, rank=rank, num_workers=workers, train=True)
-        batches = list(make_loader(dataset, workers, False))
+        batches = [(_pixels(dataset, i), l, info) for i, l, info in make_loader(dataset, workers, False)]
         lengths.append(len(batches))
         assert all(len(labels) == 4 for _, labels, _ in batches)
         keys = [k for _, _, info in batches for k in info["keys"]]
@@ -280,3 +285,32 @@ def test_reader_decodes_like_the_folder_path(three_shards):
     images, labels, info = next(iter(dataset))
     assert info["keys"] == [sample.key]
     assert torch.equal(images[0], torch.from_numpy(load_presized(sample.image, 16))) and labels.item() == sample.label
+
+
+def test_pooled_batches_carry_the_right_pixels_also_after_an_abandoned_epoch(three_shards):
+    """Workers decode into reused shared slots: every delivered image is its key's image, also when
+    the previous epoch was abandoned with batches still in flight (their slots are reclaimed)."""
+    manifest = load_manifest(three_shards)
+    expected = {}
+    for path, count in zip(manifest.splits["train"].paths, manifest.splits["train"].counts):
+        for sample in read_range(path, 0, count, {}, 3):
+            expected[sample.key] = torch.from_numpy(load_presized(sample.image, 16))
+    dataset = ShardDataset(manifest, "train", 5, 16, num_workers=2, train=True, seed=1)
+    assert dataset.pool is not None and dataset.pool.slots == 6
+    loader = DeviceLoader(make_loader(dataset, 2, False), dataset, 5, torch.device("cpu"))
+    raw = make_loader(dataset, 2, False)
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        batches = iter(raw)
+        next(batches)  # abandoned after one batch: the others stay unconsumed in their slots
+        del batches
+        dataset.set_epoch(epoch)
+        seen = 0
+        for images, labels, info in raw:
+            pixels = dataset.pool.take(images, torch.Tensor.clone)
+            for image, key in zip(pixels, info["keys"]):
+                assert torch.equal(image, expected[key]), key
+            seen += len(labels)
+        assert seen == train_steps(60, 1, 5) * 5
+    images, labels = next(iter(loader))
+    assert images.shape == (5, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
