@@ -42,7 +42,7 @@ def main() -> None:
         f"data.root={args.shards}", "data.format=shards", f"data.decode={args.decode}", f"data.batch_size={args.batch}",
         f"data.num_workers={args.workers}", f"data.image_size={args.size}", f"data.load_size={args.load_size}",
         f"model.name={args.model}", "train.precision=bf16", "optim.lr=0.1", "optim.name=sgd", "log.progress=false",
-        "run.name=gpu_throughput", "run.output_dir=/tmp/disttrain-bench",
+        "run.name=gpu_throughput", "run.output_dir=/tmp/disttrain-bench", "log.wandb.mode=disabled",
     ])
     accelerator = build_accelerator(cfg)
     trainer, _ = build_trainer(cfg, accelerator)

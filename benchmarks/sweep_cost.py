@@ -49,7 +49,7 @@ def main() -> None:
     cfg = load_config(
         "configs/demo.yaml",
         [f"data.root={args.data}", "log.progress=false", f"sweep.num_iter={args.steps}",
-         "sweep.start_lr=1e-6", "sweep.end_lr=1e-3", "sweep.divergence=1e9"] + args.overrides,
+         "sweep.start_lr=1e-6", "sweep.end_lr=1e-3", "sweep.divergence=1e9", "log.wandb.mode=disabled"] + args.overrides,
     )
     accelerator = build_accelerator(cfg)
     trainer, _ = build_trainer(cfg, accelerator)
