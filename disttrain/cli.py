@@ -61,8 +61,10 @@ def train(cfg, find_lr_only: bool = False) -> list:
     trainer, data = build_trainer(cfg, accelerator)
     try:
         history = _train(cfg, accelerator, trainer, data, find_lr_only, find_lr, save_weights)
-    finally:
-        trainer.tracker.finish()
+    except BaseException:
+        trainer.tracker.finish(failed=True)
+        raise
+    trainer.tracker.finish()
     accelerator.end_training()
     return history
 

@@ -210,12 +210,13 @@ class Tracker:
             plot = wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes, title="validation")
             self.wandb_run.log({"valid/confusion_matrix": plot}, step=step)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """Close metrics.jsonl and end the W&B run (marked failed when the run raised)."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
 
 

@@ -139,3 +139,17 @@ def test_environment_wins_over_the_config_and_credentials_pick_the_mode(tmp_path
     (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
     os.chmod(tmp_path / ".netrc", 0o600)
     assert resolve_wandb(cfg, "run")["mode"] == "online"
+
+
+def test_a_run_that_raised_is_marked_failed(tmp_path, monkeypatch):
+    from disttrain.config import load_config
+    from disttrain.tracking import ConsoleReporter, Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=f"])
+    tracker = Tracker(cfg, True, ConsoleReporter(False))
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.finish(failed=True)
+    records = read_records(next((tmp_path / "f" / "wandb").glob("offline-run-*/run-*.wandb")))
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
