@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from disttrain.checkpoint import Checkpointer, PreemptionFlag
 from disttrain.config import Config, ConfigError, save_config
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.decode import decode_jpeg_batch
@@ -103,12 +104,14 @@ def build_augment(cfg: Config, accelerator: Accelerator) -> DeviceAugment:
     )
 
 
-def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, ImageFolderData | Manifest]:
+def build_trainer(
+    cfg: Config, accelerator: Accelerator, resume: bool = False, flag: PreemptionFlag | None = None
+) -> tuple[Trainer, ImageFolderData | Manifest]:
     reporter = ConsoleReporter(accelerator.is_main_process, progress=cfg.log.progress)
     if accelerator.is_main_process:
         save_config(cfg, cfg.run.dir / "config.yaml")
     data = load_data(cfg, accelerator, reporter)
-    tracker = Tracker(cfg, accelerator.is_main_process, reporter)
+    tracker = Tracker(cfg, accelerator.is_main_process, reporter, resume=resume)
     train_loader, valid_loader = build_loaders(cfg, data, accelerator)
 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
@@ -135,6 +138,10 @@ def build_trainer(cfg: Config, accelerator: Accelerator) -> tuple[Trainer, Image
         classes=list(data.classes),
         tracker=tracker,
         log_every=cfg.log.every_n_steps,
+        checkpointer=Checkpointer(
+            cfg.run.dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+            {"classes": list(data.classes), "model": cfg.model.name, "run": cfg.run.name}, flag,
+        ),
     )
     torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank
     return trainer, data

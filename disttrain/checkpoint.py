@@ -1,9 +1,11 @@
-"""Weights files written atomically (temp file + rename): a crash never leaves a half-written file
-under the final name."""
+"""Weights files and training checkpoints, written atomically (temp file or directory + rename): a
+crash never leaves a half-written file under a final name."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,3 +36,199 @@ def load_weights(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state or "classes" not in state:
         raise WeightsError(f"{path}: not a disttrain weights file (expected keys 'model' and 'classes')")
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints: <run dir>/checkpoints/step-00000120/ (+ a `latest` pointer).
+#
+#   shared.pt         model, optimizer, schedule, grad scaler (rank 0's; identical on every rank)
+#   rank<R>.pt        that rank's RNG states, augmentation generator and partial epoch sums
+#   meta.json         step, epoch, position in the epoch, world size, classes, model, peak LR, W&B id
+#
+# Written into `step-N.tmp/` by every rank, then renamed by the main process once all ranks are
+# done; `latest` (a one-line file) is replaced last. A kill at any moment leaves the previous
+# checkpoint and `latest` valid; `.tmp` leftovers are ignored and cleared by the next save.
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.endswith(".tmp") and (path / "meta.json").is_file()
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: the one `latest` names, else the highest complete step."""
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _is_complete(named):
+            return named
+    complete = sorted(p for p in root.glob("step-*") if _is_complete(p)) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, run_dir: Path, global_step: int, shared: dict, rank_state: dict, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it at the same step. Returns the final directory."""
+    root = checkpoint_root(run_dir)
+    final = root / step_name(global_step)
+    tmp = root / (final.name + ".tmp")
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    torch.save({**rank_state, "rng": _rng_state()}, tmp / f"rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(shared, tmp / "shared.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_dir_files(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+        for old in sorted(p for p in root.glob("step-*") if _is_complete(p))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir_files(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict]:
+    """(meta, shared state, this rank's state) of a complete checkpoint, read with weights_only=True."""
+    if not _is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json); use another one or checkpoint.resume=never")
+    meta = json.loads((path / "meta.json").read_text())
+    rank_file = path / f"rank{rank}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(
+            f"{path}: has no state for rank {rank} (saved by {meta.get('world_size')} processes); resume with the same "
+            "number of processes, or start fresh with checkpoint.resume=never"
+        )
+    try:
+        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: could not be read ({err}); use another checkpoint or checkpoint.resume=never") from err
+    return meta, shared, rank_state
+
+
+def restore_rng(rank_state: dict) -> None:
+    _set_rng_state(rank_state["rng"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption: SIGUSR1 / SIGTERM only set a flag; the trainer reduces it across ranks at its next log
+# point or epoch end, saves a checkpoint on every rank, and the process exits with PREEMPTED_EXIT.
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; the SLURM script requeues on it
+
+
+class Preempted(Exception):
+    """Raised on every rank after the checkpoint taken because of a preemption signal."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"preempted: checkpoint saved in {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+class PreemptionFlag:
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+
+    def install(self) -> "PreemptionFlag":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Checkpointer:
+    """When and where the trainer saves, and what goes with it (the run's identity)."""
+
+    def __init__(self, run_dir: Path, every_n_steps: int | None, keep_last: int, meta: dict, flag: PreemptionFlag | None = None):
+        self.run_dir = Path(run_dir)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.meta = meta
+        self.flag = flag or PreemptionFlag()
+
+    def due(self, global_step: int) -> bool:
+        return self.every_n_steps is not None and global_step % self.every_n_steps == 0
+
+    def save(self, trainer, epoch: int, steps_done: int, partial: dict | None) -> Path:
+        """Collective. `epoch`/`steps_done`: where training continues (steps_done optimizer steps of
+        `epoch` are done); `partial`: this rank's sums of the unfinished epoch."""
+        meta = {
+            **self.meta,
+            "global_step": trainer.global_step,
+            "epoch": epoch,
+            "steps_done_in_epoch": steps_done,
+            "world_size": trainer.accelerator.num_processes,
+            "wandb_run_id": trainer.tracker.run_id if trainer.tracker is not None else None,
+        }
+        return save_checkpoint(
+            trainer.accelerator, self.run_dir, trainer.global_step, trainer.shared_state(), trainer.rank_state(partial), meta, self.keep_last
+        )

@@ -15,12 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+from disttrain.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted
 from disttrain.config import ConfigError, load_config
 from disttrain.data.folder import DataError
 from disttrain.lr_sweep import SweepError
 from disttrain.models import WeightsError
 
-USER_ERRORS = (ConfigError, DataError, WeightsError, SweepError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, WeightsError, SweepError, CheckpointError, FileExistsError)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,29 +49,73 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train(cfg, find_lr_only: bool = False) -> list:
-    """Build everything from the config; sweep the LR when asked (`find_lr_only`, or optim.lr=auto);
-    fit; save `model.pt` and `results.json` in the run dir; track in metrics.jsonl and W&B."""
+    """Build everything from the config; resume from a checkpoint (checkpoint.resume); sweep the LR
+    when asked (`find_lr_only`, or optim.lr=auto, not when resuming); fit; save `model.pt` and
+    `results.json` in the run dir; track in metrics.jsonl and W&B."""
     from disttrain.build import build_trainer
-    from disttrain.checkpoint import save_weights
-    from disttrain.lr_sweep import find_lr
+    from disttrain.checkpoint import PreemptionFlag
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import setup_logging
 
+    flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
-    trainer, data = build_trainer(cfg, accelerator)
+    resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
+    trainer, data = build_trainer(cfg, accelerator, resume=resume_from is not None, flag=flag)
     try:
-        history = _train(cfg, accelerator, trainer, data, find_lr_only, find_lr, save_weights)
-    except BaseException:
-        trainer.tracker.finish(failed=True)
+        history = _train(cfg, accelerator, trainer, data, find_lr_only, resume_from)
+    except BaseException as err:
+        trainer.tracker.finish(failed=not isinstance(err, Preempted))
         raise
     trainer.tracker.finish()
     accelerator.end_training()
     return history
 
 
-def _train(cfg, accelerator, trainer, data, find_lr_only, find_lr, save_weights) -> list:
-    if find_lr_only or cfg.optim.lr == "auto":
+def _resume_path(cfg, accelerator) -> Path | None:
+    """checkpoint.resume: `never`, `auto` (the run dir's newest complete checkpoint, if any) or a
+    path. Decided on the main process and broadcast, so every rank resumes from the same one."""
+    from accelerate.utils import broadcast_object_list
+
+    from disttrain.checkpoint import find_latest
+
+    choice: list = [None]
+    if accelerator.is_main_process:
+        if cfg.checkpoint.resume == "auto":
+            found = find_latest(cfg.run.dir)
+            choice[0] = str(found) if found else None
+        elif cfg.checkpoint.resume != "never":
+            choice[0] = str(Path(cfg.checkpoint.resume).expanduser())
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Path | None) -> list:
+    from disttrain.checkpoint import CheckpointError, load_checkpoint, save_weights
+    from disttrain.lr_sweep import find_lr
+
+    if resume_from is not None:
+        meta, shared, rank_state = load_checkpoint(resume_from, accelerator.process_index)
+        if meta["classes"] != list(data.classes) or meta["model"] != cfg.model.name:
+            raise CheckpointError(
+                f"{resume_from}: saved for model {meta['model']} with classes {meta['classes']}, but this run has "
+                f"{cfg.model.name} with {list(data.classes)}; use another run.name or checkpoint.resume=never"
+            )
+        if meta["world_size"] != accelerator.num_processes:
+            raise CheckpointError(
+                f"{resume_from}: saved by {meta['world_size']} processes, this run has {accelerator.num_processes}; "
+                "resume with the same number (the data order depends on it) or start fresh with checkpoint.resume=never"
+            )
+        trainer.load_state(meta, shared, rank_state)
+        from disttrain.checkpoint import restore_rng
+
+        restore_rng(rank_state)
+        trainer.reporter.line(
+            f"resuming from {resume_from}: epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
+            f"global step {meta['global_step']}, peak LR {max(trainer.schedule.base_lrs):.3g}"
+        )
+    elif find_lr_only or cfg.optim.lr == "auto":
         sweep = find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
         trainer.tracker.log_sweep(sweep, cfg.run.dir / "lr_sweep.png")
         if find_lr_only:
@@ -133,6 +178,9 @@ def run_user_errors(fn) -> int:
     except USER_ERRORS as err:
         print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stop:
+        print(f"disttrain: {stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and resumed", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     return 0
 
 

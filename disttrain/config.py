@@ -271,6 +271,9 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss."""
     max_steps_per_epoch: Optional[int] = None
     """Cap the optimizer steps of each epoch (quick smoke runs); null trains on all the data."""
+    collective_timeout: float = 300.0
+    """Seconds a collective may wait for another rank before the run fails (a dead or stuck rank
+    then ends the job instead of hanging it; torch's default is 30 minutes)."""
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
@@ -280,6 +283,28 @@ class TrainConfig:
             _positive("train.clip_grad", self.clip_grad)
         if self.max_steps_per_epoch is not None:
             _positive("train.max_steps_per_epoch", self.max_steps_per_epoch)
+        _positive("train.collective_timeout", self.collective_timeout)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = None
+    """Also save every this many optimizer steps (a checkpoint is always saved at each epoch end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept in <run dir>/checkpoints; older ones are deleted after a new one is complete."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint of the run dir if there is one; `never`:
+    start fresh; or the path of a checkpoint directory to resume from."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None:
+            _positive("checkpoint.every_n_steps", self.every_n_steps)
+        _positive("checkpoint.keep_last", self.keep_last)
+        if self.resume not in ("auto", "never") and not Path(self.resume).expanduser().is_dir():
+            raise ConfigError(
+                f"checkpoint.resume: {self.resume!r} is not a checkpoint directory; use auto, never, "
+                "or a path like runs/<name>/checkpoints/step-00000120"
+            )
 
 
 @dataclass
@@ -338,6 +363,8 @@ class Config:
     """Epochs, precision, accumulation."""
     log: LogConfig = field(default_factory=LogConfig)
     """What the user sees."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resuming."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

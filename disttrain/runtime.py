@@ -6,7 +6,10 @@ import random
 
 import numpy as np
 import torch
+from datetime import timedelta
+
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from disttrain.config import Config, ConfigError
 
@@ -25,6 +28,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.train.precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))],
     )
 
 

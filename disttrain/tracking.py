@@ -156,6 +156,10 @@ class Tracker:
             self.wandb_run.log({**metrics, **(media or {})}, step=step)
 
     @property
+    def run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    @property
     def wandb(self):
         """The wandb module when a run is active (for building plots), else None."""
         if self.wandb_run is None:

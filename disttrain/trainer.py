@@ -21,6 +21,7 @@ from torch import nn
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.loader import DeviceLoader
 from disttrain.schedule import Schedule
+from disttrain.checkpoint import Checkpointer, Preempted
 from disttrain.tracking import ConsoleReporter, Tracker
 
 SAMPLE_GRID = 16  # augmented images shown once in W&B (train/samples)
@@ -80,6 +81,7 @@ class Trainer:
         classes: list[str] | None = None,
         tracker: Tracker | None = None,
         log_every: int = 10,
+        checkpointer: Checkpointer | None = None,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -102,6 +104,9 @@ class Trainer:
         self.last_grad_norm: torch.Tensor | None = None
         self._samples_logged = False
         self._window = _Window(accelerator.device)  # loss and images since the last log point
+        self.checkpointer = checkpointer
+        self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
+        self._resumed_sums: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -126,9 +131,15 @@ class Trainer:
             f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
         )
         images_total, train_seconds = 0, 0.0
-        for epoch in range(self.epochs):
+        if self.checkpointer is not None:
+            self.checkpointer.flag.install()  # from here on SIGUSR1/SIGTERM mean "checkpoint, then stop"
+        for row in self.history:  # epochs done before a resume
+            self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.accuracy, row.seconds)
+        start_epoch, start_steps = self.start
+        result = None
+        for epoch in range(start_epoch, self.epochs):
             t0 = time.perf_counter()
-            train_loss, images = self.train_epoch(epoch)
+            train_loss, images, preempt = self.train_epoch(epoch, skip_steps=start_steps if epoch == start_epoch else 0)
             t1 = time.perf_counter()
             result = self.evaluate()
             seconds = time.perf_counter() - t0
@@ -138,11 +149,17 @@ class Trainer:
             self.history.append(row)
             self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
             self._log_epoch(epoch, result, seconds)
+            if self.checkpointer is not None:
+                path = self.checkpointer.save(self, epoch + 1, 0, None)
+                if preempt and epoch + 1 < self.epochs:
+                    raise Preempted(path)
+        if result is None:  # resumed after the last epoch: nothing left to train
+            return self.history
         if self.tracker is not None and result.confusion is not None:
             self.tracker.log_confusion(result.confusion, self.classes, step=self.global_step)
         self.reporter.line(
             f"{images_total} training images in {train_seconds:.1f} s of training: "
-            f"{images_total / train_seconds:.1f} images/s (world size {world}, all ranks together)"
+            f"{images_total / max(train_seconds, 1e-9):.1f} images/s (world size {world}, all ranks together)"
         )
         return self.history
 
@@ -177,30 +194,43 @@ class Trainer:
         for start in range(0, n_batches, self.grad_accum):
             yield list(itertools.islice(loader_iter, min(self.grad_accum, n_batches - start)))
 
-    def train_epoch(self, epoch: int) -> tuple[float, int]:
-        """One epoch on every rank; returns (mean train loss over all ranks' samples, images seen).
-        Every `log_every` optimizer steps the ranks reduce the loss since the last log point (the
-        only device syncs of the loop) and the main process logs train/* and updates the bar."""
+    def train_epoch(self, epoch: int, skip_steps: int = 0) -> tuple[float, int, bool]:
+        """One epoch on every rank (without its first `skip_steps` optimizer steps when resuming);
+        returns (mean train loss over all ranks' samples, images seen, preemption requested).
+        Every `log_every` optimizer steps the ranks reduce the loss since the last log point and the
+        preemption flag (the only device syncs of the loop); the main process logs train/*."""
         self.model.train()
-        self.train_loader.set_epoch(epoch)
-        n_batches, steps = self.batches_per_epoch, self.optimizer_steps_per_epoch
+        self.train_loader.set_epoch(epoch, skip=skip_steps * self.grad_accum)
+        n_batches, steps = self.batches_per_epoch - skip_steps * self.grad_accum, self.optimizer_steps_per_epoch
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
+        if skip_steps and self._resumed_sums is not None:
+            loss_total += self._resumed_sums["loss_total"].to(self.device)
+            count = self._resumed_sums["count"]
+        self._resumed_sums = None
         window = self._window
         window.resume()
         bar = self.reporter.progress(self.groups(iter(self.train_loader), n_batches), total=steps, desc=f"epoch {epoch}")
-        for i, group in enumerate(bar):
+        bar.update(skip_steps)
+        for i, group in enumerate(bar, start=skip_steps):
             loss_sum, samples = self.step(group)
             loss_total += loss_sum
             count += samples
             window.add(loss_sum, samples)
             self.schedule.step()
             self.global_step += 1
+            last = i + 1 == steps
             if self.global_step % self.log_every == 0:
-                self._log_train(window, epoch + (i + 1) / steps, bar)
+                if self._log_train(window, epoch + (i + 1) / steps, bar) and not last:
+                    path = self.checkpointer.save(self, epoch, i + 1, {"loss_total": loss_total, "count": count})
+                    raise Preempted(path)
+            if self.checkpointer is not None and self.checkpointer.due(self.global_step) and not last:
+                self.checkpointer.save(self, epoch, i + 1, {"loss_total": loss_total, "count": count})
         bar.close()
         window.pause()  # evaluation time does not count towards train/images_per_sec
-        local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped())])
+        flag = float(self.checkpointer is not None and self.checkpointer.flag.requested)
+        local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped()),
+                             loss_total.new_tensor(flag)])
         totals = self.accelerator.reduce(local, reduction="sum")
         mean_loss = (totals[0] / totals[1]).item()
         self._report_skipped(f"epoch {epoch}: {{}} unreadable training sample(s) skipped and replaced by others", totals[2])
@@ -209,10 +239,52 @@ class Trainer:
                 f"epoch {epoch}: the training loss is {mean_loss}; lower optim.lr, set train.clip_grad, "
                 "or use train.precision=bf16 or no"
             )
-        return mean_loss, int(totals[1].item())
+        return mean_loss, int(totals[1].item()), bool(totals[3].item() > 0)
 
-    def _log_train(self, window: _Window, epoch: float, bar) -> None:
-        loss, images, seconds = window.take(self.accelerator)
+    # -- checkpoint state --------------------------------------------------------------------
+
+    def shared_state(self) -> dict:
+        """What every rank holds identically: model, optimizer, schedule, grad scaler, history."""
+        model = self.accelerator.unwrap_model(self.model)
+        scaler = self.accelerator.scaler
+        return {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": [vars(r) for r in self.history],
+        }
+
+    def rank_state(self, partial: dict | None) -> dict:
+        """This rank's own: augmentation generator, the unfinished epoch's sums, the log window."""
+        state = {
+            "augment": self.augment.state_dict(),
+            "window": {"loss": self._window.loss.detach().cpu(), "images": self._window.images, "seconds": self._window.seconds},
+        }
+        if partial is not None:
+            state["partial"] = {"loss_total": partial["loss_total"].detach().cpu(), "count": partial["count"]}
+        return state
+
+    def load_state(self, meta: dict, shared: dict, rank_state: dict) -> None:
+        self.accelerator.unwrap_model(self.model).load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.schedule.load_state_dict(shared["schedule"])
+        if shared["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(shared["scaler"])
+        self.history = [EpochResult(**row) for row in shared["history"]]
+        self.augment.load_state_dict(rank_state["augment"])
+        window = rank_state["window"]
+        self._window.loss.copy_(window["loss"].to(self._window.loss.device))
+        self._window.images, self._window.seconds = window["images"], window["seconds"]
+        self._resumed_sums = rank_state.get("partial")
+        self.global_step = meta["global_step"]
+        self.start = (meta["epoch"], meta["steps_done_in_epoch"])
+        self._samples_logged = True
+
+    def _log_train(self, window: _Window, epoch: float, bar) -> bool:
+        """Log train/* at this step; returns whether any rank was asked to stop (preemption)."""
+        flag = self.checkpointer is not None and self.checkpointer.flag.requested
+        loss, images, seconds, stop = window.take(self.accelerator, flag)
         metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch}
         lrs = self.schedule.get_last_lr()
         if len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
@@ -225,6 +297,7 @@ class Trainer:
             self.tracker.log(metrics, step=self.global_step)
         if not bar.disable:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images / seconds:.0f}")
+        return stop
 
     def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
         if self.tracker is None:
@@ -276,17 +349,17 @@ class _Window:
         self.loss += loss_sum
         self.images += images
 
-    def take(self, accelerator: Accelerator) -> tuple[float, int, float]:
-        """(mean loss over all ranks, images on all ranks, training seconds) since the last call:
-        one all-reduce, called on every rank at the same step."""
-        totals = accelerator.reduce(torch.stack([self.loss, self.loss.new_tensor(self.images)]), reduction="sum")
-        loss_sum, images = totals.tolist()
+    def take(self, accelerator: Accelerator, flag: bool = False) -> tuple[float, int, float, bool]:
+        """(mean loss over all ranks, images on all ranks, training seconds, any rank's `flag`) since
+        the last call: one all-reduce, called on every rank at the same step."""
+        local = torch.stack([self.loss, self.loss.new_tensor(self.images), self.loss.new_tensor(float(flag))])
+        loss_sum, images, flags = accelerator.reduce(local, reduction="sum").tolist()
         self.pause()
         seconds = max(self.seconds, 1e-9)
         self.loss.zero_()
         self.images, self.seconds = 0, 0.0
         self.resume()
-        return loss_sum / images, int(images), seconds
+        return loss_sum / images, int(images), seconds, flags > 0
 
 
 @torch.no_grad()

@@ -72,10 +72,12 @@ class RankBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.drop_empty = drop_empty
         self.epoch = 0
+        self.skip = 0
         self.steps = math.ceil(num_samples / (world_size * batch_size))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; `skip` leaves out its first batches (resuming mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def order(self) -> np.ndarray:
         """This epoch's permutation of all indices (identical on every rank)."""
@@ -87,7 +89,7 @@ class RankBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
         chunks = np.array_split(order, self.world_size * self.steps)
-        for step in range(self.steps):
+        for step in range(self.skip, self.steps):
             index = step * self.world_size + self.rank
             batch = chunks[index]
             if len(batch) == 0:
@@ -118,7 +120,7 @@ def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: R
 class EpochSource(Protocol):
     epoch: int
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, skip: int = 0) -> None: ...
 
 
 class DeviceLoader:
@@ -150,8 +152,9 @@ class DeviceLoader:
     def epoch(self) -> int:
         return self.source.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.source.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next `iter()` runs `epoch`, without its first `skip` batches (resuming mid-epoch)."""
+        self.source.set_epoch(epoch, skip)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -284,14 +284,18 @@ class ShardDataset(IterableDataset):
         self.buffer_size = shuffle_buffer if train else 0
         self.raw = raw
         self._epoch = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+        self._skip = multiprocessing.get_context("fork").Value("q", 0, lock=False)
         self.pool = None
         if train and num_workers > 0 and not raw:  # validation is a small share of the work: no pool
             self.pool = SlotPool(num_workers, PREFETCH_FACTOR + 2, (batch_size, load_size, load_size, 3))
         if train and self.split.samples < world:
             raise DataError(f"{manifest.root}: {self.split.samples} training samples cannot be shared by {world} ranks")
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch; `skip` leaves out this rank's first batches of it (resuming mid-epoch:
+        they are still decoded, so the rest of the stream is exactly the uninterrupted one)."""
         self._epoch.value = epoch
+        self._skip.value = skip
 
     @property
     def epoch(self) -> int:
@@ -319,11 +323,13 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = info.id if info is not None else 0  # physical: owns its SlotPool slots
         epoch = self.epoch
         plans = self.plans(epoch)
-        plan = plans[worker]
-        rng = random.Random(f"buffer:{self.seed}:{epoch}:{self.rank}:{worker}")
+        skips, first = resume_layout([p.batches for p in plans], int(self._skip.value))
+        role = (worker + first) % len(plans)  # logical: which part of the rank's range it reads
+        plan, skip = plans[role], skips[role]
+        rng = random.Random(f"buffer:{self.seed}:{epoch}:{self.rank}:{role}")
         skipped: dict[str, int] = {}
         if self.pool is not None:
             self.pool.start_epoch(worker)
@@ -342,13 +348,28 @@ class ShardDataset(IterableDataset):
                 spares.append(sample)
             produced += 1
             if batch.full:
-                yield batch.take(skipped)
+                out = batch.take(skipped)
+                if skip:
+                    skip -= 1
+                    self._drop(out, worker)
+                else:
+                    yield out
             if produced == quota:  # never more than the rank's share (cannot happen by construction)
                 break
         if self.train and produced < quota:
-            yield from self._top_up(quota - produced, spares, plans, batch, skipped, rng)
+            for out in self._top_up(quota - produced, spares, plans, batch, skipped, rng):
+                if skip:
+                    skip -= 1
+                    self._drop(out, worker)
+                else:
+                    yield out
         elif len(batch) or skipped:  # an empty batch still carries the count of skipped samples
             yield batch.take(skipped)
+
+    def _drop(self, batch, worker: int) -> None:
+        """A batch skipped on resume: never sent, so its slot is free again at once."""
+        if isinstance(batch[0], SlotRef):
+            self.pool.free[worker].release()
 
     def _top_up(self, missing, spares, plans, batch, skipped, rng):
         """Fill the training quota by drawing again from samples this worker read successfully (from
@@ -368,6 +389,25 @@ class ShardDataset(IterableDataset):
             self._add(batch, spares[i], {})
             if batch.full:
                 yield batch.take(skipped)
+
+
+def resume_layout(batches: list[int], skip: int) -> tuple[list[int], int]:
+    """Resuming after the rank's first `skip` batches: how many batches each (logical) worker
+    drops, and which logical worker goes first. The DataLoader takes one batch from each worker in
+    turn (passing over workers that are done) and always starts with worker 0, so physical worker w
+    plays logical worker (w + first) % W: the resumed stream is then exactly the uninterrupted one."""
+    left, skips, w, n = list(batches), [0] * len(batches), 0, len(batches)
+    while skip > 0 and any(left):
+        if left[w]:
+            skips[w] += 1
+            left[w] -= 1
+            skip -= 1
+        w = (w + 1) % n
+    for _ in range(n):
+        if left[w]:
+            break
+        w = (w + 1) % n
+    return skips, w
 
 
 def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:

@@ -314,3 +314,21 @@ def test_pooled_batches_carry_the_right_pixels_also_after_an_abandoned_epoch(thr
         assert seen == train_steps(60, 1, 5) * 5
     images, labels = next(iter(loader))
     assert images.shape == (5, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_skipping_batches_resumes_the_exact_stream(three_shards, workers):
+    """set_epoch(epoch, skip=k) (resuming mid-epoch) yields exactly the batches k, k+1, ... of the
+    uninterrupted epoch, pixels included, whichever worker had produced them."""
+    manifest = load_manifest(three_shards)
+    dataset = ShardDataset(manifest, "train", 4, 16, world=1, rank=0, num_workers=workers, train=True, seed=2)
+    loader = make_loader(dataset, workers, False)
+
+    def stream(skip):
+        dataset.set_epoch(1, skip)
+        return [(tuple(info["keys"]), _pixels(dataset, images).sum().item()) for images, _, info in loader]
+
+    full = stream(0)
+    assert len(full) == 15
+    for skip in (1, 2, 4, 7, 14, 15):
+        assert stream(skip) == full[skip:], skip

@@ -1,0 +1,108 @@
+"""Checkpoints and exact resume on 2 real processes: a run SIGKILLed mid-epoch and resumed ends with
+the weights and per-epoch losses of an uninterrupted run; a preemption signal saves and exits 75."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, REPO, free_port, launch, run_env
+
+pytestmark = pytest.mark.dist
+
+
+def _args(mnist, out, name, *extra):
+    return ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist}", f"run.output_dir={out}",
+            f"run.name={name}", "train.epochs=2", "data.batch_size=16", "data.num_workers=0", "log.progress=false",
+            "checkpoint.every_n_steps=3", "log.every_n_steps=2", *extra]
+
+
+def _popen(args):
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", str(free_port()), "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not path.exists():  # polling for a file the run writes, not timing the run
+        assert proc.poll() is None, f"the run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def mnist_shards(tmp_path_factory, mnist_small):
+    out = tmp_path_factory.mktemp("shards") / "mnist"
+    subprocess.run([str(BIN / "disttrain"), "prepare", str(mnist_small), str(out), "--presize", "28", "--samples-per-shard", "100",
+                    "--workers", "1", "--no-progress"], env=run_env(), check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["folder", "shards"])
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, mnist_small, fmt, request):
+    data = [] if fmt == "folder" else [f"data.root={request.getfixturevalue('mnist_shards')}", "data.format=shards", "data.num_workers=2"]
+    launch(_args(mnist_small, tmp_path, "a", *data), nproc=2)
+    proc = _popen(_args(mnist_small, tmp_path, "b", *data))
+    _wait_for(tmp_path / "b" / "checkpoints" / "step-00000006", proc)  # mid-epoch 0 (10 steps per epoch)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "results.json").exists()
+    resumed = launch(_args(mnist_small, tmp_path, "b", *data), nproc=2)
+    assert "resuming from" in resumed.stdout and "LR sweep" not in resumed.stdout
+
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    epochs_a = json.loads((tmp_path / "a" / "results.json").read_text())["epochs"]
+    epochs_b = json.loads((tmp_path / "b" / "results.json").read_text())["epochs"]
+    for ea, eb in zip(epochs_a, epochs_b, strict=True):
+        assert (ea["train_loss"], ea["valid_loss"], ea["accuracy"]) == (eb["train_loss"], eb["valid_loss"], eb["accuracy"])
+    kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000018", "step-00000020"]  # keep_last=2: the last mid-epoch one and the final epoch end
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-00000020"
+
+
+def test_preemption_signal_saves_and_exits_75_then_resume_finishes(tmp_path, mnist_small):
+    proc = _popen(_args(mnist_small, tmp_path, "p", "train.epochs=3"))
+    _wait_for(tmp_path / "p" / "checkpoints" / "step-00000003", proc)
+    for line in subprocess.run(["pgrep", "-f", f"run.output_dir={tmp_path}"], capture_output=True, text=True).stdout.split():
+        if int(line) != proc.pid:
+            os.kill(int(line), signal.SIGUSR1)  # the training processes, as the SLURM script forwards it
+    out, err = proc.communicate(timeout=240)
+    assert "exiting with 75" in err, err[-3000:]
+    latest = (tmp_path / "p" / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((tmp_path / "p" / "checkpoints" / latest / "meta.json").read_text())
+    assert meta["global_step"] % 2 == 0 or meta["steps_done_in_epoch"] == 0  # at a log point or an epoch end
+    done = launch(_args(mnist_small, tmp_path, "p", "train.epochs=3"), nproc=2)
+    assert f"global step {meta['global_step']}" in done.stdout
+    assert len(json.loads((tmp_path / "p" / "results.json").read_text())["epochs"]) == 3
+
+
+def _fault_run(mnist, out, mode, at, *launcher):
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", str(free_port()), "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *launcher,
+           "tests/distributed/fault_worker.py", mode, str(at), *_args(mnist, out, mode)[3:]]
+    return cmd
+
+
+def test_a_rank_that_raises_ends_the_job_quickly(tmp_path, mnist_small):
+    # a hang would run into the 30-minute default collective timeout; the bound here is 60 s
+    proc = subprocess.run(_fault_run(mnist_small, tmp_path, "raise", 4), cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 4" in proc.stderr
+    assert not (tmp_path / "raise" / "results.json").exists()
+
