@@ -103,3 +103,32 @@ def hymenoptera() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data/hymenoptera is not present")
     return path
+
+
+# -- a real single-host SLURM cluster per test module (tests/slurm/cluster.sh), stopped by PID after
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+
+
+def _cluster(tmp_path_factory, nodes: int):
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster needs root (munge runs as its own user)")
+    state = tmp_path_factory.mktemp(f"slurm{nodes}")
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(state), str(nodes)], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, f"SLURM did not start:\n{started.stdout}\n{started.stderr}"
+    return state, {**run_env(), "SLURM_CONF": str(state / "slurm.conf"), "GPUS_PER_NODE": "0"}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """One node with all of this host's CPUs."""
+    state, env = _cluster(tmp_path_factory, 1)
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory):
+    """Two nodes (two slurmd on this host), half of the CPUs each."""
+    state, env = _cluster(tmp_path_factory, 2)
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A single-host SLURM cluster for the tests: munge + slurmctld + slurmd, no systemd.
-#   tests/slurm/cluster.sh start DIR   -> writes DIR/slurm.conf, starts the daemons, prints their PIDs
-#   tests/slurm/cluster.sh stop DIR    -> stops them by PID
+#   tests/slurm/cluster.sh start DIR [NODES] -> writes DIR/slurm.conf and starts the daemons; with
+#       NODES=2, two slurmd (nodes dt1 and dt2, half of this host's CPUs each) on their own ports
+#   tests/slurm/cluster.sh stop DIR          -> stops them by PID
 # Needs root (munge runs as user munge) and Debian's slurmctld slurmd slurm-client munge, which
 # `start` installs with apt-get when they are missing.
 set -euo pipefail
 cmd=$1
 dir=$(realpath -m "$2")
+nodes=${3:-1}
 
 if [ "$cmd" = stop ]; then
     for pidfile in "$dir"/*.pid; do
@@ -18,14 +20,14 @@ fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 fi
-mkdir -p "$dir/spool/ctld" "$dir/spool/d" "$dir/log"
+mkdir -p "$dir/spool/ctld" "$dir/log"
 host=$(hostname -s)
 cpus=$(nproc)
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=disttrain
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$((16800 + RANDOM % 100))
-SlurmdPort=$((16900 + RANDOM % 100))
+SlurmdPort=$((16900 + RANDOM % 50))
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
@@ -38,14 +40,28 @@ ReturnToService=2
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$dir/spool/ctld
-SlurmdSpoolDir=$dir/spool/d
+SlurmdSpoolDir=$dir/spool/d-%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=$dir/log/slurmd-%n.log
 CONF
+if [ "$nodes" = 1 ]; then
+    names=$host
+    mkdir -p "$dir/spool/d-$host"
+    echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN" >> "$dir/slurm.conf"
+else
+    # two slurmd on this host, each its own node with its own port and half of the CPUs
+    names=dt1,dt2
+    base=$((16950 + RANDOM % 40))
+    per=$(( cpus / 2 > 0 ? cpus / 2 : 1 ))
+    for i in 1 2; do
+        mkdir -p "$dir/spool/d-dt$i"
+        echo "NodeName=dt$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((base + i)) CPUs=$per State=UNKNOWN" >> "$dir/slurm.conf"
+        grep -q "[[:space:]]dt$i\$" /etc/hosts || echo "127.0.0.1 dt$i" >> /etc/hosts  # node names must resolve
+    done
+fi
+echo "PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP" >> "$dir/slurm.conf"
 
 # munge: key + socket dir owned by user munge
 mkdir -p /run/munge /etc/munge /var/lib/munge /var/log/munge
@@ -63,9 +79,14 @@ fi
 
 export SLURM_CONF=$dir/slurm.conf
 slurmctld -f "$dir/slurm.conf"
-slurmd -f "$dir/slurm.conf"
+if [ "$nodes" = 1 ]; then
+    slurmd -f "$dir/slurm.conf"
+else
+    slurmd -f "$dir/slurm.conf" -N dt1
+    slurmd -f "$dir/slurm.conf" -N dt2
+fi
 for _ in $(seq 1 60); do
-    if timeout 10 srun -N1 -n1 true 2>/dev/null; then
+    if timeout 10 srun -N"$nodes" -n"$nodes" true 2>/dev/null; then
         echo "SLURM_CONF=$dir/slurm.conf"
         exit 0
     fi

@@ -1,36 +1,20 @@
 """launch/slurm/train.sbatch on a real single-host SLURM cluster (munge + slurmctld + slurmd,
-started by tests/slurm/cluster.sh and stopped by PID afterwards)."""
+started by tests/slurm/cluster.sh and stopped by PID afterwards; fixtures in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, run_env
+from conftest import REPO
 
 pytestmark = pytest.mark.slurm
 
-CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("the test cluster needs root (munge runs as its own user)")
-    state = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, f"SLURM did not start:\n{started.stdout}\n{started.stderr}"
-    env = {**run_env(), "SLURM_CONF": str(state / "slurm.conf"), "GPUS_PER_NODE": "0"}
-    yield env
-    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60)
-
-
-def _sbatch(env, out_dir, *args, wait: bool):
-    cmd = ["sbatch", "--parsable", f"--output={out_dir}/%x-%j.out", *(["--wait"] if wait else []),
+def _sbatch(env, out_dir, *args, wait: bool, nodes: int = 1):
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--output={out_dir}/%x-%j.out", *(["--wait"] if wait else []),
            "launch/slurm/train.sbatch", "--config", "configs/demo.yaml", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     return proc, proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else None
