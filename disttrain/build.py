@@ -105,13 +105,13 @@ def build_augment(cfg: Config, accelerator: Accelerator) -> DeviceAugment:
 
 
 def build_trainer(
-    cfg: Config, accelerator: Accelerator, resume: bool = False, flag: PreemptionFlag | None = None
+    cfg: Config, accelerator: Accelerator, resume_step: int | None = None, flag: PreemptionFlag | None = None
 ) -> tuple[Trainer, ImageFolderData | Manifest]:
     reporter = ConsoleReporter(accelerator.is_main_process, progress=cfg.log.progress)
     if accelerator.is_main_process:
         save_config(cfg, cfg.run.dir / "config.yaml")
     data = load_data(cfg, accelerator, reporter)
-    tracker = Tracker(cfg, accelerator.is_main_process, reporter, resume=resume)
+    tracker = Tracker(cfg, accelerator.is_main_process, reporter, resume_step=resume_step)
     train_loader, valid_loader = build_loaders(cfg, data, accelerator)
 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank

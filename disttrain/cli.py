@@ -61,7 +61,8 @@ def train(cfg, find_lr_only: bool = False) -> list:
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
     resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
-    trainer, data = build_trainer(cfg, accelerator, resume=resume_from is not None, flag=flag)
+    resume_step = json.loads((resume_from / "meta.json").read_text())["global_step"] if resume_from else None
+    trainer, data = build_trainer(cfg, accelerator, resume_step=resume_step, flag=flag)
     try:
         history = _train(cfg, accelerator, trainer, data, find_lr_only, resume_from)
     except BaseException as err:
@@ -118,6 +119,8 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
     elif find_lr_only or cfg.optim.lr == "auto":
         sweep = find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
         trainer.tracker.log_sweep(sweep, cfg.run.dir / "lr_sweep.png")
+        trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
+                                                 "suggestions": sweep.suggestions}
         if find_lr_only:
             return []
         trainer.schedule.set_peak_lr(sweep.suggestion)

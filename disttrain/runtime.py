@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+from datetime import timedelta
 
 import numpy as np
 import torch
-from datetime import timedelta
-
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
@@ -25,10 +26,32 @@ def build_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
     if cfg.train.precision == "fp16" and not cuda:
         raise ConfigError("train.precision: fp16 needs a CUDA device; use train.precision=bf16 on CPU")
+    _init_after_restart(cuda, timedelta(seconds=cfg.train.collective_timeout))
     return Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.train.precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))],
+    )
+
+
+def _init_after_restart(cuda: bool, timeout: timedelta) -> None:
+    """Workers restarted by the elastic agent (`accelerate launch --max_restarts N`) find the keys
+    of the previous attempt in the agent's store: gloo then connects to the dead workers' addresses
+    ("connectFullMesh failed ... Connection refused"). Such a restart builds the process group
+    itself, on a store prefix of its own attempt; Accelerate then uses that group."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if restart == 0 or world < 2 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo",
+        store=dist.PrefixStore(f"/disttrain/attempt_{restart}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        timeout=timeout,
     )
 
 

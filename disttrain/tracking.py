@@ -106,7 +106,11 @@ def resolve_wandb(cfg, run_name: str) -> dict[str, Any]:
 class Tracker:
     """metrics.jsonl + a W&B run, for the main process (a no-op elsewhere)."""
 
-    def __init__(self, cfg, is_main: bool, reporter: ConsoleReporter, resume: bool = False):
+    def __init__(self, cfg, is_main: bool, reporter: ConsoleReporter, resume_step: int | None = None):
+        """`resume_step`: the global step of the checkpoint a resumed run starts from; metrics.jsonl
+        keeps its rows up to that step (later ones are repeated by the resumed run) and the W&B run
+        with the id in the run dir continues."""
+        resume = resume_step is not None
         self.is_main = is_main
         self.run_dir = cfg.run.dir
         self.reporter = reporter
@@ -115,7 +119,11 @@ class Tracker:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a" if resume else "w")
+        metrics = self.run_dir / "metrics.jsonl"
+        kept = _rows_up_to(metrics, resume_step) if resume and metrics.exists() else []
+        self._metrics = open(metrics, "w")
+        self._metrics.writelines(kept)
+        self._metrics.flush()
         settings = resolve_wandb(cfg.log.wandb, cfg.run.name)
         if settings["mode"] == "disabled":
             return
@@ -222,6 +230,17 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+def _rows_up_to(path: Path, step: int) -> list[str]:
+    rows = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (json.JSONDecodeError, KeyError):  # a line cut by a kill
+            continue
+    return rows
 
 
 def _plain(value: Any) -> Any:

@@ -1,5 +1,8 @@
-"""The real `train()` with one injected fault: rank 1 raises at a given global step."""
+"""The real `train()` with one injected fault on rank 1 at a given global step: `raise` (an
+exception) or `kill` (SIGKILL of the process, on the elastic agent's first attempt only)."""
 
+import os
+import signal
 import sys
 
 from disttrain.cli import run_user_errors, train
@@ -14,6 +17,8 @@ def faulty_step(self, batches):
     if self.accelerator.process_index == 1 and self.global_step == at:
         if mode == "raise":
             raise RuntimeError(f"injected failure on rank 1 at step {at}")
+        if mode == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
     return real_step(self, batches)
 
 

@@ -106,3 +106,31 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path, mnist_small):
     assert "injected failure on rank 1 at step 4" in proc.stderr
     assert not (tmp_path / "raise" / "results.json").exists()
 
+
+
+def test_a_killed_rank_is_restarted_and_resumes_with_the_exact_step_count(tmp_path, mnist_small):
+    proc = subprocess.run(_fault_run(mnist_small, tmp_path, "kill", 7, "--max_restarts", "1", "--monitor_interval", "1"),
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from" in proc.stdout and "step-00000006" in proc.stdout
+    assert len(json.loads((tmp_path / "kill" / "results.json").read_text())["epochs"]) == 2
+    rows = [json.loads(line) for line in (tmp_path / "kill" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(2, 21, 2))  # none lost or logged twice
+    assert [r["epoch"] for r in rows if "valid/loss" in r] == [1, 2]
+    latest = (tmp_path / "kill" / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((tmp_path / "kill" / "checkpoints" / latest / "meta.json").read_text())["global_step"] == 20
+
+
+def test_a_checkpoint_of_other_classes_is_refused(tmp_path, mnist_small):
+    from conftest import make_folder
+
+    run = ["launch/train.py", f"run.output_dir={tmp_path}", "run.name=c", "data.load_size=36", "data.image_size=32",
+           "data.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2", "data.num_workers=0", "log.progress=false",
+           "log.wandb.mode=disabled"]
+    launch(run + [f"data.root={mnist_small}"], launcher="python")
+    other = make_folder(tmp_path / "abc", {"train": {"a": 4, "b": 4, "c": 4}, "valid": {"a": 2, "b": 2, "c": 2}}, size=(36, 36))
+    refused = launch(run + [f"data.root={other}"], launcher="python", check=False)
+    assert refused.returncode == 2
+    assert "saved for model resnet18 with classes ['0', '1'" in refused.stderr and "checkpoint.resume=never" in refused.stderr
+    fresh = launch(run + [f"data.root={other}", "checkpoint.resume=never"], launcher="python")
+    assert "resuming" not in fresh.stdout

@@ -108,12 +108,12 @@ def test_a_resumed_tracker_continues_the_same_run(tmp_path, monkeypatch):
     first.log({"train/loss": 1.0}, step=1)
     run_id = first.wandb_run.id
     first.finish()
-    again = Tracker(cfg, True, ConsoleReporter(False), resume=True)
+    again = Tracker(cfg, True, ConsoleReporter(False), resume_step=1)
     assert again.wandb_run.id == run_id
     again.log({"train/loss": 0.5}, step=2)
     again.finish()
     assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert {p.name.rsplit("-", 1)[1] for p in (tmp_path / "r" / "wandb").glob("offline-run-*")} == {run_id}
+    assert all(run_id in p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))  # one run id, however many dirs
     fresh = Tracker(cfg, True, ConsoleReporter(False))  # a new run (not resuming) gets a new W&B run
     assert fresh.wandb_run.id != run_id
     fresh.finish()

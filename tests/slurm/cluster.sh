@@ -18,7 +18,10 @@ if [ "$cmd" = stop ]; then
 fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+    packages="slurmctld slurmd slurm-client munge"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $packages >/dev/null; }
 fi
 mkdir -p "$dir/spool/ctld" "$dir/log"
 host=$(hostname -s)
