@@ -109,9 +109,6 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
                 "resume with the same number (the data order depends on it) or start fresh with checkpoint.resume=never"
             )
         trainer.load_state(meta, shared, rank_state)
-        from disttrain.checkpoint import restore_rng
-
-        restore_rng(rank_state)
         trainer.reporter.line(
             f"resuming from {resume_from}: epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
             f"global step {meta['global_step']}, peak LR {max(trainer.schedule.base_lrs):.3g}"

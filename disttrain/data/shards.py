@@ -515,12 +515,3 @@ class _BatchBuilder:
         skipped.clear()
         self._reset()
         return out
-
-
-def image_payloads(path: Path) -> Iterator[bytes]:
-    """Every image payload of a shard, in order (the benchmark's decode-only ceiling)."""
-    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-        for member in tar:
-            if member.isfile() and _split_name(member.name)[1] in IMAGE_EXTS:
-                yield tar.extractfile(member).read()
-
