@@ -228,18 +228,21 @@ class Trainer:
                 self.checkpointer.save(self, epoch, i + 1, {"loss_total": loss_total, "count": count})
         bar.close()
         window.pause()  # evaluation time does not count towards train/images_per_sec
-        flag = float(self.checkpointer is not None and self.checkpointer.flag.requested)
         local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped()),
-                             loss_total.new_tensor(flag)])
-        totals = self.accelerator.reduce(local, reduction="sum")
-        mean_loss = (totals[0] / totals[1]).item()
-        self._report_skipped(f"epoch {epoch}: {{}} unreadable training sample(s) skipped and replaced by others", totals[2])
+                             loss_total.new_tensor(float(self._stop_requested()))])
+        loss_sum, images, skipped, stops = self.accelerator.reduce(local, reduction="sum").tolist()  # one sync
+        mean_loss = loss_sum / images
+        self._report_skipped(f"epoch {epoch}: {{}} unreadable training sample(s) skipped and replaced by others", skipped)
         if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
             raise FloatingPointError(
                 f"epoch {epoch}: the training loss is {mean_loss}; lower optim.lr, set train.clip_grad, "
                 "or use train.precision=bf16 or no"
             )
-        return mean_loss, int(totals[1].item()), bool(totals[3].item() > 0)
+        return mean_loss, int(images), stops > 0
+
+    def _stop_requested(self) -> bool:
+        """This rank got a preemption signal (reduced across ranks where it is read)."""
+        return self.checkpointer is not None and self.checkpointer.flag.requested
 
     # -- checkpoint state --------------------------------------------------------------------
 
@@ -284,8 +287,7 @@ class Trainer:
 
     def _log_train(self, window: _Window, epoch: float, bar) -> bool:
         """Log train/* at this step; returns whether any rank was asked to stop (preemption)."""
-        flag = self.checkpointer is not None and self.checkpointer.flag.requested
-        loss, images, seconds, stop = window.take(self.accelerator, flag)
+        loss, images, seconds, stop = window.take(self.accelerator, self._stop_requested())
         metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch}
         lrs = self.schedule.get_last_lr()
         if len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
