@@ -141,15 +141,26 @@ def test_environment_wins_over_the_config_and_credentials_pick_the_mode(tmp_path
     assert resolve_wandb(cfg, "run")["mode"] == "online"
 
 
-def test_a_run_that_raised_is_marked_failed(tmp_path, monkeypatch):
-    from disttrain.config import load_config
-    from disttrain.tracking import ConsoleReporter, Tracker
+RAISING_RUN = """
+import sys
+from disttrain.config import load_config
+from disttrain.tracking import ConsoleReporter, Tracker
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=f"])
-    tracker = Tracker(cfg, True, ConsoleReporter(False))
+tracker = Tracker(load_config(None, sys.argv[1:]), True, ConsoleReporter(False))
+try:
     tracker.log({"train/loss": 1.0}, step=1)
-    tracker.finish(failed=True)
+    raise RuntimeError("boom")
+except RuntimeError:
+    tracker.finish(failed=True)  # what the CLI does when training raised
+    raise
+"""
+
+
+def test_a_run_that_raised_is_marked_failed(tmp_path):
+    # In its own process, as in a real run: the W&B run files are complete once that process has exited.
+    proc = launch(["-c", RAISING_RUN, f"run.output_dir={tmp_path}", "run.name=f"], launcher="python", check=False,
+                  env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 1 and "boom" in proc.stderr
     records = read_records(next((tmp_path / "f" / "wandb").glob("offline-run-*/run-*.wandb")))
     exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
