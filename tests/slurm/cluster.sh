@@ -75,9 +75,9 @@ if [ ! -s /etc/munge/munge.key ]; then
     chown munge:munge /etc/munge/munge.key
     chmod 0400 /etc/munge/munge.key
 fi
-if ! pgrep -x munged >/dev/null; then
-    runuser -u munge -- munged
-    pgrep -x munged > "$dir/munged.pid"  # ours: stopped with the cluster
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then  # no munged answering: start ours
+    runuser -u munge -- munged  # returns once the daemon is up and has written /run/munge/munged.pid
+    cp /run/munge/munged.pid "$dir/munged.pid"  # ours: stopped with the cluster
 fi
 
 export SLURM_CONF=$dir/slurm.conf
