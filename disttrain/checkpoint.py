@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,37 @@ def find_latest(run_dir: str | Path) -> Path | None:
             return named
     complete = sorted(p for p in root.glob("step-*") if _is_complete(p)) if root.is_dir() else []
     return complete[-1] if complete else None
+
+
+def set_aside_later(run_dir: str | Path, from_step: int | None) -> Path | None:
+    """Before a run writes checkpoints: move this run dir's complete checkpoints past `from_step` (all
+    of them when the run starts fresh or resumes from elsewhere) into `checkpoints/superseded-<UTC>/`.
+    They belong to another timeline: left in place, pruning and the `latest` fallback would mix them
+    with the new run's. Nothing is deleted. Returns the folder they went to, if any."""
+    root = checkpoint_root(run_dir)
+    later = [p for p in root.glob("step-*") if _is_complete(p) and (from_step is None or _step_of(p) > from_step)] if root.is_dir() else []
+    if not later:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = root / f"superseded-{stamp}"
+    for n in range(1, 1000):  # a new folder each time, even within one second
+        if not aside.exists():
+            break
+        aside = root / f"superseded-{stamp}-{n}"
+    aside.mkdir()
+    pointer = root / LATEST
+    if pointer.is_file() and pointer.read_text().strip() in {p.name for p in later}:
+        os.replace(pointer, aside / LATEST)
+    for path in later:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return 2**63  # not a name we write: set aside with the rest
 
 
 def _rng_state() -> dict:

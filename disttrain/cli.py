@@ -92,6 +92,18 @@ def _resume_path(cfg, accelerator) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
+def _set_aside_other_checkpoints(cfg, resume_from: Path | None, reporter) -> None:
+    """A run that does not continue from its own run dir's newest checkpoint moves the checkpoints
+    it would not continue (all, or those past the one it resumes from) out of its way."""
+    from disttrain.checkpoint import checkpoint_root, set_aside_later
+
+    own = resume_from is not None and resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve()
+    from_step = json.loads((resume_from / "meta.json").read_text())["global_step"] if own else None
+    aside = set_aside_later(cfg.run.dir, from_step)
+    if aside is not None:
+        reporter.line(f"moved this run dir's other checkpoints to {aside} (not continued by this run; delete when not needed)")
+
+
 def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Path | None) -> list:
     from disttrain.checkpoint import CheckpointError, load_checkpoint, save_weights
     from disttrain.lr_sweep import find_lr
@@ -121,6 +133,8 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
         if find_lr_only:
             return []
         trainer.schedule.set_peak_lr(sweep.suggestion)
+    if accelerator.is_main_process:
+        _set_aside_other_checkpoints(cfg, resume_from, trainer.reporter)
     history = trainer.fit()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(trainer.model)

@@ -294,7 +294,8 @@ class CheckpointConfig:
     """Complete checkpoints kept in <run dir>/checkpoints; older ones are deleted after a new one is complete."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint of the run dir if there is one; `never`:
-    start fresh; or the path of a checkpoint directory to resume from."""
+    start fresh; or the path of a checkpoint directory to resume from. Checkpoints of the run dir that
+    the run does not continue are moved to <run dir>/checkpoints/superseded-<UTC time>/, never deleted."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None:

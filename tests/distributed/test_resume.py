@@ -127,10 +127,17 @@ def test_a_checkpoint_of_other_classes_is_refused(tmp_path, mnist_small):
     run = ["launch/train.py", f"run.output_dir={tmp_path}", "run.name=c", "data.load_size=36", "data.image_size=32",
            "data.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2", "data.num_workers=0", "log.progress=false",
            "log.wandb.mode=disabled"]
-    launch(run + [f"data.root={mnist_small}"], launcher="python")
+    launch(run + [f"data.root={mnist_small}", "train.epochs=2"], launcher="python")  # checkpoints at steps 2 and 4
     other = make_folder(tmp_path / "abc", {"train": {"a": 4, "b": 4, "c": 4}, "valid": {"a": 2, "b": 2, "c": 2}}, size=(36, 36))
     refused = launch(run + [f"data.root={other}"], launcher="python", check=False)
     assert refused.returncode == 2
     assert "saved for model resnet18 with classes ['0', '1'" in refused.stderr and "checkpoint.resume=never" in refused.stderr
-    fresh = launch(run + [f"data.root={other}", "checkpoint.resume=never"], launcher="python")
+    fresh = launch(run + [f"data.root={other}", "checkpoint.resume=never", "checkpoint.keep_last=1"], launcher="python")
     assert "resuming" not in fresh.stdout
+    # the old run's checkpoints are set aside, not mixed with (or pruned against) the new run's
+    root = tmp_path / "c" / "checkpoints"
+    aside = next(root.glob("superseded-*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002"]
+    assert json.loads((root / "step-00000002" / "meta.json").read_text())["classes"] == ["a", "b", "c"]
+    assert (root / "latest").read_text().strip() == "step-00000002"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from disttrain.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from disttrain.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint, set_aside_later
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,22 @@ def test_loading_refuses_other_world_sizes_and_broken_files(tmp_path, accelerato
     with pytest.raises(CheckpointError, match="could not be read"):
         load_checkpoint(path, rank=0)
     assert json.loads((path / "meta.json").read_text())["global_step"] == 3
+
+
+def test_checkpoints_of_another_timeline_are_set_aside_not_pruned_against(tmp_path, accelerator):
+    for step in (10, 20):
+        _save(accelerator, tmp_path, step)
+    root = tmp_path / "checkpoints"
+    (root / "step-00000030.tmp").mkdir()  # a killed save: not a checkpoint, left for the next save to clear
+    # resuming from step 10 (an explicit path): step 20 is past it, and so is `latest`
+    aside = set_aside_later(tmp_path, 10)
+    assert sorted(p.name for p in aside.iterdir()) == ["latest", "step-00000020"]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000010", "step-00000030.tmp"]
+    _save(accelerator, tmp_path, 12, keep_last=1, value=5.0)  # lower than 20: kept, and found as the newest
+    assert find_latest(tmp_path).name == "step-00000012"
+    assert set_aside_later(tmp_path, 12) is None  # continuing from the newest moves nothing
+    # a fresh start: everything complete goes
+    fresh = set_aside_later(tmp_path, None)
+    assert [p.name for p in fresh.glob("step-*")] == ["step-00000012"] and find_latest(tmp_path) is None
+    _save(accelerator, tmp_path, 3, keep_last=1)
+    assert find_latest(tmp_path).name == "step-00000003"
