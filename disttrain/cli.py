@@ -92,22 +92,11 @@ def _resume_path(cfg, accelerator) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
-def _set_aside_other_checkpoints(cfg, resume_from: Path | None, reporter) -> None:
-    """A run that does not continue from its own run dir's newest checkpoint moves the checkpoints
-    it would not continue (all, or those past the one it resumes from) out of its way."""
-    from disttrain.checkpoint import checkpoint_root, set_aside_later
-
-    own = resume_from is not None and resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve()
-    from_step = json.loads((resume_from / "meta.json").read_text())["global_step"] if own else None
-    aside = set_aside_later(cfg.run.dir, from_step)
-    if aside is not None:
-        reporter.line(f"moved this run dir's other checkpoints to {aside} (not continued by this run; delete when not needed)")
-
-
 def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Path | None) -> list:
-    from disttrain.checkpoint import CheckpointError, load_checkpoint, save_weights
+    from disttrain.checkpoint import CheckpointError, checkpoint_root, load_checkpoint, save_weights, set_aside_later
     from disttrain.lr_sweep import find_lr
 
+    from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
     if resume_from is not None:
         meta, shared, rank_state = load_checkpoint(resume_from, accelerator.process_index)
         if meta["classes"] != list(data.classes) or meta["model"] != cfg.model.name:
@@ -121,6 +110,8 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
                 "resume with the same number (the data order depends on it) or start fresh with checkpoint.resume=never"
             )
         trainer.load_state(meta, shared, rank_state)
+        if resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
+            from_step = meta["global_step"]
         trainer.reporter.line(
             f"resuming from {resume_from}: epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
             f"global step {meta['global_step']}, peak LR {max(trainer.schedule.base_lrs):.3g}"
@@ -133,8 +124,10 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
         if find_lr_only:
             return []
         trainer.schedule.set_peak_lr(sweep.suggestion)
-    if accelerator.is_main_process:
-        _set_aside_other_checkpoints(cfg, resume_from, trainer.reporter)
+    if accelerator.is_main_process:  # checkpoints of the run dir this run does not continue go out of its way
+        aside = set_aside_later(cfg.run.dir, from_step)
+        if aside is not None:
+            trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
     history = trainer.fit()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(trainer.model)

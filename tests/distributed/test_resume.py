@@ -133,7 +133,7 @@ def test_a_checkpoint_of_other_classes_is_refused(tmp_path, mnist_small):
     assert refused.returncode == 2
     assert "saved for model resnet18 with classes ['0', '1'" in refused.stderr and "checkpoint.resume=never" in refused.stderr
     fresh = launch(run + [f"data.root={other}", "checkpoint.resume=never", "checkpoint.keep_last=1"], launcher="python")
-    assert "resuming" not in fresh.stdout
+    assert "resuming" not in fresh.stdout and "moved this run dir's checkpoints" in fresh.stdout
     # the old run's checkpoints are set aside, not mixed with (or pruned against) the new run's
     root = tmp_path / "c" / "checkpoints"
     aside = next(root.glob("superseded-*"))
