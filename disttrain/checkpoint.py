@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from disttrain.models import WeightsError
+from disttrain.runtime import rng_state
 
 
 def atomic_save(obj: object, path: str | Path) -> Path:
@@ -88,7 +89,8 @@ def set_aside_later(run_dir: str | Path, from_step: int | None) -> Path | None:
     They belong to another timeline: left in place, pruning and the `latest` fallback would mix them
     with the new run's. Nothing is deleted. Returns the folder they went to, if any."""
     root = checkpoint_root(run_dir)
-    later = [p for p in root.glob("step-*") if _is_complete(p) and (from_step is None or _step_of(p) > from_step)] if root.is_dir() else []
+    complete = [p for p in root.glob("step-*") if _is_complete(p)] if root.is_dir() else []
+    later = [p for p in complete if from_step is None or _step_of(p) > from_step]
     if not later:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -113,36 +115,6 @@ def _step_of(path: Path) -> int:
         return 2**63  # not a name we write: set aside with the rest
 
 
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(accelerator, run_dir: Path, global_step: int, shared: dict, rank_state: dict, meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it at the same step. Returns the final directory."""
     root = checkpoint_root(run_dir)
@@ -153,7 +125,7 @@ def save_checkpoint(accelerator, run_dir: Path, global_step: int, shared: dict, 
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    torch.save({**rank_state, "rng": _rng_state()}, tmp / f"rank{accelerator.process_index}.pt")
+    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(shared, tmp / "shared.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -178,27 +150,26 @@ def _fsync_dir_files(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict]:
-    """(meta, shared state, this rank's state) of a complete checkpoint, read with weights_only=True."""
+def load_checkpoint(path: Path, rank: int, world_size: int) -> tuple[dict, dict, dict]:
+    """(meta, shared state, this rank's state) of a complete checkpoint, read with weights_only=True.
+    Another world size is refused from meta.json alone, so every rank raises the same error."""
     if not _is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json); use another one or checkpoint.resume=never")
     meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"{path}: saved by {meta['world_size']} processes, this run has {world_size}; resume with the same "
+            "number (the data order depends on it) or start fresh with checkpoint.resume=never"
+        )
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.is_file():
-        raise CheckpointError(
-            f"{path}: has no state for rank {rank} (saved by {meta.get('world_size')} processes); resume with the same "
-            "number of processes, or start fresh with checkpoint.resume=never"
-        )
+        raise CheckpointError(f"{path}: has no state for rank {rank} (damaged?); use another checkpoint or checkpoint.resume=never")
     try:
         shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=True)
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: could not be read ({err}); use another checkpoint or checkpoint.resume=never") from err
     return meta, shared, rank_state
-
-
-def restore_rng(rank_state: dict) -> None:
-    _set_rng_state(rank_state["rng"])
 
 
 # ------------------------------------------------------------------------------------------------

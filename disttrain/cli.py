@@ -53,7 +53,7 @@ def train(cfg, find_lr_only: bool = False) -> list:
     when asked (`find_lr_only`, or optim.lr=auto, not when resuming); fit; save `model.pt` and
     `results.json` in the run dir; track in metrics.jsonl and W&B."""
     from disttrain.build import build_trainer
-    from disttrain.checkpoint import PreemptionFlag
+    from disttrain.checkpoint import PreemptionFlag, load_checkpoint
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import setup_logging
 
@@ -61,10 +61,11 @@ def train(cfg, find_lr_only: bool = False) -> list:
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
     resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
-    resume_step = json.loads((resume_from / "meta.json").read_text())["global_step"] if resume_from else None
-    trainer, data = build_trainer(cfg, accelerator, resume_step=resume_step, flag=flag)
+    # (meta, shared state, this rank's state): every rank refuses another world size the same way, before building
+    resume = load_checkpoint(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
+    trainer, data = build_trainer(cfg, accelerator, resume_step=resume[0]["global_step"] if resume else None, flag=flag)
     try:
-        history = _train(cfg, accelerator, trainer, data, find_lr_only, resume_from)
+        history = _train(cfg, accelerator, trainer, data, find_lr_only, resume_from, resume)
     except BaseException as err:
         trainer.tracker.finish(failed=not isinstance(err, Preempted))
         raise
@@ -92,22 +93,17 @@ def _resume_path(cfg, accelerator) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
-def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Path | None) -> list:
-    from disttrain.checkpoint import CheckpointError, checkpoint_root, load_checkpoint, save_weights, set_aside_later
+def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Path | None, resume: tuple | None) -> list:
+    from disttrain.checkpoint import CheckpointError, checkpoint_root, save_weights, set_aside_later
     from disttrain.lr_sweep import find_lr
 
     from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
-    if resume_from is not None:
-        meta, shared, rank_state = load_checkpoint(resume_from, accelerator.process_index)
+    if resume is not None:
+        meta, shared, rank_state = resume
         if meta["classes"] != list(data.classes) or meta["model"] != cfg.model.name:
             raise CheckpointError(
                 f"{resume_from}: saved for model {meta['model']} with classes {meta['classes']}, but this run has "
                 f"{cfg.model.name} with {list(data.classes)}; use another run.name or checkpoint.resume=never"
-            )
-        if meta["world_size"] != accelerator.num_processes:
-            raise CheckpointError(
-                f"{resume_from}: saved by {meta['world_size']} processes, this run has {accelerator.num_processes}; "
-                "resume with the same number (the data order depends on it) or start fresh with checkpoint.resume=never"
             )
         trainer.load_state(meta, shared, rank_state)
         if resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve():

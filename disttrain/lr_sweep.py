@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from disttrain.config import SweepConfig
+from disttrain.runtime import rng_state, set_rng_state
 
 RULES = ("valley", "steep", "minimum", "slide")
 
@@ -203,21 +203,6 @@ def run_curve(
 # Snapshot / restore of everything a training step touches.
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def snapshot(trainer) -> dict:
     """In-memory copies (CPU) of model, optimizer, scaler, schedule, augmentation and RNG states."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -228,7 +213,7 @@ def snapshot(trainer) -> dict:
         "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         "schedule": copy.deepcopy(trainer.schedule.state_dict()),
         "augment": trainer.augment.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "sampler_epoch": trainer.train_loader.epoch,
     }
 
@@ -242,7 +227,7 @@ def restore(trainer, state: dict) -> None:
         trainer.accelerator.scaler.load_state_dict(state["scaler"])
     trainer.schedule.load_state_dict(state["schedule"])
     trainer.augment.load_state_dict(state["augment"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     trainer.train_loader.set_epoch(state["sampler_epoch"])
     trainer.train_loader.take_skipped()  # unreadable samples met by the sweep were logged as warnings already
 

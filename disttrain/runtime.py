@@ -63,6 +63,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states in plain types and tensors: restorable with
+    `set_rng_state`, and loadable with torch.load(weights_only=True) when saved in a checkpoint."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
     """A seed for `rank`'s own random stream (augmentation), distinct per rank and per stream."""
     return (seed * 1_000_003 + rank * 7_919 + stream * 104_729) % 2**63

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from disttrain.checkpoint import Checkpointer, Preempted
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.loader import DeviceLoader
+from disttrain.runtime import set_rng_state
 from disttrain.schedule import Schedule
-from disttrain.checkpoint import Checkpointer, Preempted, restore_rng
 from disttrain.tracking import ConsoleReporter, Tracker
 
 SAMPLE_GRID = 16  # augmented images shown once in W&B (train/samples)
@@ -280,7 +281,7 @@ class Trainer:
         self._window.loss.copy_(window["loss"].to(self._window.loss.device))
         self._window.images, self._window.seconds = window["images"], window["seconds"]
         self._resumed_sums = rank_state.get("partial")
-        restore_rng(rank_state)
+        set_rng_state(rank_state["rng"])
         self.global_step = meta["global_step"]
         self.start = (meta["epoch"], meta["steps_done_in_epoch"])
         self._samples_logged = True

@@ -28,7 +28,7 @@ def test_save_load_prune_and_latest(tmp_path, accelerator):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006", "step-00000009"]
     assert (root / "latest").read_text().strip() == "step-00000009"
-    meta, shared, rank = load_checkpoint(find_latest(tmp_path), rank=0)
+    meta, shared, rank = load_checkpoint(find_latest(tmp_path), rank=0, world_size=1)
     assert meta["global_step"] == 9 and torch.equal(shared["model"]["w"], torch.full((3,), 3.0))
     assert "torch" in rank["rng"] and "numpy" in rank["rng"]
 
@@ -49,7 +49,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_valid(tmp_path, accelerato
     root = tmp_path / "checkpoints"
     assert (root / "step-00000006.tmp").is_dir()  # the half-done save is left under its temporary name
     assert find_latest(tmp_path) == root / "step-00000003"
-    meta, shared, _ = load_checkpoint(find_latest(tmp_path), rank=0)
+    meta, shared, _ = load_checkpoint(find_latest(tmp_path), rank=0, world_size=1)
     assert meta["global_step"] == 3 and torch.equal(shared["model"]["w"], torch.full((3,), 1.0))
     _save(accelerator, tmp_path, 6, value=2.0)  # the next save clears the leftover
     assert not (root / "step-00000006.tmp").exists() and find_latest(tmp_path) == root / "step-00000006"
@@ -66,11 +66,16 @@ def test_a_pointer_to_a_missing_checkpoint_falls_back_to_the_newest_complete_one
 
 def test_loading_refuses_other_world_sizes_and_broken_files(tmp_path, accelerator):
     path = _save(accelerator, tmp_path, 3)
-    with pytest.raises(CheckpointError, match="no state for rank 1 .*same number"):
-        load_checkpoint(path, rank=1)
+    with pytest.raises(CheckpointError, match="saved by 1 processes, this run has 2; resume with the same number"):
+        load_checkpoint(path, rank=1, world_size=2)  # every rank of the 2, rank 0 included, gets this error
+    with pytest.raises(CheckpointError, match="saved by 1 processes, this run has 2"):
+        load_checkpoint(path, rank=0, world_size=2)
     (path / "shared.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="could not be read"):
-        load_checkpoint(path, rank=0)
+        load_checkpoint(path, rank=0, world_size=1)
+    (path / "rank0.pt").unlink()
+    with pytest.raises(CheckpointError, match="no state for rank 0"):
+        load_checkpoint(path, rank=0, world_size=1)
     assert json.loads((path / "meta.json").read_text())["global_step"] == 3
 
 
