@@ -17,7 +17,7 @@ from disttrain.data.folder import DataError, ImageFolderData, scan_image_folder,
 from disttrain.data.loader import DeviceLoader, FolderDataset, RankBatchSampler, make_loader
 from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.models import build_model, build_optimizer
-from disttrain.runtime import rank_seed, seed_everything
+from disttrain.runtime import rank_seed, resolve_precision, seed_everything
 from disttrain.schedule import Schedule
 from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.trainer import Trainer, epoch_steps
@@ -110,6 +110,9 @@ def build_trainer(
     reporter = ConsoleReporter(accelerator.is_main_process, progress=cfg.log.progress)
     if accelerator.is_main_process:
         save_config(cfg, cfg.run.dir / "config.yaml")
+    precision = resolve_precision(cfg.train.precision, accelerator.device.type == "cuda")
+    if precision.warning:
+        reporter.line(precision.warning)
     data = load_data(cfg, accelerator, reporter)
     tracker = Tracker(cfg, accelerator.is_main_process, reporter, resume_step=resume_step)
     train_loader, valid_loader = build_loaders(cfg, data, accelerator)
@@ -140,8 +143,9 @@ def build_trainer(
         log_every=cfg.log.every_n_steps,
         checkpointer=Checkpointer(
             cfg.run.dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
-            {"classes": list(data.classes), "model": cfg.model.name, "run": cfg.run.name}, flag,
+            {"classes": list(data.classes), "model": cfg.model.name, "run": cfg.run.name, "precision": precision.mode}, flag,
         ),
+        precision_reason=precision.reason if cfg.train.precision == "auto" else "",
     )
     torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank
     return trainer, data

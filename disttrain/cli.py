@@ -1,5 +1,6 @@
-"""`disttrain train | find-lr | evaluate | prepare | demo-data`.
+"""`disttrain train | find-lr | evaluate | prepare | demo-data | launch`.
 
+    disttrain launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
     accelerate launch launch/train.py --config configs/demo.yaml --find-lr
     disttrain find-lr --config configs/demo.yaml
@@ -108,15 +109,17 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
         trainer.load_state(meta, shared, rank_state)
         if resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
             from_step = meta["global_step"]
+        saved_in = meta.get("precision", accelerator.mixed_precision)
+        changed = f"; trained in {saved_in} precision so far, continuing in {accelerator.mixed_precision}" if saved_in != accelerator.mixed_precision else ""
         trainer.reporter.line(
             f"resuming from {resume_from}: epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
-            f"global step {meta['global_step']}, peak LR {max(trainer.schedule.base_lrs):.3g}"
+            f"global step {meta['global_step']}, peak LR {max(trainer.schedule.base_lrs):.3g}{changed}"
         )
     elif find_lr_only or cfg.optim.lr == "auto":
         sweep = find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
         trainer.tracker.log_sweep(sweep, cfg.run.dir / "lr_sweep.png")
         trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
-                                                 "suggestions": sweep.suggestions}
+                                                 "suggestions": sweep.suggestions, "precision": sweep.precision}
         if find_lr_only:
             return []
         trainer.schedule.set_peak_lr(sweep.suggestion)
@@ -130,6 +133,7 @@ def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Pat
         save_weights(cfg.run.dir / "model.pt", model.state_dict(), data.classes, cfg.model.name)
         results = {
             "world_size": accelerator.num_processes,
+            "precision": accelerator.mixed_precision,
             "peak_lr": max(trainer.schedule.base_lrs),
             "epochs": [vars(r) for r in history],
         }
@@ -175,19 +179,38 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def run_user_errors(fn) -> int:
-    """Run `fn()`; a mistake the user can fix prints one clear line and exits 2 (no traceback)."""
+    """Run `fn()`; a mistake the user can fix prints one clear line and exits 2 (no traceback).
+    Under `disttrain launch` the line goes to the front, which prints it once for all ranks."""
+    from disttrain.launcher import report_to_front
+
     try:
         fn()
     except USER_ERRORS as err:
-        print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
+        if not report_to_front("user", str(err)):
+            print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return 2
     except Preempted as stop:
-        print(f"disttrain: {stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and resumed", file=sys.stderr, flush=True)
+        line = f"{stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and resumed"
+        if not report_to_front("preempted", line):
+            print(f"disttrain: {line}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return PREEMPTED_EXIT
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _leave_process_group() -> None:
+    """Close this rank's process group before exiting with a code: left to interpreter teardown,
+    gloo's threads can abort the process ("terminate called without an active exception",
+    SIGABRT) when a peer that also stopped has closed its connections first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """`disttrain <command>`'s parser (`launch` is handled before it: its options are Accelerate's)."""
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("train", help="train (same as launch/train.py)"))
@@ -212,6 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("path")
     demo.add_argument("--train-per-class", type=int, default=400)
     demo.add_argument("--valid-per-class", type=int, default=100)
+    sub.add_parser("launch", help="accelerate launch, with the config checked first and one line per failure (disttrain launch --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from disttrain.launcher import main as launch
+
+        return launch(argv[1:])
+    parser = command_parser()
     args = parse_with_overrides(parser, argv)
     if args.overrides and args.command not in ("train", "find-lr", "evaluate"):
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")

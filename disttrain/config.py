@@ -261,8 +261,10 @@ class SweepConfig:
 class TrainConfig:
     epochs: int = 3
     """Number of passes over the training data."""
-    precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Autocast precision: `no` (fp32), `bf16`, or `fp16` (CUDA only; uses a grad scaler)."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision: `auto` (CUDA: bf16 where the GPU supports it, else fp16; CPU: bf16 only
+    where the CPU has native bf16 instructions, else fp32), `no` (fp32), `bf16`, or `fp16` (CUDA
+    only; uses a grad scaler). The run prints what `auto` chose and why."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     clip_grad: Optional[float] = None
@@ -276,7 +278,7 @@ class TrainConfig:
     then ends the job instead of hanging it; torch's default is 30 minutes)."""
 
     def __post_init__(self) -> None:
-        _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
+        _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
         _positive("train.epochs", self.epochs)
         _positive("train.grad_accum", self.grad_accum)
         if self.clip_grad is not None:
@@ -470,9 +472,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    """An unknown key: the closest valid one where there is one; else the keys of its section, or,
+    for an unknown section, the sections (never all 70 keys)."""
+    section = key.split(".", 1)[0]
+    sections = list(dict.fromkeys(k.split(".", 1)[0] for k in valid))
+    if section in sections:
+        own = [k[len(section) + 1 :] for k in valid if k.startswith(section + ".")]
+        close = difflib.get_close_matches(key[len(section) + 1 :], own, n=1, cutoff=0.6)
+        if close:
+            return ConfigError(f"unknown config key {key!r}; did you mean {section + '.' + close[0]!r}?")
+        return ConfigError(f"unknown config key {key!r}; the keys of {section} are {', '.join(own)}")
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if "." in key else []
+    if close:
+        return ConfigError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
+    near = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    where = f" (in {key!r})" if key != section else ""
+    return ConfigError(f"unknown config section {section!r}{where}; {hint}the sections are {', '.join(sections)}")
 
 
 def _leaf_types(cls: type = None, prefix: str = "") -> dict[str, Any]:

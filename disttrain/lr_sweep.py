@@ -128,6 +128,8 @@ class SweepResult:
     iterations: int
     fallback: str | None = None
     """Why the suggestion is not `method`'s, or why there is none."""
+    precision: str = "no"
+    """The autocast precision the sweep's steps ran in (train.precision as resolved on this machine)."""
     local_losses: list[float | None] = field(default_factory=list)
     """This rank's own loss per step (written to the per-rank files only)."""
 
@@ -148,12 +150,24 @@ class SweepResult:
         return data
 
 
+def useful_part(points: list[tuple[float, float]], skip_start: int, skip_end: int) -> list[tuple[float, float]]:
+    """The part of the curve the rules may look at: without its first `skip_start` and last
+    `skip_end` points, and ending at its lowest smoothed loss. Past the minimum the loss diverges;
+    a dip after a spike there (common near the blow-up) is not a place to train at."""
+    end = len(points) - skip_end
+    trimmed = points[skip_start:end] if end - skip_start >= 3 else points
+    if not trimmed:
+        return trimmed
+    lowest = min(range(len(trimmed)), key=lambda i: trimmed[i][1])  # the first one, on ties
+    return trimmed[: lowest + 1]
+
+
 def suggest(lrs: list[float], smoothed: list[float | None], cfg: SweepConfig) -> tuple[dict[str, float | None], float | None, str | None]:
-    """All four rules on the curve without its first `skip_start` and last `skip_end` points (and
-    without skipped steps). Returns (every rule's value, the suggestion, a fallback note or None)."""
+    """All four rules on the curve's useful part (`useful_part`: no skipped steps, no
+    `skip_start` / `skip_end` points, nothing past the lowest smoothed loss), so no rule can answer
+    from the divergent tail. Returns (every rule's value, the suggestion, a fallback note or None)."""
     points = [(lr, s) for lr, s in zip(lrs, smoothed) if s is not None and math.isfinite(s)]
-    end = len(points) - cfg.skip_end
-    trimmed = points[cfg.skip_start : end] if end - cfg.skip_start >= 3 else points
+    trimmed = useful_part(points, cfg.skip_start, cfg.skip_end)
     x = np.array([p[0] for p in trimmed], dtype=np.float64)
     y = np.array([p[1] for p in trimmed], dtype=np.float64)
     values = {rule: RULE_FUNCTIONS[rule](x, y) for rule in RULES}
@@ -288,6 +302,7 @@ def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
         stopped_early=stopped,
         iterations=len(lrs),
         fallback=fallback,
+        precision=acc.mixed_precision,
         local_losses=local,
     )
     check_agreement(acc, result)

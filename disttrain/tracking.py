@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
 RUN_ID_FILE = "wandb_run_id"
+FILES_FILE = "wandb_files"  # one line: the folder holding this W&B run's files (under WANDB_DIR when set)
 
 
 def format_time(seconds: float) -> str:
@@ -135,13 +136,15 @@ class Tracker:
         id_file = self.run_dir / RUN_ID_FILE
         run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if resume and id_file.exists() else None)
         mode = settings.pop("mode")
+        root = Path(os.environ.get("WANDB_DIR") or self.run_dir).expanduser()  # W&B's convention: WANDB_DIR wins
+        root.mkdir(parents=True, exist_ok=True)
         if mode == "offline" and cfg.log.wandb.mode is None and not os.environ.get("WANDB_MODE"):
             self.reporter.line(
                 "W&B: no credentials found, logging offline; to upload later: "
-                f"wandb login && wandb sync {self.run_dir / 'wandb'}/offline-run-*"
+                f"wandb login && wandb sync {root / 'wandb'}/offline-run-*"
             )
         self.wandb_run = wandb.init(
-            dir=str(self.run_dir),
+            dir=str(root),
             mode=mode,
             id=run_id,
             resume="allow" if run_id else None,
@@ -150,6 +153,10 @@ class Tracker:
             **settings,
         )
         id_file.write_text(self.wandb_run.id + "\n")
+        files = Path(self.wandb_run.dir).parent  # <root>/wandb/<offline-|>run-<time>-<id>
+        (self.run_dir / FILES_FILE).write_text(f"{files}\n")
+        if os.environ.get("WANDB_DIR"):
+            self.reporter.line(f"W&B: run {self.wandb_run.id}, files in {files} (WANDB_DIR)")
         self.wandb_run.define_metric("valid/accuracy", summary="max")
         self.wandb_run.define_metric("valid/loss", summary="min")
 

@@ -83,6 +83,7 @@ class Trainer:
         tracker: Tracker | None = None,
         log_every: int = 10,
         checkpointer: Checkpointer | None = None,
+        precision_reason: str = "",
     ):
         self.accelerator = accelerator
         self.model = model
@@ -106,6 +107,7 @@ class Trainer:
         self._samples_logged = False
         self._window = _Window(accelerator.device)  # loss and images since the last log point
         self.checkpointer = checkpointer
+        self.precision_reason = precision_reason  # why this precision (train.precision=auto decides per machine)
         self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
         self._resumed_sums: dict | None = None
 
@@ -127,7 +129,8 @@ class Trainer:
         world = acc.num_processes
         per_rank = self.train_loader.batch_size
         self.reporter.line(
-            f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision): "
+            f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision"
+            f"{'; ' + self.precision_reason if self.precision_reason else ''}): "
             f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
             f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
         )

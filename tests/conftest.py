@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,10 +36,11 @@ def launch(
     args: list[str], nproc: int = 2, launcher: str = "accelerate", timeout: int = LAUNCH_TIMEOUT, check: bool = True,
     env: dict | None = None,
 ):
-    """Run a script or `-m module` the way a user does: accelerate launch / torchrun / python
-    (`env`: variables added to the test environment)."""
-    if launcher == "accelerate":
-        cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", str(free_port())]
+    """Run a script or `-m module` the way a user does: accelerate launch / disttrain launch /
+    torchrun / python (`env`: variables added to the test environment)."""
+    if launcher in ("accelerate", "disttrain"):  # `disttrain launch` takes accelerate launch's options
+        cmd = [str(BIN / "accelerate"), "launch"] if launcher == "accelerate" else [str(BIN / "disttrain"), "launch"]
+        cmd += ["--main_process_port", str(free_port())]
         cmd += ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--cpu", "--num_processes", "1"]
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     elif launcher == "torchrun":
@@ -49,6 +51,13 @@ def launch(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd + args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def rank_exit_codes(stderr: str) -> dict[int, int]:
+    """Each failed rank's exit code, from torch elastic's failure report (`accelerate launch` itself
+    exits 1 whatever its workers' codes were)."""
+    found = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)", stderr)
+    return {int(rank): int(code) for rank, code in found}
 
 
 def write_image(path: Path, size=(24, 20), mode="RGB", seed=0, fmt=None) -> Path:

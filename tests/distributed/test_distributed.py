@@ -6,21 +6,21 @@ import re
 import pytest
 import torch
 
-from conftest import launch, make_folder
+from conftest import launch, make_folder, rank_exit_codes
 
 pytestmark = pytest.mark.dist
 
-# 32 px, not 16: at 16 px ResNet-18's last stages are 1x1 maps, and bf16 autocast on CPU with 2 gloo ranks
-# then gives a NaN loss in about 1 run of 4 (none at 32 px or with precision=no, 8 runs each): an upstream
-# kernel problem that the trainer reports as an error; see the README.
-TINY = ["model.name=resnet18", "data.load_size=36", "data.image_size=32", "data.num_workers=0", "log.progress=false"]
+# fp32 (train.precision=no): these tests check distributed mechanics, which must not depend on whether this
+# CPU has native bf16 (emulated bf16 is several times slower); tests/e2e/test_demo.py keeps one bf16 run.
+TINY = ["model.name=resnet18", "data.load_size=36", "data.image_size=32", "data.num_workers=0", "log.progress=false",
+        "train.precision=no"]
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_weights_identical_on_every_rank_after_training_steps(tmp_path, mnist_small, nproc):
     args = [f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "data.load_size=28", "data.image_size=28",
             "data.batch_size=8", "train.max_steps_per_epoch=4", "data.num_workers=0", "log.progress=false",
-            "augment.flip=true"]
+            "augment.flip=true", "train.precision=no"]
     launch(["tests/distributed/weights_worker.py", str(tmp_path)] + args, nproc=nproc)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
     init = torch.load(tmp_path / "init.pt", weights_only=True)
@@ -34,7 +34,8 @@ def test_weights_identical_on_every_rank_after_training_steps(tmp_path, mnist_sm
 
 def test_two_rank_validation_equals_one_process(tmp_path, mnist_small):
     run = ["--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={tmp_path}",
-           "run.name=v", "train.epochs=1", "train.max_steps_per_epoch=6", "log.progress=false", "data.num_workers=0"]
+           "run.name=v", "train.epochs=1", "train.max_steps_per_epoch=6", "log.progress=false", "data.num_workers=0",
+           "train.precision=no"]
     launch(["launch/train.py"] + run, nproc=2)
     weights = tmp_path / "v" / "model.pt"
     results = {}
@@ -76,8 +77,8 @@ def test_uneven_classes_and_indivisible_counts_finish(tmp_path, launcher, nproc,
 
 def test_config_error_fails_fast_on_every_rank(tmp_path):
     proc = launch(["launch/train.py", "optim.lrr=1", f"run.output_dir={tmp_path}"], nproc=2, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'?" in proc.stderr
+    assert rank_exit_codes(proc.stderr) == {0: 2, 1: 2}, proc.stderr[-3000:]
+    assert proc.stderr.count("disttrain: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?") == 2
     assert not (tmp_path / "run").exists()
 
 
@@ -85,5 +86,5 @@ def test_data_error_reaches_every_rank_without_a_hang(tmp_path):
     make_folder(tmp_path / "data", {"train": {"a": 3}, "valid": {"a": 1, "ghost": 1}})
     proc = launch(["launch/train.py", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path}"] + TINY,
                   nproc=2, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.count("ghost do not exist") >= 2, "each rank reports the error"
+    assert rank_exit_codes(proc.stderr) == {0: 2, 1: 2}, proc.stderr[-3000:]
+    assert proc.stderr.count("ghost do not exist") == 2, "each rank reports the error once"

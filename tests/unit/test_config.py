@@ -6,7 +6,7 @@ from disttrain.config import Config, ConfigError, build_config, load_config, sav
 def test_defaults_are_valid():
     cfg = build_config()
     assert isinstance(cfg, Config)
-    assert cfg.data.valid_dir == "auto" and cfg.train.precision == "bf16"
+    assert cfg.data.valid_dir == "auto" and cfg.train.precision == "auto"
 
 
 def test_overrides_are_typed_by_field():
@@ -50,6 +50,23 @@ def test_unknown_key_names_it_and_the_closest_valid_key(override, closest):
     assert repr(override.split("=")[0]) in message and repr(closest) in message
 
 
+@pytest.mark.parametrize(
+    "raw, overrides, expected",
+    [
+        ({"finetune": {"groups": 3}}, [], "unknown config section 'finetune'; the sections are run, data, augment, model, "
+         "optim, schedule, sweep, train, log, checkpoint"),
+        ({}, ["stages.x=1"], "unknown config section 'stages' (in 'stages.x'); the sections are run, data,"),
+        ({}, ["optim.zzz=1"], "unknown config key 'optim.zzz'; the keys of optim are name, lr, weight_decay, momentum, nesterov, betas2"),
+        ({}, ["log.wandb.mod=x"], "unknown config key 'log.wandb.mod'; did you mean 'log.wandb.mode'?"),
+    ],
+)
+def test_unknown_section_names_the_sections_and_an_unknown_key_its_section_keys(raw, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw, overrides)
+    assert str(err.value).startswith(expected)
+    assert "data.batch_size" not in str(err.value), "never all the keys"
+
+
 def test_unknown_key_in_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  roott: /x\n")
@@ -63,7 +80,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         ("data.batch_size=abc", r"data\.batch_size: 'abc' is not int"),
         ("optim.lr=fast", r"optim\.lr: 'fast' is not float"),
         ("model.channels_last=maybe", r"model\.channels_last: 'maybe' is not bool"),
-        ("train.precision=fp8", r"train\.precision: 'fp8' is not one of no, bf16, fp16"),
+        ("train.precision=fp8", r"train\.precision: 'fp8' is not one of auto, no, bf16, fp16"),
         ("train.epochs=null", r"train\.epochs: 'null' is not int"),
         ("augment.mean=[a, b, c]", r"augment\.mean\[0\]: 'a' is not float"),
     ],

@@ -75,6 +75,33 @@ def test_skips_and_fallback_are_labelled():
     assert suggestion == values["valley"]
 
 
+def _diverging_with_a_dip(cfg):
+    """The shape of a real 2-process sweep (demo model, 32 px, AdamW): a gentle fall between 1e-4
+    and 1e-3, a climb past 1e-2, and, after a spike near 3, a few good batches that make the
+    smoothed loss dip once (the dip that made `steep` answer 4.75 before the rules were cut at the
+    minimum). Smoothed and cut by the real sweep loop, as a run would."""
+    lrs = np.array(sweep_lrs(cfg.start_lr, cfg.end_lr, cfg.num_iter))
+    x = np.log10(lrs)
+    raw = 2.3 - 0.9 / (1 + np.exp(-(x + 3.5) * 3))  # 2.3 -> 1.4 around 3e-4
+    raw = raw + np.where(x > -2, (x + 2) ** 2, 0.0)  # climbs past 1e-2
+    raw = np.where((x > 0.55) & (x < 0.8), 1.5, raw)  # three good batches after the spike
+    lrs, _, smoothed, _, _ = _run([list(raw)], cfg)
+    return np.array(lrs), np.array(smoothed)
+
+
+@pytest.mark.parametrize("method", ["valley", "steep", "minimum", "slide"])
+def test_no_rule_answers_past_the_minimum_of_the_smoothed_loss(method):
+    cfg = SweepConfig(method=method)
+    lrs, smoothed = _diverging_with_a_dip(cfg)
+    lowest = lrs[int(np.argmin(smoothed))]
+    assert 1e-3 < lowest < 1e-1 and np.any(np.diff(smoothed[lrs > lowest]) < 0), "a dip after the minimum"
+    assert steep(lrs[5:-2], smoothed[5:-2]) > 1, "on the whole curve steep lands in the dip: the case is real"
+    values, suggestion, note = suggest(list(lrs), list(smoothed), cfg)
+    assert note is None and suggestion == values[method]
+    assert all(v is not None and v <= lowest for v in values.values()), values
+    assert 1e-4 < values["steep"] < 1e-2 and 1e-5 < values["valley"] < lowest
+
+
 def _run(losses_per_rank, cfg):
     """run_curve fed rank 0's losses, with the sum an all-reduce over every rank would return."""
     current = {}
