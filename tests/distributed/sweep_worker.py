@@ -1,55 +1,93 @@
 """Run by test_lr_sweep_distributed.py under a real launcher.
 
-`real OUT overrides...`: the real sweep on real data; every rank checks that model, optimizer, RNG
-and augmentation state after the sweep are bitwise equal to before, and writes what it found.
+`real OUT overrides...`: the real sweep on real data; every rank compares everything a training step
+or the sweep can touch (model parameters and buffers, optimizer moments, step counts and group
+hyperparameters, grad scaler, schedule, Python / NumPy / torch RNGs, the augmentation generator, the
+train loader's epoch) before the sweep, just before its restore, and after it, and writes what it
+found. The state just before the restore must differ for every item (so the comparison after it
+means something): what the sweep itself does not change (the global RNGs, the schedule, the
+loader's epoch) is changed there by this worker, the way dropout, a stepped schedule or another
+epoch would.
 `constructed OUT`: the real all-reduce fed losses built so that each rank, alone, would stop at a
 different step; every rank writes where the shared curve stopped.
 """
 
 import copy
 import json
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from disttrain.config import SweepConfig, load_config
 from disttrain.runtime import build_accelerator
 
 
-def state_of(trainer):
+def state_of(trainer) -> dict:
+    """Deep copies of every piece of state the sweep must leave as it found it."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "optimizer": trainer.optimizer.state_dict(),
-        "rng": torch.get_rng_state().clone(),
-        "augment": trainer.augment.state_dict()["generator"].clone(),
-        "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
-    }
+    optimizer = trainer.optimizer.state_dict()
+    scaler = trainer.accelerator.scaler
+    return copy.deepcopy({
+        "parameters": {k: v.detach() for k, v in model.named_parameters()},
+        "buffers": {k: v.detach() for k, v in model.named_buffers()},
+        "optimizer_state": optimizer["state"],
+        "optimizer_groups": optimizer["param_groups"],
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "schedule": trainer.schedule.state_dict(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "augment": trainer.augment.state_dict()["generator"],
+        "loader_epoch": trainer.train_loader.epoch,
+    })
 
 
-def equal(a, b):
+def equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    return a == b
+        return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def real(out: Path, overrides: list[str]) -> None:
+    import disttrain.lr_sweep as lr_sweep_module
     from disttrain.build import build_trainer
-    from disttrain.lr_sweep import find_lr
 
     cfg = load_config(None, overrides)
     accelerator = build_accelerator(cfg)
     trainer, _ = build_trainer(cfg, accelerator)
-    trainer.train_epoch(0)  # optimizer state (Adam moments) exists and must survive the sweep too
-    before = copy.deepcopy(state_of(trainer))
-    find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
+    trainer.train_epoch(0)  # optimizer state (Adam moments, step counts) exists and must survive the sweep too
+    before = state_of(trainer)
+    during = {}
+    real_restore = lr_sweep_module.restore
+
+    def restore_after_changing_the_rest(trainer_, state):
+        # what the sweep's steps do not touch here is changed now, so its restore must undo it too
+        random.random()
+        np.random.rand()
+        torch.rand(1)
+        trainer_.schedule.step()  # LR and one-cycle betas of every group, and the schedule's step count
+        trainer_.train_loader.set_epoch(trainer_.train_loader.epoch + 7)
+        during.update(state_of(trainer_))
+        real_restore(trainer_, state)
+
+    lr_sweep_module.restore = restore_after_changing_the_rest  # find_lr -> lr_sweep looks it up at the call
+    lr_sweep_module.find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
     after = state_of(trainer)
-    report = {key: equal(before[key], after[key]) for key in before}
+    assert during, "the sweep did not call restore"
+    report = {key: {"changed": not equal(before[key], during[key]), "restored": equal(before[key], after[key])}
+              for key in before if key != "scaler"}
+    report["scaler"] = {"before": before["scaler"], "after": after["scaler"]}
+    report["sizes"] = {"buffers": len(before["buffers"]), "optimizer_state": len(before["optimizer_state"]),
+                       "moments": sorted(next(iter(before["optimizer_state"].values()), {}))}
     (out / f"state.rank{accelerator.process_index}.json").write_text(json.dumps(report))
     accelerator.end_training()
 

@@ -16,7 +16,8 @@ def test_every_rank_gets_the_identical_curve_from_the_mean_loss(tmp_path, mnist_
     sweep = ["sweep.num_iter=30", "sweep.start_lr=1e-5", "sweep.end_lr=1", "sweep.skip_start=2", "sweep.skip_end=1",
              "sweep.save_per_rank=true"]
     args = [f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "run.name=s", "data.load_size=28", "data.image_size=28",
-            "data.batch_size=8", "data.num_workers=0", "train.max_steps_per_epoch=2", "log.progress=false"] + sweep
+            "data.batch_size=8", "data.num_workers=0", "train.max_steps_per_epoch=2", "log.progress=false",
+            "train.precision=no"] + sweep
     proc = launch(["tests/distributed/sweep_worker.py", "real", str(tmp_path)] + args, nproc=nproc)
     run_dir = tmp_path / "s"
     ranks = [json.loads((run_dir / f"lr_sweep.rank{r}.json").read_text()) for r in range(nproc)]
@@ -27,6 +28,7 @@ def test_every_rank_gets_the_identical_curve_from_the_mean_loss(tmp_path, mnist_
     # one process, from the per-step mean of the ranks' own losses, computes the same curve
     cfg = SweepConfig(num_iter=30, start_lr=1e-5, end_lr=1, skip_start=2, skip_end=1)
     ema = DebiasedEMA(cfg.beta)
+    assert len(ranks[0]["losses"]) == len(ranks[0]["smoothed"]) == ranks[0]["iterations"] > cfg.skip_start + cfg.skip_end + 3
     for step, loss in enumerate(ranks[0]["losses"]):
         mean = sum(r["local_losses"][step] for r in ranks) / nproc
         assert loss == pytest.approx(mean, rel=1e-12, abs=0)
@@ -41,7 +43,13 @@ def test_every_rank_gets_the_identical_curve_from_the_mean_loss(tmp_path, mnist_
 
     for r in range(nproc):
         state = json.loads((tmp_path / f"state.rank{r}.json").read_text())
-        assert state == {"model": True, "optimizer": True, "rng": True, "augment": True, "lrs": True}, f"rank {r}: {state}"
+        assert state.pop("scaler") == {"before": None, "after": None}, "no grad scaler on CPU in fp32"
+        sizes = state.pop("sizes")
+        assert sizes["buffers"] > 0 and sizes["optimizer_state"] > 0 and sizes["moments"] == ["exp_avg", "exp_avg_sq", "step"]
+        assert set(state) == {"parameters", "buffers", "optimizer_state", "optimizer_groups", "schedule", "python_rng",
+                              "numpy_rng", "torch_rng", "augment", "loader_epoch"}
+        assert {k for k, v in state.items() if not v["changed"]} == set(), f"rank {r}: unchanged before the restore: {state}"
+        assert {k for k, v in state.items() if not v["restored"]} == set(), f"rank {r}: not restored: {state}"
 
 
 @pytest.mark.parametrize("nproc", [2, 3])

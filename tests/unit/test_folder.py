@@ -87,15 +87,80 @@ def test_no_images_at_all(tmp_path):
         scan_image_folder(tmp_path / "nowhere")
 
 
+def _write_mode(path, mode, size=(40, 30), seed=0):
+    """A random image in any PIL mode, including those `write_image` does not make (LA, 1, I, F)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "LA":
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 2), dtype=np.uint8), "LA")
+    elif mode == "1":
+        img = Image.fromarray(rng.integers(0, 2, (h, w)).astype(bool))
+    elif mode == "I":  # 32-bit signed integers holding 16-bit data (what 16-bit scanners write)
+        img = Image.fromarray(rng.integers(0, 65536, (h, w)).astype(np.int32), "I")
+    elif mode == "F":
+        img = Image.fromarray(rng.random((h, w), dtype=np.float32), "F")
+    else:
+        return write_image(path, size=size, mode=mode, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
 @pytest.mark.parametrize(
-    "mode, suffix", [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "gif"), ("CMYK", "jpg"), ("I;16", "png"), ("RGB", "bmp"), ("RGBA", "webp")]
+    "mode, suffix",
+    [("RGB", "jpg"), ("L", "png"), ("LA", "png"), ("RGBA", "png"), ("P", "gif"), ("CMYK", "jpg"), ("I;16", "png"),
+     ("1", "png"), ("1", "tif"), ("I", "tif"), ("F", "tif"), ("RGB", "bmp"), ("RGBA", "webp")],
 )
 def test_every_common_mode_becomes_rgb(tmp_path, mode, suffix):
-    path = write_image(tmp_path / f"x.{suffix}", size=(40, 30), mode=mode)
+    path = _write_mode(tmp_path / "train" / "a" / f"x.{suffix}", mode)
+    with Image.open(path) as stored:
+        assert stored.mode == mode or (mode, stored.mode) == ("I;16", "I"), f"the file is {stored.mode}, not {mode}"
     img = open_image(path)
     assert img.mode == "RGB" and img.size == (40, 30)
     pixels = load_presized(path, 16)
     assert pixels.dtype == np.uint8 and pixels.shape == (16, 16, 3)
+    assert np.ptp(pixels) > 0, "a random image must not decode to one flat colour"
+    # and the scan accepts it as a training image
+    _write_mode(tmp_path / "valid" / "a" / f"x.{suffix}", mode)
+    data = scan_image_folder(tmp_path)
+    assert len(data.train) == 1 and not data.bad
+
+
+def test_la_is_composited_on_white(tmp_path):
+    arr = np.zeros((4, 4, 2), dtype=np.uint8)  # black, fully transparent
+    arr[0, 0] = [10, 255]  # opaque dark grey
+    arr[0, 1] = [0, 128]  # half-transparent black over white: mid grey
+    Image.fromarray(arr, "LA").save(tmp_path / "la.png")
+    rgb = np.asarray(open_image(tmp_path / "la.png")).astype(int)
+    assert rgb[0, 0].tolist() == [10, 10, 10] and rgb[3, 3].tolist() == [255, 255, 255]
+    assert np.abs(rgb[0, 1] - 127).max() <= 1
+
+
+def test_mode_1_is_black_and_white(tmp_path):
+    arr = np.zeros((4, 8), dtype=bool)
+    arr[:, :4] = True
+    Image.fromarray(arr).save(tmp_path / "bits.png")
+    rgb = np.asarray(open_image(tmp_path / "bits.png"))
+    assert (rgb[:, :4] == 255).all() and (rgb[:, 4:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "mode, high, low, expected",
+    [
+        ("I", 65535, 32768, (255, 128)),  # 16-bit data in a 32-bit image: scaled by 65535, not clipped at 255
+        ("I", 200, 100, (200, 100)),  # 8-bit data in a 32-bit image: kept
+        ("F", 1.0, 0.5, (255, 128)),  # floats in [0, 1]: scaled by 255
+        ("F", 255.0, 100.0, (255, 100)),  # floats in [0, 255]: kept
+    ],
+)
+def test_32_bit_int_and_float_images_are_scaled_not_clipped(tmp_path, mode, high, low, expected):
+    arr = np.full((4, 8), low, dtype=np.int32 if mode == "I" else np.float32)
+    arr[:, :4] = high
+    Image.fromarray(arr, mode).save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as stored:
+        assert stored.mode == mode
+    rgb = np.asarray(open_image(tmp_path / "deep.tif"))
+    assert (rgb[:, :4] == expected[0]).all() and (rgb[:, 4:] == expected[1]).all(), (rgb[0, 0], rgb[0, 4])
 
 
 def test_16_bit_is_scaled_not_clipped(tmp_path):

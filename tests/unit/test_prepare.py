@@ -68,35 +68,83 @@ def test_same_input_gives_the_same_bytes(tmp_path):
     src = make_folder(tmp_path / "src", {"train": {"a": 4, "b": 4}, "valid": {"a": 1, "b": 1}})
     prepare(src, tmp_path / "one", PrepareSettings(samples_per_shard=3), workers=1, progress=False, log=_quiet)
     prepare(src, tmp_path / "two", PrepareSettings(samples_per_shard=3), workers=2, progress=False, log=_quiet)
-    for shard in (tmp_path / "one").glob("*.tar"):
-        assert shard.read_bytes() == (tmp_path / "two" / shard.name).read_bytes()
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "valid-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.tar")) == names
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+# Runs `disttrain prepare` with a hook that holds the process still at a chosen sample: the test
+# kills it there, so the kill lands at the same point of the run on any machine.
+HOLD_AT_SAMPLE = """
+import os, signal, sys
+from pathlib import Path
+
+import disttrain.data.prepare as prepare_module
+from disttrain.cli import main
+
+marker, hold_at = Path(sys.argv[1]), int(sys.argv[2])
+real_encode, calls = prepare_module.encode_sample, 0
+
+
+def encode_or_hold(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == hold_at:
+        marker.write_text(str(os.getpid()))
+        signal.pause()  # until the test's SIGKILL
+    return real_encode(*args, **kwargs)
+
+
+prepare_module.encode_sample = encode_or_hold  # write_shard looks it up at each call
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def test_killed_mid_run_then_resumed(tmp_path):
-    """SIGKILL while shards are being written: no manifest, every finished-looking shard complete;
-    the re-run writes only what is missing and ends with every sample once."""
+    """SIGKILL while the 6th shard is being written (5 finished): no manifest, the 5 finished shards
+    complete and recorded, the 6th only under its temporary name; the re-run keeps the 5 as they are,
+    writes the other 39 and ends with every sample once."""
     src = make_folder(tmp_path / "src", {"train": {"a": 60, "b": 60}, "valid": {"a": 5, "b": 5}}, size=(64, 48))
-    out = tmp_path / "out"
-    cmd = [str(BIN / "disttrain"), "prepare", str(src), str(out), "--samples-per-shard", "3", "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("*.tar"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # polling for a condition (shards on disk), not synchronizing on time
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = sorted(out.glob("*.tar"))
-    assert 3 <= len(written) < 44, "the kill should land mid-run"
-    assert not (out / "manifest.json").exists()
-    for shard in written:
-        assert len(_tar_keys(shard)) == 3
+    out, marker = tmp_path / "out", tmp_path / "holding"
+    args = ["prepare", str(src), str(out), "--samples-per-shard", "3", "--workers", "1", "--no-progress"]
+    finished, in_shard = 5, 2  # hold before encoding the 3rd sample of the 6th shard
+    proc = subprocess.Popen([str(BIN / "python"), "-c", HOLD_AT_SAMPLE, str(marker), str(finished * 3 + in_shard + 1), *args],
+                            env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # polling for the hook's marker, not timing the run
+            assert proc.poll() is None, f"prepare ended before the hold point:\n{proc.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "the hold point was not reached"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
-    resumed = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300)
+    done = [f"train-{n:06d}.tar" for n in range(finished)]
+    assert sorted(p.name for p in out.glob("*.tar")) == done
+    assert sorted(p.name for p in out.glob("*.tmp")) == [f"train-{finished:06d}.tar.tmp"]  # the unfinished one
+    assert not (out / "manifest.json").exists()
+    records = [json.loads(line) for line in (out / ".prepare-progress.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in records] == done
+    for n, name in enumerate(done):
+        assert _tar_keys(out / name) == [f"{3 * n + i:08d}" for i in range(3)]
+        assert records[n]["bytes"] == (out / name).stat().st_size and records[n]["samples"] == 3
+    kept = {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in done}
+
+    resumed = subprocess.run([str(BIN / "disttrain"), *args], env=run_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
+    assert f"resuming, {finished} shard(s) already written, {44 - finished} to go" in resumed.stdout
+    assert {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in done} == kept, "finished shards rewritten"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 120 and manifest["splits"]["valid"]["samples"] == 10
+    assert [s["name"] for s in manifest["splits"]["train"]["shards"]] == [f"train-{n:06d}.tar" for n in range(40)]
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"train-{n:06d}.tar" for n in range(40)] + [f"valid-{n:06d}.tar" for n in range(4)]
     keys = [k for shard in sorted(out.glob("train-*.tar")) for k in _tar_keys(shard)]
-    assert sorted(keys) == [f"{i:08d}" for i in range(120)]
+    assert keys == [f"{i:08d}" for i in range(120)]
+    assert [k for shard in sorted(out.glob("valid-*.tar")) for k in _tar_keys(shard)] == [f"{i:08d}" for i in range(10)]
     assert not list(out.glob("*.tmp")) and not (out / ".prepare-progress.jsonl").exists()
 
 

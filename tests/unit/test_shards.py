@@ -9,16 +9,17 @@ import random
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import make_folder
 from disttrain.data.decode import load_presized
-from disttrain.data.folder import DataError
-from disttrain.data.loader import DeviceLoader, make_loader
+from disttrain.data.folder import DataError, scan_image_folder
+from disttrain.data.loader import DeviceLoader, FolderDataset, make_loader
 from disttrain.data.prepare import PrepareSettings, prepare
-from disttrain.data.shards import ShardDataset, SlotRef, load_manifest, plan_epoch, read_range, train_steps
+from disttrain.data.shards import ShardDataset, SlotRef, load_manifest, plan_epoch, read_range, shard_order, train_steps
 
 CLASSES = ("a", "b", "c")
 
@@ -48,6 +49,48 @@ def _source_labels(shards: Path, split: str) -> dict[str, int]:
                     paths[key] = data.decode()
     assert {k: CLASSES[v] for k, v in labels.items()} == {k: p.split("/")[0] for k, p in paths.items()}
     return labels
+
+
+def _stored(shards: Path, split: str) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
+    """Each shard's keys in order, and each key's image as the CPU decoder makes it from the stored
+    JPEG (read with plain tarfile, in the manifest's shard order)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    keys, pixels = [], {}
+    for entry in manifest["splits"][split]["shards"]:
+        with tarfile.open(shards / entry["name"]) as tar:
+            jpegs = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+        keys.append(sorted(jpegs))
+        pixels.update({k: torch.from_numpy(load_presized(j, 16)) for k, j in jpegs.items()})
+    assert [len(k) for k in keys] == [e["samples"] for e in manifest["splits"][split]["shards"]]
+    return keys, pixels
+
+
+def _check_training_epoch(shards: Path, per_rank, world: int, batch_size: int, epoch: int, seed: int = 3) -> None:
+    """What a training epoch from shards must be, rank by rank: `ceil(N / (world x batch_size))` full
+    batches; rank r's samples are exactly the r-th of `world` contiguous ranges of the epoch's seeded
+    shard sequence, each once, plus only the repeats that fill its last batches (drawn from that
+    range, each repeated sample delivered twice at most here); every label is its key's label and
+    every image is its key's image."""
+    truth = _source_labels(shards, "train")
+    shard_keys, pixels = _stored(shards, "train")
+    sequence = [k for s in shard_order(len(shard_keys), epoch, seed, shuffle=True) for k in shard_keys[s]]
+    total = len(sequence)
+    steps = train_steps(total, world, batch_size)
+    for rank, batches in enumerate(per_rank):
+        assert len(batches) == steps, f"rank {rank}"
+        part = sequence[total * rank // world : total * (rank + 1) // world]
+        delivered = collections.Counter()
+        for images, labels, info in batches:
+            assert images.dtype == torch.uint8 and images.shape == (batch_size, 16, 16, 3) and len(labels) == batch_size
+            assert info["skipped"] == 0 and len(info["keys"]) == batch_size
+            assert [truth[k] for k in info["keys"]] == labels.tolist()
+            for image, key in zip(images, info["keys"]):
+                assert torch.equal(image, pixels[key]), f"rank {rank}: the image delivered for {key} is not its image"
+            delivered.update(info["keys"])
+        assert set(delivered) == set(part), f"rank {rank}: not exactly its own range"
+        repeats = delivered - collections.Counter(part)
+        assert sum(repeats.values()) == steps * batch_size - len(part), f"rank {rank}: repeats beyond the last batches"
+        assert max(repeats.values(), default=0) <= 1, f"rank {rank}: {repeats.most_common(3)}"
 
 
 @pytest.fixture(scope="module")
@@ -114,30 +157,23 @@ def _read_all(shards: Path, split: str, world: int, workers: int, batch_size: in
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_validation_round_trip_every_sample_once(three_shards, world, workers):
     truth = _source_labels(three_shards, "valid")
+    _, pixels = _stored(three_shards, "valid")
     seen = collections.Counter()
     for batches in _read_all(three_shards, "valid", world, workers, batch_size=4, train=False):
         for images, labels, info in batches:
             assert images.dtype == torch.uint8 and images.shape[1:] == (16, 16, 3) and 1 <= len(labels) <= 4
-            assert [truth[k] for k in info["keys"]] == labels.tolist()
+            assert [truth[k] for k in info["keys"]] == labels.tolist() and len(images) == len(labels)
+            assert all(torch.equal(image, pixels[key]) for image, key in zip(images, info["keys"]))
             seen.update(info["keys"])
-    assert seen == collections.Counter(list(truth))
+    assert len(truth) == 21 and seen == collections.Counter(list(truth))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_training_round_trip_equal_full_batches_every_sample(three_shards, world, workers):
-    truth = _source_labels(three_shards, "train")
-    steps = train_steps(60, world, 7)
-    seen = collections.Counter()
-    for batches in _read_all(three_shards, "train", world, workers, batch_size=7, train=True, epoch=2):
-        assert len(batches) == steps
-        for images, labels, info in batches:
-            assert images.shape == (7, 16, 16, 3) and info["skipped"] == 0
-            assert [truth[k] for k in info["keys"]] == labels.tolist()
-            seen.update(info["keys"])
-    assert set(seen) == set(truth)  # every sample at least once
-    assert sum(seen.values()) == steps * world * 7
-    assert sum(seen.values()) - len(truth) < world * 7  # repeats only to fill the last batches
+    per_rank = _read_all(three_shards, "train", world, workers, batch_size=7, train=True, epoch=2)
+    _check_training_epoch(three_shards, per_rank, world, batch_size=7, epoch=2)
+    assert sorted({k for batches in per_rank for _, _, info in batches for k in info["keys"]}) == sorted(_source_labels(three_shards, "train"))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -145,8 +181,10 @@ def test_one_shard_two_ranks_two_workers(one_shard, workers):
     """Fewer shards than ranks x workers: every reader takes its part of the one shard."""
     per_rank = _read_all(one_shard, "train", 2, workers, batch_size=4, train=True)
     assert [len(b) for b in per_rank] == [4, 4]  # ceil(27 / 8)
+    assert all(len(labels) == 4 and images.shape[0] == 4 for batches in per_rank for images, labels, _ in batches), "not full"
+    _check_training_epoch(one_shard, per_rank, 2, batch_size=4, epoch=0)
     keys = [k for batches in per_rank for _, _, info in batches for k in info["keys"]]
-    assert set(keys) == set(_source_labels(one_shard, "train"))
+    assert len(keys) == 32 and set(keys) == set(_source_labels(one_shard, "train"))
     valid = _read_all(one_shard, "valid", 2, workers, batch_size=4, train=False)
     assert sorted(k for batches in valid for _, _, info in batches for k in info["keys"]) == sorted(_source_labels(one_shard, "valid"))
 
@@ -277,14 +315,60 @@ def test_missing_manifest_and_missing_shard_are_clear_errors(tmp_path, three_sha
         load_manifest(copy)
 
 
-def test_reader_decodes_like_the_folder_path(three_shards):
-    """A shard sample decodes to exactly what the CPU decoder makes of its stored JPEG."""
-    manifest = load_manifest(three_shards)
-    sample = next(read_range(manifest.splits["train"].paths[0], 0, 1, {}, 3))
-    dataset = ShardDataset(manifest, "train", 1, 16, train=False)
-    images, labels, info = next(iter(dataset))
-    assert info["keys"] == [sample.key]
-    assert torch.equal(images[0], torch.from_numpy(load_presized(sample.image, 16))) and labels.item() == sample.label
+@pytest.fixture(scope="module")
+def jpeg_source(tmp_path_factory) -> tuple[Path, Path]:
+    """A folder of RGB and grey JPEGs whose shorter side is already 16 px (landscape, portrait and
+    square), and its shards made with --presize 16: `prepare` stores such files byte for byte."""
+    root = tmp_path_factory.mktemp("jpegs")
+    src = root / "src"
+    rng = np.random.default_rng(5)
+    for split, per_class in (("train", 6), ("valid", 2)):
+        for ci, cls in enumerate(CLASSES):
+            for i in range(per_class):
+                w, h = [(22, 16), (16, 20), (16, 16)][i % 3]
+                mode = "L" if i % 4 == 3 else "RGB"
+                shape = (h, w) if mode == "L" else (h, w, 3)
+                arr = rng.integers(0, 256, shape, dtype=np.uint8)
+                path = src / split / cls / f"{i:02d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr, mode).save(path, quality=80)
+    out = root / "shards"
+    prepare(src, out, PrepareSettings(samples_per_shard=7, presize=16), workers=1, progress=False, log=lambda _: None)
+    return src, out
+
+
+@pytest.mark.parametrize("load_size", [16, 12])  # the stored size (centre crop only), and a resize
+@pytest.mark.parametrize("split, workers", [("train", 2), ("valid", 0)])
+def test_shard_pixels_equal_the_folder_paths_pixels(jpeg_source, load_size, split, workers):
+    """A JPEG stored as is (its bytes are the source file's, checked here) must reach the model with
+    exactly the pixels the folder path (`FolderDataset` over the source folder) gives the same file.
+    Re-encoded images (other formats or sizes) are lossy by design and not compared exactly."""
+    src, shards = jpeg_source
+    folder = scan_image_folder(src)
+    part = folder.train if split == "train" else folder.valid
+    index = {str(Path(path).relative_to(part.dir)): i for i, path in enumerate(part.paths)}
+    dataset = FolderDataset(part, load_size)
+
+    stored = {}
+    for shard in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".path"):
+                key = name.split(".")[0]
+                stored[key] = data.decode()
+                assert members[f"{key}.jpg"] == (part.dir / data.decode()).read_bytes(), f"{data.decode()} was re-encoded"
+    assert len(stored) == len(part) == (18 if split == "train" else 6)
+
+    reader = ShardDataset(load_manifest(shards), split, 4, load_size, num_workers=workers, train=split == "train", seed=1)
+    compared = collections.Counter()
+    for images, labels, info in make_loader(reader, workers, False):
+        for image, label, key in zip(_pixels(reader, images), labels.tolist(), info["keys"]):
+            expected, expected_label = dataset[index[stored[key]]]
+            assert image.shape == (load_size, load_size, 3) and torch.equal(image, expected), stored[key]
+            assert label == expected_label
+            compared[stored[key]] += 1
+    assert set(compared) == set(index)
 
 
 def test_pooled_batches_carry_the_right_pixels_also_after_an_abandoned_epoch(three_shards):
