@@ -33,9 +33,9 @@ demo: $(STAMP)
 	$(BIN)/disttrain demo-data $(DEMO_DATA)
 ifeq ($(DEMO_FORMAT),shards)
 	$(BIN)/disttrain prepare $(DEMO_DATA) $(DEMO_SHARDS) --presize 28 --quality 95 --no-progress
-	$(BIN)/accelerate launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.format=shards data.root=$(DEMO_SHARDS) $(DEMO_ARGS)
+	$(BIN)/disttrain launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.format=shards data.root=$(DEMO_SHARDS) $(DEMO_ARGS)
 else
-	$(BIN)/accelerate launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.root=$(DEMO_DATA) $(DEMO_ARGS)
+	$(BIN)/disttrain launch $(LAUNCH) launch/train.py --config configs/demo.yaml data.root=$(DEMO_DATA) $(DEMO_ARGS)
 endif
 
 test: $(STAMP)

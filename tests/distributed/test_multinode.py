@@ -13,7 +13,7 @@ pytestmark = pytest.mark.dist
 
 def test_two_machines_on_loopback_train_and_agree(tmp_path, mnist_small):
     run = ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", "train.epochs=1",
-           "data.batch_size=16", "data.num_workers=0", "log.progress=false", "checkpoint.every_n_steps=4"]
+           "data.batch_size=16", "data.num_workers=0", "log.progress=false", "checkpoint.every_n_steps=4", "train.precision=no"]
     port = str(free_port())
     machines = [
         subprocess.Popen(

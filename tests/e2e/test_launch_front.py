@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, free_port, launch, run_env
+from conftest import BIN, REPO, free_port, kill_job, launch, run_env
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ def test_a_preempted_run_exits_75_with_one_line(tmp_path, mnist_small):
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
     assert proc.returncode == 75, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("disttrain:")]
     assert len(lines) == 1 and lines[0].startswith("disttrain: preempted: checkpoint saved in ") and "exiting with 75" in lines[0]
