@@ -1,0 +1,137 @@
+"""Shared bits of the fastai peer benchmarks (run with the peer venv's python, not disttrain's).
+
+Nothing here changes what fastai does: a callback that copies each epoch row fastai logs (and
+times the epoch), the thread setup, version strings and the JSON writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback
+
+
+class EpochRows(Callback):
+    """Copies every row of fastai's per-epoch table (the same values the Recorder logs and the
+    progress callback prints) plus the epoch's own wall time, tagged with the current phase."""
+
+    order = 70  # after Recorder (50), which fills `recorder.log` in its after_epoch
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.phase = "fit"
+
+    def before_epoch(self):
+        self._t = time.perf_counter()
+
+    def after_epoch(self):
+        names = list(self.recorder.metric_names)
+        log = list(self.recorder.log)
+        row = {"phase": self.phase}
+        for name, value in zip(names, log):
+            row[name] = value if isinstance(value, (int, str)) else float(value)
+        row["epoch_wall_s"] = round(time.perf_counter() - self._t, 3)
+        self.rows.append(row)
+
+
+class Phases:
+    """Wall-clock seconds per named phase (perf_counter)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+            print(f"[time] {name}: {self.seconds[name]:.1f} s", flush=True)
+
+    def total(self) -> float:
+        self.seconds["total"] = round(time.perf_counter() - self.t0, 3)
+        return self.seconds["total"]
+
+
+def setup_threads(threads: int | None) -> int:
+    """torch intra-op threads: all cores unless told otherwise (one process)."""
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    print(f"torch threads: {torch.get_num_threads()} (os.cpu_count()={os.cpu_count()}), "
+          f"interop threads: {torch.get_num_interop_threads()}", flush=True)
+    return torch.get_num_threads()
+
+
+def loader_workers(dls) -> int:
+    """The worker processes fastai's train DataLoader really uses (`dl.num_workers` is always 1 in
+    the main process: it is the shard count fastai's workers use)."""
+    return dls.train.fake_l.num_workers
+
+
+def quiet_bars(force: bool) -> None:
+    """fastprogress means to draw its live bars only on a terminal or in a notebook, but its check
+    (`getattr(stdout, 'isatty', False)`, the method itself) is always true, so a log file fills with
+    carriage-return bars. Off unless stdout is a terminal or `force`; the per-epoch table, which
+    fastprogress writes with plain print, is printed either way."""
+    import builtins
+
+    import fastprogress.fastprogress as fp
+    fp.NO_BAR = not (force or sys.stdout.isatty())
+    if fp.NO_BAR:
+        # ConsoleProgressBar.__init__ still prints a test fill character ('█' + CR) unconditionally.
+        def _print(*args, **kwargs):
+            if kwargs.get("end") != "\r":
+                builtins.print(*args, **kwargs)
+        fp.print = _print
+
+
+def versions() -> dict:
+    import fastai
+    import fastcore
+    import torchvision
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "fastai": fastai.__version__,
+        "fastcore": fastcore.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "argv": sys.argv,
+    }
+
+
+def suggestions_dict(sugg) -> dict:
+    """fastai's SuggestedLRs namedtuple -> {name: lr}."""
+    return {name: float(getattr(sugg, name)) for name in sugg._fields}
+
+
+def print_table(rows: list[dict]) -> None:
+    """The epoch rows again, in fastai's table format (fastprogress prints them live too)."""
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k not in ("phase", "epoch_wall_s")]
+    print("  ".join(f"{k:<10}" for k in ["phase"] + keys))
+    for row in rows:
+        cells = [row["phase"]] + [f"{row[k]:.6f}" if isinstance(row[k], float) and k != "epoch" else str(row[k])
+                                  for k in keys]
+        print("  ".join(f"{c:<10}" for c in cells))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
