@@ -194,9 +194,22 @@ def run_user_errors(fn) -> int:
         line = f"{stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and resumed"
         if not report_to_front("preempted", line):
             print(f"disttrain: {line}", file=sys.stderr, flush=True)
+        _ignore_stop_signals()
         _leave_process_group()
         return PREEMPTED_EXIT
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """The checkpoint is saved: the SIGTERM the launcher sends the other ranks once one has exited
+    must not turn this rank's exit 75 into death by SIGTERM (Python restores the default handler
+    during shutdown; an "ignore" survives it). The launcher's SIGKILL still ends a rank that hangs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _leave_process_group() -> None:

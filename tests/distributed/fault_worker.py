@@ -3,6 +3,7 @@ done when `Trainer.step` is called):
 
     fault_worker.py MODE STEP MARKERS [section.key=value ...]
 
+Every rank writes MARKERS/pid-rank<R> (its pid) when it starts.
 `raise`: rank 1 writes MARKERS/raised (its time.time()) and raises.
 `kill`:  rank 1 SIGKILLs itself, on the elastic agent's first attempt only.
 `hold`:  every rank writes MARKERS/held-rank<R> (its pid) and holds still until MARKERS/go exists;
@@ -66,6 +67,7 @@ def faulty_step(self, batches):
 
 
 Trainer.step = faulty_step
+_write(markers / f"pid-rank{os.environ['RANK']}", f"{os.getpid()}\n")
 real_save = torch.save
 
 

@@ -3,6 +3,7 @@
 #   tests/slurm/cluster.sh start DIR [NODES] -> writes DIR/slurm.conf and starts the daemons; with
 #       NODES=2, two slurmd (nodes dt1 and dt2, half of this host's CPUs each) on their own ports
 #   tests/slurm/cluster.sh stop DIR          -> stops them by PID
+# Finished jobs stay in `scontrol show job` for an hour (MinJobAge), so tests can read their record.
 # Needs root (munge runs as user munge) and Debian's slurmctld slurmd slurm-client munge, which
 # `start` installs with apt-get when they are missing.
 set -euo pipefail
@@ -39,6 +40,7 @@ MpiDefault=none
 MailProg=/bin/true
 SelectType=select/cons_tres
 SchedulerParameters=sched_interval=5,bf_interval=5
+MinJobAge=3600
 ReturnToService=2
 SlurmUser=root
 SlurmdUser=root
