@@ -9,18 +9,14 @@ Every rank writes MARKERS/pid-rank<R> (its pid) when it starts.
 `hold`:  every rank writes MARKERS/held-rank<R> (its pid) and holds still until MARKERS/go exists;
          a rank named in `go` (one rank number per line: the ranks the test signalled) also waits
          until its own preemption flag is set, so the signal is in before training goes on.
-`save`:  the checkpoint save of global step STEP: the main process writes half of `shared.pt`
-         into `step-<STEP>.tmp/`, then MARKERS/saving, and holds still until it is SIGKILLed.
 """
 
-import io
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from disttrain.cli import run_user_errors, train
 from disttrain.config import load_config
@@ -68,25 +64,4 @@ def faulty_step(self, batches):
 
 Trainer.step = faulty_step
 _write(markers / f"pid-rank{os.environ['RANK']}", f"{os.getpid()}\n")
-real_save = torch.save
-
-
-def half_a_save(obj, path, *args, **kwargs):
-    """In the middle of writing shared.pt of step `at`: half the bytes on disk, then hold still."""
-    path = Path(path)
-    if path.name == "shared.pt" and path.parent.name == f"step-{at:08d}.tmp":
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        with open(path, "wb") as fh:
-            fh.write(data[: len(data) // 2])
-            fh.flush()
-            os.fsync(fh.fileno())
-        _write(markers / "saving", f"{os.getpid()}\n")
-        signal.pause()  # until the test's SIGKILL
-    return real_save(obj, path, *args, **kwargs)
-
-
-if mode == "save":
-    torch.save = half_a_save
 sys.exit(run_user_errors(lambda: train(load_config("configs/demo.yaml", overrides))))
