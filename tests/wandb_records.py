@@ -1,6 +1,7 @@
 """Read a W&B run file (`run-<id>.wandb`) offline, as the tests do: a header (`:W&B`, a 2-byte magic,
 a version byte), then a LevelDB-style log of protobuf `Record`s in 32 KiB blocks (each chunk: crc32
-4 bytes, length 2 bytes, type 1 byte: full / first / middle / last)."""
+4 bytes, length 2 bytes, type 1 byte: full / first / middle / last). The file of a killed run may
+end inside a chunk: reading stops at the last complete record."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def read_records(path: str | Path) -> list:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):  # cut by a kill
+            break
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0:
@@ -44,6 +47,13 @@ def _key(item) -> str:
 def history(records) -> list[dict]:
     """Every history row (one per logged step) as {key: decoded JSON value}."""
     return [{_key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def media(row: dict, key: str) -> dict:
+    """A logged W&B object (Table, Image) of a history row: its fields (`_type`, `path`, ...), which
+    the record stores as nested keys under `key`."""
+    prefix = key + "/"
+    return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
 
 
 def summary(records) -> dict:

@@ -32,7 +32,7 @@ def test_two_processes_train_from_one_shard_with_a_corrupt_member(tmp_path, mnis
     (shards / "manifest.json").write_text(json.dumps(manifest))
 
     common = ["--config", "configs/demo.yaml", f"data.root={shards}", "data.format=shards", f"run.output_dir={tmp_path}",
-              "run.name=s", "data.num_workers=2", "data.batch_size=16", "log.progress=false"]
+              "run.name=s", "data.num_workers=2", "data.batch_size=16", "log.progress=false", "train.precision=no"]
     proc = launch(["launch/train.py", *common, "train.epochs=1"], nproc=2)
     assert "data: 301 train / 110 valid samples in 10 classes from 1 + 1 shards" in proc.stdout
     assert "10 steps per epoch" in proc.stdout  # ceil(301 / 32), on both ranks

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
+import subprocess
+import time
 
 import pytest
+import torch
 import yaml
+from PIL import Image
 
-from conftest import launch
-from wandb_records import config, history, read_records, run_record, summary
+from conftest import BIN, REPO, free_port, kill_job, launch, run_env
+from wandb_records import config, history, media, read_records, run_record, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +28,7 @@ def offline_run(tmp_path_factory, mnist_small):
     out = tmp_path_factory.mktemp("wandb")
     args = ["--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={out}", "run.name=w",
             "optim.lr=auto", "sweep.num_iter=20", "train.epochs=2", "data.batch_size=16", "train.clip_grad=1.0",
-            "log.every_n_steps=3", "log.progress=false", "log.wandb.tags=[ci,demo]"]
+            "log.every_n_steps=3", "log.progress=false", "log.wandb.tags=[ci,demo]", "train.precision=no"]
     proc = launch(["launch/train.py", *args], env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_PROJECT": "from-env"})
     run_dir = out / "w"
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -62,11 +68,13 @@ def test_config_is_the_resolved_config_and_no_secret_is_kept(offline_run):
     records = read_records(next(runs[0].glob("run-*.wandb")))
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     logged = config(records)
+    assert {"run", "data", "optim", "train", "log"} <= set(resolved)
     for section, values in resolved.items():
         assert logged[section] == values, section
-    for path in run_dir.rglob("*"):
-        if path.is_file():
-            assert FAKE_KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "metrics.jsonl" for p in files)
+    for path in files:
+        assert FAKE_KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
 
 
 def test_metrics_jsonl_has_the_same_series(offline_run):
@@ -88,10 +96,148 @@ def test_metrics_jsonl_has_the_same_series(offline_run):
     assert proc.stdout.count("epoch     train_loss") == 1
 
 
+def test_the_sweep_table_and_plot_are_logged(offline_run):
+    """`lr_sweep/table` holds the sweep's rows (lr, loss, smoothed, log10_lr) as in lr_sweep.json,
+    `lr_sweep/curve` is drawn from the same table, and `lr_sweep/plot` is the run dir's
+    lr_sweep.png, byte for byte."""
+    _, run_dir, runs = offline_run
+    rows = history(read_records(next(runs[0].glob("run-*.wandb"))))
+    row = next(r for r in rows if "lr_sweep/suggestion" in r)
+    sweep = json.loads((run_dir / "lr_sweep.json").read_text())
+    assert row["lr_sweep/suggestion"] == sweep["suggestion"]
+
+    table = media(row, "lr_sweep/table")
+    assert table["_type"] == "table-file" and table["nrows"] == sweep["iterations"] and table["ncols"] == 4
+    stored = json.loads((runs[0] / "files" / table["path"]).read_text())
+    assert stored["columns"] == ["lr", "loss", "smoothed", "log10_lr"]
+    expected = [[lr, loss, smooth, math.log10(lr)] for lr, loss, smooth in zip(sweep["lrs"], sweep["losses"], sweep["smoothed"])]
+    assert len(stored["data"]) == sweep["iterations"] >= 2
+    for got, want in zip(stored["data"], expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-12)
+    assert media(row, "lr_sweep/curve_table")["sha256"] == table["sha256"]  # the line plot's data is that table
+
+    plot = media(row, "lr_sweep/plot")
+    assert plot["_type"] == "image-file" and plot["format"] == "png"
+    png = runs[0] / "files" / plot["path"]
+    assert png.read_bytes() == (run_dir / "lr_sweep.png").read_bytes()
+    assert hashlib.sha256(png.read_bytes()).hexdigest() == plot["sha256"]
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (plot["width"], plot["height"]) and min(image.size) > 100
+
+
+GROUP_LRS_RUN = """
+import json, sys
+from accelerate import Accelerator
+from disttrain.build import build_trainer
+from disttrain.config import load_config
+
+cfg = load_config(None, sys.argv[1:])
+trainer, _ = build_trainer(cfg, Accelerator(cpu=True))
+state = trainer.schedule.state_dict()
+# differential LRs (not yet reachable from a config): group g at a tenth of group g - 1's
+trainer.schedule.load_state_dict({**state, "base_lrs": [max(state["base_lrs"]) / 10**g for g in range(len(state["base_lrs"]))]})
+trainer.train_epoch(0)
+trainer.tracker.finish()
+print("base_lrs", json.dumps(trainer.schedule.base_lrs))
+"""
+
+
+def test_groups_with_different_lrs_are_logged_per_group(tmp_path, mnist_small):
+    """A real Trainer (one CPU process) whose param groups have different LRs logs
+    `train/lr/group<i>` (and no `train/lr`) at every log point: each group's LR of the schedule, in
+    metrics.jsonl and in the offline W&B run."""
+    from disttrain.config import load_config
+    from disttrain.schedule import Schedule
+
+    proc = launch(["-c", GROUP_LRS_RUN, f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "run.name=g",
+                   "data.load_size=28", "data.image_size=28", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
+                   "train.max_steps_per_epoch=4", "log.every_n_steps=2", "log.progress=false", "train.precision=no"],
+                  launcher="python", env={"WANDB_MODE": "offline"})
+    bases = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("base_lrs "))[len("base_lrs "):])
+    assert len(bases) >= 2 and len(set(bases)) == len(bases)
+    run_dir = tmp_path / "g"
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = Schedule(optimizer, load_config(run_dir / "config.yaml").schedule, total_steps=4).lr_factor
+    expected = {step: {f"train/lr/group{g}": base * factor(min(step, 3)) for g, base in enumerate(bases)} for step in (2, 4)}
+
+    local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in local if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:
+        assert "train/lr" not in r
+        assert {k: v for k, v in r.items() if k.startswith("train/lr")} == pytest.approx(expected[r["step"]], rel=1e-12)
+
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = [r for r in history(read_records(next(runs[0].glob("run-*.wandb")))) if "train/loss" in r]
+    assert [r["_step"] for r in logged] == [2, 4]
+    for r in logged:
+        assert "train/lr" not in r
+        assert {k: v for k, v in r.items() if k.startswith("train/lr")} == pytest.approx(expected[r["_step"]], rel=1e-12)
+
+
+def test_a_killed_and_resumed_launched_run_continues_the_same_wandb_run(tmp_path, mnist_small):
+    """2 processes logging offline, SIGKILLed after a mid-epoch checkpoint and started again with the
+    same command: both offline-run dirs carry the run id of `wandb_run_id`, the resumed run's history
+    starts after the checkpoint's step and is the rest of metrics.jsonl, and every log point is in
+    metrics.jsonl once."""
+    args = ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={tmp_path}",
+            "run.name=k", "train.epochs=1", "data.batch_size=16", "data.num_workers=0", "log.progress=false",
+            "log.every_n_steps=2", "checkpoint.every_n_steps=3", "train.precision=no"]  # 10 steps: checkpoints at 3, 6, 9
+    run_dir = tmp_path / "k"
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", str(free_port()), "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**run_env(), "WANDB_MODE": "offline"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "step-00000006").exists():  # polling for a file the run writes
+            assert proc.poll() is None, f"the run ended before its step-6 checkpoint:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no step-6 checkpoint"
+            time.sleep(0.05)
+    finally:
+        kill_job(proc)  # the launcher and every worker (each in a session of its own), as a node crash
+    assert not (run_dir / "results.json").exists(), "the kill must land mid-run"
+    checkpoint_step = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert checkpoint_step in (6, 9)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    first_dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert [p.name.rsplit("-", 1)[1] for p in first_dirs] == [run_id]
+
+    resumed = launch(args, nproc=2, env={"WANDB_MODE": "offline"})
+    resuming = next((line for line in resumed.stdout.splitlines() if line.startswith("resuming from")), "")
+    assert f"step-{checkpoint_step:08d}: " in resuming and f"global step {checkpoint_step}," in resuming, (checkpoint_step, resuming)
+    assert "LR sweep" not in resumed.stdout
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and dirs[0] == first_dirs[0], dirs
+    assert all(p.name.rsplit("-", 1)[1] == run_id for p in dirs)
+    for p in dirs:
+        files = list(p.glob("run-*.wandb"))
+        assert [f.name for f in files] == [f"run-{run_id}.wandb"]
+    records = read_records(dirs[1] / f"run-{run_id}.wandb")
+    assert run_record(records).run_id == run_id
+    rows = history(records)
+
+    local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in local if "train/loss" in r] == [2, 4, 6, 8, 10], "every log point once"
+    assert [r["step"] for r in local if "valid/loss" in r] == [10]
+    assert rows and min(r["_step"] for r in rows) > checkpoint_step, "the resumed run's history continues after the checkpoint"
+    for key in ("train/loss", "train/lr", "valid/loss", "valid/accuracy"):
+        theirs = [(r["_step"], r[key]) for r in rows if key in r]
+        ours = [(r["step"], r[key]) for r in local if key in r and r["step"] > checkpoint_step]
+        assert theirs == ours and theirs, key
+    # The killed run's file: wandb-core buffers records (32 KiB blocks) and a SIGKILL loses what it held;
+    # with this little logged, the file is the bare header. Whatever it does hold is this run's.
+    first = read_records(dirs[0] / f"run-{run_id}.wandb")
+    assert all(r.run.run_id == run_id for r in first if r.WhichOneof("record_type") == "run")
+    assert all(r["_step"] <= 9 for r in history(first)), "the killed run logged nothing past its last step"
+
+
 def test_disabled_creates_no_wandb_files(tmp_path, mnist_small):
     launch(["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "run.name=d",
              "train.epochs=1", "train.max_steps_per_epoch=4", "data.batch_size=16", "log.every_n_steps=2",
-             "log.progress=false", "log.wandb.mode=disabled"], env={"WANDB_MODE": ""}, nproc=1)
+             "log.progress=false", "log.wandb.mode=disabled", "train.precision=no"], env={"WANDB_MODE": ""}, nproc=1)
     assert not (tmp_path / "d" / "wandb").exists() and not (tmp_path / "d" / "wandb_run_id").exists()
     local = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in local if "train/loss" in r] == [2, 4]
@@ -113,7 +259,9 @@ def test_a_resumed_tracker_continues_the_same_run(tmp_path, monkeypatch):
     again.log({"train/loss": 0.5}, step=2)
     again.finish()
     assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert all(run_id in p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))  # one run id, however many dirs
+    dirs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert dirs and all(p.name.endswith(f"-{run_id}") for p in dirs), dirs  # one run id, however many dirs
+    assert (tmp_path / "r" / "wandb_run_id").read_text().strip() == run_id
     fresh = Tracker(cfg, True, ConsoleReporter(False))  # a new run (not resuming) gets a new W&B run
     assert fresh.wandb_run.id != run_id
     fresh.finish()
