@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import time
 
@@ -260,7 +261,7 @@ def test_a_resumed_tracker_continues_the_same_run(tmp_path, monkeypatch):
     again.finish()
     assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     dirs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
-    assert dirs and all(p.name.endswith(f"-{run_id}") for p in dirs), dirs  # one run id, however many dirs
+    assert dirs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", p.name) for p in dirs), dirs  # one run id, however many dirs
     assert (tmp_path / "r" / "wandb_run_id").read_text().strip() == run_id
     fresh = Tracker(cfg, True, ConsoleReporter(False))  # a new run (not resuming) gets a new W&B run
     assert fresh.wandb_run.id != run_id
