@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
@@ -30,11 +31,12 @@ class Precision:
     """A cost the user chose explicitly (bf16 on a CPU that only emulates it), printed once."""
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively. oneDNN's own check (`_is_mkldnn_bf16_supported`)
     also says yes for AVX-512 CPUs without bf16 instructions, so on x86 Linux the `avx512_bf16` /
     `amx_bf16` flags must be there too; without them bf16 autocast is emulated (on an AVX2 EPYC, a
-    ResNet-18 step took 4.5x as long as in fp32)."""
+    ResNet-18 step took 4.5x as long as in fp32). Asked once per process (it reads /proc/cpuinfo)."""
     try:
         supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -62,6 +62,18 @@ class Phases:
         return self.seconds["total"]
 
 
+def add_common_args(p) -> None:
+    """The options both peer scripts share: threads, workers, seed, where lr_find writes, outputs."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: fastai's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="Learner.path for lr_find's temporary weights (default: temp dir)")
+    p.add_argument("--lr-plot", default=None, help="save fastai's lr_find plot here (PNG)")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--bars", action="store_true",
+                   help="print fastprogress's live bars even when stdout is not a terminal (the table always prints)")
+
+
 def setup_threads(threads: int | None) -> int:
     """torch intra-op threads: all cores unless told otherwise (one process)."""
     n = threads or os.cpu_count() or 1

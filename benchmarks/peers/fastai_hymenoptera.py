@@ -73,7 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated.*")
 
 from _fastai_common import (  # noqa: E402
-    EpochRows, Phases, loader_workers, print_table, quiet_bars, setup_threads, suggestions_dict, versions, write_json,
+    EpochRows, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, suggestions_dict, versions,
+    write_json,
 )
 
 DEFAULT_DATA = "/work/shared/data/hymenoptera"
@@ -118,14 +119,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=None, help="skip lr_find and fine-tune at this LR")
     p.add_argument("--no-tta", action="store_true", help="skip learn.tta()")
     p.add_argument("--drop-gif", action="store_true", help="leave out .gif files (the placeholder) too")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: fastai's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="Learner.path for lr_find's temporary weights (default: temp dir)")
-    p.add_argument("--lr-plot", default=None, help="save fastai's lr_find plot here (PNG)")
-    p.add_argument("--json", default=None, help="write the figures here")
-    p.add_argument("--bars", action="store_true",
-                   help="print fastprogress's live bars even when stdout is not a terminal (the table always prints)")
+    add_common_args(p)
     args = p.parse_args(argv)
     quiet_bars(args.bars)
 
