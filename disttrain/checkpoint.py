@@ -24,9 +24,10 @@ def atomic_save(obj: object, path: str | Path) -> Path:
     return path
 
 
-def save_weights(path: str | Path, model_state: dict, classes: list[str], arch: str) -> Path:
-    """`model.pt`: the state dict plus what is needed to use it (class names, architecture)."""
-    return atomic_save({"model": model_state, "classes": list(classes), "arch": arch}, path)
+def save_weights(path: str | Path, model_state: dict, classes: list[str], arch: str, **info) -> Path:
+    """`model.pt`: the state dict plus what is needed to use it (class names, architecture, and the
+    `info` given: normalization, image size, ...)."""
+    return atomic_save({"model": model_state, "classes": list(classes), "arch": arch, **info}, path)
 
 
 def load_weights(path: str | Path) -> dict:
@@ -63,8 +64,10 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def step_name(global_step: int) -> str:
-    return f"step-{global_step:08d}"
+def step_name(global_step: int, tag: str | None = None) -> str:
+    """`step-00000120`, or `step-00000120-stage1` for a checkpoint taken at a stage's start (after its
+    LR sweep) at the step where the previous stage's last one was: names sort in the order taken."""
+    return f"step-{global_step:08d}" + (f"-{tag}" if tag else "")
 
 
 def _is_complete(path: Path) -> bool:
@@ -110,15 +113,17 @@ def set_aside_later(run_dir: str | Path, from_step: int | None) -> Path | None:
 
 def _step_of(path: Path) -> int:
     try:
-        return int(path.name.removeprefix("step-"))
+        return int(path.name.removeprefix("step-").split("-")[0])
     except ValueError:
         return 2**63  # not a name we write: set aside with the rest
 
 
-def save_checkpoint(accelerator, run_dir: Path, global_step: int, shared: dict, rank_state: dict, meta: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    accelerator, run_dir: Path, global_step: int, shared: dict, rank_state: dict, meta: dict, keep_last: int, tag: str | None = None
+) -> Path:
     """Collective: every rank calls it at the same step. Returns the final directory."""
     root = checkpoint_root(run_dir)
-    final = root / step_name(global_step)
+    final = root / step_name(global_step, tag)
     tmp = root / (final.name + ".tmp")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -221,11 +226,12 @@ class Checkpointer:
     def due(self, global_step: int) -> bool:
         return self.every_n_steps is not None and global_step % self.every_n_steps == 0
 
-    def save(self, trainer, epoch: int, steps_done: int, partial: dict | None) -> Path:
+    def save(self, trainer, epoch: int, steps_done: int, partial: dict | None, tag: str | None = None) -> Path:
         """Collective. `epoch`/`steps_done`: where training continues (steps_done optimizer steps of
-        `epoch` are done); `partial`: this rank's sums of the unfinished epoch."""
+        `epoch` are done); `partial`: this rank's sums of the unfinished epoch; `tag`: see step_name."""
         meta = {
             **self.meta,
+            **({"stage": trainer.stage} if trainer.stage is not None else {}),
             "global_step": trainer.global_step,
             "epoch": epoch,
             "steps_done_in_epoch": steps_done,
@@ -233,5 +239,6 @@ class Checkpointer:
             "wandb_run_id": trainer.tracker.run_id if trainer.tracker is not None else None,
         }
         return save_checkpoint(
-            trainer.accelerator, self.run_dir, trainer.global_step, trainer.shared_state(), trainer.rank_state(partial), meta, self.keep_last
+            trainer.accelerator, self.run_dir, trainer.global_step, trainer.shared_state(), trainer.rank_state(partial), meta,
+            self.keep_last, tag,
         )

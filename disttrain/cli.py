@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -50,103 +51,17 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train(cfg, find_lr_only: bool = False) -> list:
-    """Build everything from the config; resume from a checkpoint (checkpoint.resume); sweep the LR
-    when asked (`find_lr_only`, or optim.lr=auto, not when resuming); fit; save `model.pt` and
-    `results.json` in the run dir; track in metrics.jsonl and W&B."""
-    from disttrain.build import build_trainer
-    from disttrain.checkpoint import PreemptionFlag, load_checkpoint
-    from disttrain.runtime import build_accelerator
-    from disttrain.tracking import setup_logging
+    """The run (disttrain/run.py): resume or start, the stages, save."""
+    from disttrain.run import train as run
 
-    flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
-    accelerator = build_accelerator(cfg)
-    setup_logging(accelerator.process_index, accelerator.is_main_process)
-    resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
-    # (meta, shared state, this rank's state): every rank refuses another world size the same way, before building
-    resume = load_checkpoint(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
-    trainer, data = build_trainer(cfg, accelerator, resume_step=resume[0]["global_step"] if resume else None, flag=flag)
-    try:
-        history = _train(cfg, accelerator, trainer, data, find_lr_only, resume_from, resume)
-    except BaseException as err:
-        trainer.tracker.finish(failed=not isinstance(err, Preempted))
-        raise
-    trainer.tracker.finish()
-    accelerator.end_training()
-    return history
-
-
-def _resume_path(cfg, accelerator) -> Path | None:
-    """checkpoint.resume: `never`, `auto` (the run dir's newest complete checkpoint, if any) or a
-    path. Decided on the main process and broadcast, so every rank resumes from the same one."""
-    from accelerate.utils import broadcast_object_list
-
-    from disttrain.checkpoint import find_latest
-
-    choice: list = [None]
-    if accelerator.is_main_process:
-        if cfg.checkpoint.resume == "auto":
-            found = find_latest(cfg.run.dir)
-            choice[0] = str(found) if found else None
-        elif cfg.checkpoint.resume != "never":
-            choice[0] = str(Path(cfg.checkpoint.resume).expanduser())
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice, from_process=0)
-    return Path(choice[0]) if choice[0] else None
-
-
-def _train(cfg, accelerator, trainer, data, find_lr_only: bool, resume_from: Path | None, resume: tuple | None) -> list:
-    from disttrain.checkpoint import CheckpointError, checkpoint_root, save_weights, set_aside_later
-    from disttrain.lr_sweep import find_lr
-
-    from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
-    if resume is not None:
-        meta, shared, rank_state = resume
-        if meta["classes"] != list(data.classes) or meta["model"] != cfg.model.name:
-            raise CheckpointError(
-                f"{resume_from}: saved for model {meta['model']} with classes {meta['classes']}, but this run has "
-                f"{cfg.model.name} with {list(data.classes)}; use another run.name or checkpoint.resume=never"
-            )
-        trainer.load_state(meta, shared, rank_state)
-        if resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
-            from_step = meta["global_step"]
-        saved_in = meta.get("precision", accelerator.mixed_precision)
-        changed = f"; trained in {saved_in} precision so far, continuing in {accelerator.mixed_precision}" if saved_in != accelerator.mixed_precision else ""
-        trainer.reporter.line(
-            f"resuming from {resume_from}: epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
-            f"global step {meta['global_step']}, peak LR {max(trainer.schedule.base_lrs):.3g}{changed}"
-        )
-    elif find_lr_only or cfg.optim.lr == "auto":
-        sweep = find_lr(trainer, cfg.sweep, cfg.run.dir, trainer.reporter)
-        trainer.tracker.log_sweep(sweep, cfg.run.dir / "lr_sweep.png")
-        trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
-                                                 "suggestions": sweep.suggestions, "precision": sweep.precision}
-        if find_lr_only:
-            return []
-        trainer.schedule.set_peak_lr(sweep.suggestion)
-    if accelerator.is_main_process:  # checkpoints of the run dir this run does not continue go out of its way
-        aside = set_aside_later(cfg.run.dir, from_step)
-        if aside is not None:
-            trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
-    history = trainer.fit()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(trainer.model)
-        save_weights(cfg.run.dir / "model.pt", model.state_dict(), data.classes, cfg.model.name)
-        results = {
-            "world_size": accelerator.num_processes,
-            "precision": accelerator.mixed_precision,
-            "peak_lr": max(trainer.schedule.base_lrs),
-            "epochs": [vars(r) for r in history],
-        }
-        (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
-    accelerator.wait_for_everyone()
-    return history
+    return run(cfg, find_lr_only)
 
 
 def evaluate(cfg, weights: str, out: str | None) -> dict:
     """Exact validation of saved weights on `data.valid_dir`, on however many processes run it."""
     from disttrain.build import build_augment, build_loaders, load_data
     from disttrain.checkpoint import load_weights
-    from disttrain.models import build_model
+    from disttrain.models import build_model, normalization
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import ConsoleReporter
     from disttrain.trainer import evaluate as run_eval
@@ -157,11 +72,13 @@ def evaluate(cfg, weights: str, out: str | None) -> dict:
     state = load_weights(weights)
     if state["classes"] != data.classes:
         raise WeightsError(f"{weights}: trained on classes {state['classes']}, but {cfg.data.root} has {data.classes}")
-    model = build_model(cfg.model, num_classes=len(data.classes))
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None), num_classes=len(data.classes))
     model.load_state_dict(state["model"])
     model = accelerator.prepare_model(model, evaluation_mode=True)
     _, valid_loader = build_loaders(cfg, data, accelerator)
-    result = run_eval(accelerator, model, valid_loader, build_augment(cfg, accelerator))
+    saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
+    mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
+    result = run_eval(accelerator, model, valid_loader, build_augment(cfg, accelerator, mean, std))
     summary = {**vars(result), "world_size": accelerator.num_processes}
     reporter.line(f"valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}  ({result.correct}/{result.count})")
     if out and accelerator.is_main_process:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+
+IMAGENET = "imagenet"  # model.pretrained: torchvision's default weights for model.name
 
 
 class ConfigError(ValueError):
@@ -119,17 +123,19 @@ class AugmentConfig:
     """Probability that a sample gets the lighting changes."""
     erase_p: float = 0.0
     """Random erasing: probability that a sample gets one rectangle (2-33% of the area) set to the mean."""
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    """Per-channel mean subtracted after scaling pixels to [0, 1]."""
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    """Per-channel standard deviation divided out after subtracting `mean`."""
+    mean: Optional[list[float]] = None
+    """Per-channel mean subtracted after scaling pixels to [0, 1]; null: the pretrained weights' own
+    (ImageNet's for torchvision weights), and ImageNet's (0.485, 0.456, 0.406) when training from scratch."""
+    std: Optional[list[float]] = None
+    """Per-channel standard deviation divided out after subtracting `mean`; null: as for `mean`
+    (ImageNet's 0.229, 0.224, 0.225 by default)."""
 
     def __post_init__(self) -> None:
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if len(value) != 3:
+            if value is not None and len(value) != 3:
                 raise ConfigError(f"augment.{key}: needs 3 values (R, G, B), got {value!r}")
-        if any(s <= 0 for s in self.std):
+        if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"augment.std: every value must be > 0, got {self.std!r}")
         for key, top in (("crop_scale", 1.0), ("crop_ratio", None)):
             low_high = getattr(self, key)
@@ -150,7 +156,10 @@ class ModelConfig:
     name: str = "resnet18"
     """torchvision classification model name (e.g. resnet18, resnet50, convnext_tiny)."""
     pretrained: Optional[str] = None
-    """Path to a local state dict (.pt/.pth) to start from; a head of another size is skipped."""
+    """Starting weights: `imagenet` (torchvision's default weights for `name`, read from torch's hub
+    cache `$TORCH_HOME/hub/checkpoints/`, downloaded there by the main process when missing), or the
+    path of a local state dict (.pt/.pth, or a disttrain model.pt). The classifier is sized to the
+    data's classes: a head of another size starts fresh."""
     channels_last: bool = True
     """Keep weights and activations in channels_last memory format (faster convs with AMP)."""
 
@@ -162,11 +171,39 @@ class ModelConfig:
             close = difflib.get_close_matches(self.name, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"model.name: {self.name!r} is not a torchvision classification model{hint}")
-        if self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
+        if self.pretrained == IMAGENET:
+            weights = torchvision.models.get_model_weights(self.name) if self.name in names else None
+            if weights is None or not hasattr(weights, "DEFAULT"):
+                raise ConfigError(
+                    f"model.pretrained: torchvision has no ImageNet weights for {self.name}; pick another "
+                    "model.name or give the path of a state dict"
+                )
+        elif self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(
                 f"model.pretrained: {self.pretrained!r} is not a file; give the path of a local state "
-                "dict (nothing is downloaded) or set model.pretrained=null"
+                f"dict, `{IMAGENET}` for torchvision's weights, or set model.pretrained=null"
             )
+
+
+@dataclass
+class FinetuneConfig:
+    groups: int = 3
+    """Layer groups the model's parameters are split into, in forward order: body groups cut at block
+    boundaries with roughly equal parameter counts, then the head (the final classifier) as the last
+    group. A stage's `freeze_to` and `lr_ratio` count in these groups (fastai uses 3 for resnets)."""
+    train_bn: bool = True
+    """Normalization layers in frozen groups keep training (weights and running statistics), as in
+    fastai: essential when the new data's statistics differ. false freezes them too (eval mode)."""
+    freeze_bn_stats: bool = False
+    """Every BatchNorm layer normalizes with its running statistics and keeps them (eval mode) in every
+    stage, while its weights train wherever its group trains (Keras's advice for fine-tuning). For
+    small per-rank batches, whose batch statistics are noisy, and for a head trained on the frozen
+    body's precomputed (eval-mode) output, which would otherwise see other features once the body
+    runs in train mode."""
+
+    def __post_init__(self) -> None:
+        if self.groups < 2:
+            raise ConfigError(f"finetune.groups: at least 2 (the body and the head), got {self.groups!r}")
 
 
 @dataclass
@@ -195,8 +232,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    """LR schedule over all optimizer steps: `onecycle`, `cosine` (with warmup) or `constant`."""
+    name: Literal["onecycle", "cosine", "constant", "sgdr"] = "onecycle"
+    """LR schedule over all optimizer steps: `onecycle`, `cosine` (with warmup), `constant`, or `sgdr`
+    (cosine annealing with warm restarts: a cosine from the peak to min_lr_ratio x peak per cycle)."""
     warmup: float = 0.25
     """Fraction of all steps spent warming up (one-cycle: rising to the peak LR)."""
     div_factor: float = 25.0
@@ -204,10 +242,19 @@ class ScheduleConfig:
     final_div_factor: float = 1e5
     """One-cycle: the final LR is lr / div_factor / final_div_factor."""
     min_lr_ratio: float = 0.0
-    """Cosine: the LR decays to lr x min_lr_ratio."""
+    """Cosine and SGDR: the LR decays to lr x min_lr_ratio."""
+    cycle_len: int = 1
+    """SGDR: epochs of the first cycle."""
+    cycle_mult: int = 1
+    """SGDR: each next cycle is this many times longer (epochs must fit whole cycles: with cycle_len 1
+    and cycle_mult 2, 1, 3, 7, 15, ... epochs)."""
 
     def __post_init__(self) -> None:
-        _choice("schedule.name", self.name, ("onecycle", "cosine", "constant"))
+        _choice("schedule.name", self.name, ("onecycle", "cosine", "constant", "sgdr"))
+        _positive("schedule.cycle_len", self.cycle_len)
+        _positive("schedule.cycle_mult", self.cycle_mult)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"schedule.warmup: a fraction of the steps in [0, 1), got {self.warmup!r}")
         _positive("schedule.div_factor", self.div_factor)
@@ -347,6 +394,41 @@ class LogConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (`stages:`): its keys left out take the run's own value."""
+
+    name: Optional[str] = None
+    """Shown in the stage's first line; null: `stage <i>`."""
+    epochs: Optional[int] = None
+    """Epochs of this stage; null: train.epochs. Epoch numbers continue across stages."""
+    freeze_to: int = 0
+    """Freeze layer groups [0, freeze_to) (fastai's semantics): 0 trains everything, -1 everything
+    but the head, N the groups from N on (see finetune.groups)."""
+    lr: Union[float, Literal["auto"], None] = None
+    """Peak LR of the head group, or `auto`: the synchronized sweep runs at the start of this stage, in
+    its frozen state and with its ratios; null: optim.lr."""
+    lr_ratio: float = 1.0
+    """Differential learning rates: the groups' peak LRs spread geometrically from lr / lr_ratio (first
+    group) to lr (head), like fastai's slice(lr / lr_ratio, lr); 1: one LR for every group."""
+    image_size: Optional[int] = None
+    """Square side the model sees in this stage (progressive resizing); null: data.image_size."""
+    load_size: Optional[int] = None
+    """CPU presize of this stage; null: data.load_size (raised to image_size when smaller)."""
+    batch_size: Optional[int] = None
+    """Images per rank per step in this stage; null: data.batch_size."""
+    augment: bool = True
+    """Train on augmented views (the augment section); false: on the plain validation view."""
+    precompute: bool = False
+    """Compute the frozen body's output once per image (each rank its share, kept in memory) and train,
+    and sweep, the head on it: for a stage with freeze_to -1 and augment false. The body runs in eval
+    mode (its normalization statistics stay as loaded)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """This stage's LR schedule; keys left out take the schedule section's values."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """This stage's LR sweep settings (lr: auto); keys left out take the sweep section's values."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Name, output folder and seed."""
@@ -356,6 +438,8 @@ class Config:
     """On-device augmentation and normalization."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture and starting weights."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Layer groups and frozen normalization layers (used by `stages`)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -368,9 +452,19 @@ class Config:
     """What the user sees."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints and resuming."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Stages run one after another in one launch (fine-tuning: head first, then everything); empty:
+    one stage made of the run's own train/optim/schedule/data settings."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.stages:
+            data.pop("stages")
+        return data
+
+    def run_stages(self) -> list[StageConfig]:
+        """The stages to run: `stages`, or the one stage the top-level sections describe."""
+        return self.stages or [resolve_stage(StageConfig(schedule=self.schedule, sweep=self.sweep), self)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +499,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if type(None) in args:
                 return None
             raise bad
+        present = [a for a in args if a is not type(None)]
+        if len(present) == 1:  # Optional[X]: X's own message (e.g. which list item is wrong)
+            return _coerce(key, value, present[0])
         for arg in args:
             if arg is type(None):
                 continue
@@ -475,7 +572,7 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
     """An unknown key: the closest valid one where there is one; else the keys of its section, or,
     for an unknown section, the sections (never all 70 keys)."""
     section = key.split(".", 1)[0]
-    sections = list(dict.fromkeys(k.split(".", 1)[0] for k in valid))
+    sections = list(dict.fromkeys(k.split(".", 1)[0] for k in valid)) + [STAGES]
     if section in sections:
         own = [k[len(section) + 1 :] for k in valid if k.startswith(section + ".")]
         close = difflib.get_close_matches(key[len(section) + 1 :], own, n=1, cutoff=0.6)
@@ -508,19 +605,154 @@ def _all_keys() -> list[str]:
     return list(_leaf_types())
 
 
-def _flatten(raw: Any, prefix: str, flat: dict[str, Any], leaves: dict[str, Any]) -> None:
+def _flatten(raw: Any, prefix: str, flat: dict[str, Any], leaves: dict[str, Any], unknown=_unknown, where: str = "") -> None:
     """YAML mappings of sections (and sub-sections) -> `{"section.key": value}`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.')}: must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{where}{prefix.rstrip('.')}: must be a mapping of keys, got {raw!r}")
     for name, value in raw.items():
         key = f"{prefix}{name}"
         if key in leaves:
             flat[key] = value
         elif any(k.startswith(key + ".") for k in leaves):
             if value is not None:
-                _flatten(value, key + ".", flat, leaves)
+                _flatten(value, key + ".", flat, leaves, unknown, where)
         else:
-            raise _unknown(key, list(leaves))
+            raise unknown(key, list(leaves))
+
+
+# -- stages: `stages:` is a list of mappings; overrides say `stages.1.lr=3e-3` (or `stages[1].lr=...`)
+
+STAGES = "stages"
+_INHERITED = ("schedule.", "sweep.")  # a stage's sections start from the run's own
+
+
+def _stage_unknown(index: int):
+    def unknown(key: str, valid: list[str]) -> ConfigError:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        if close:
+            return ConfigError(f"unknown config key 'stages[{index}].{key}'; did you mean 'stages[{index}].{close[0]}'?")
+        own = [k for k in valid if not k.startswith(_INHERITED)]
+        return ConfigError(f"unknown config key 'stages[{index}].{key}'; the keys of a stage are {', '.join(own)}, schedule.*, sweep.*")
+
+    return unknown
+
+
+def _stage_override(key: str, value: Any, stage_flats: list[dict[str, Any]]) -> None:
+    """`stages.1.lr=3e-3` / `stages[1].lr=3e-3` into the flat keys of stage 1."""
+    normal = re.sub(r"^stages\[(\d+)\]\.", r"stages.\1.", key)
+    parts = normal.split(".", 2)
+    if len(parts) < 3 or not parts[1].isdigit():
+        raise ConfigError(f"{key!r}: a stage key looks like stages.<index>.<key>, e.g. stages.1.lr=3e-3")
+    index, name = int(parts[1]), parts[2]
+    if index >= len(stage_flats):
+        have = f"stages 0 to {len(stage_flats) - 1}" if stage_flats else "no stages"
+        raise ConfigError(f"{key!r}: the config has {have}; add the stage to the config file's stages: list")
+    leaves = _leaf_types(StageConfig)
+    if name not in leaves:
+        raise _stage_unknown(index)(name, list(leaves))
+    stage_flats[index][name] = value
+
+
+def _build_stages(raw_stages: Any, stage_overrides: list[tuple[str, Any]], flat: dict[str, Any], cfg: "Config") -> list[StageConfig]:
+    if raw_stages is None:
+        raw_stages = []
+    if not isinstance(raw_stages, list):
+        raise ConfigError(f"stages: must be a list of stages (- epochs: 1 ...), got {raw_stages!r}")
+    leaves = _leaf_types(StageConfig)
+    stage_flats: list[dict[str, Any]] = []
+    for index, item in enumerate(raw_stages):
+        stage_flat: dict[str, Any] = {}
+        _flatten(item if item is not None else {}, "", stage_flat, leaves, _stage_unknown(index), where=f"stages[{index}].")
+        stage_flats.append(stage_flat)
+    for key, value in stage_overrides:
+        _stage_override(key, value, stage_flats)
+    stages = []
+    for index, stage_flat in enumerate(stage_flats):
+        inherited = {k: v for k, v in flat.items() if k.startswith(_INHERITED)}
+        try:
+            stage = _build(StageConfig, "", {**inherited, **stage_flat})
+        except ConfigError as err:
+            raise ConfigError(f"stages[{index}].{err}") from None
+        stages.append(resolve_stage(stage, cfg, index))
+    return stages
+
+
+def resolve_stage(stage: StageConfig, cfg: "Config", index: int | None = None) -> StageConfig:
+    """A stage with the keys it left out taken from the run's sections, checked against them (index
+    None: the one implicit stage of a run without `stages`, whose keys are the sections' own)."""
+
+    def key(name: str) -> str:
+        if index is not None:
+            return f"stages[{index}].{name}"
+        return {"epochs": "train.epochs", "lr": "optim.lr", "image_size": "data.image_size"}.get(name, name)
+
+    groups = cfg.finetune.groups
+    image_size = stage.image_size if stage.image_size is not None else cfg.data.image_size
+    load_size = stage.load_size
+    if load_size is None:  # keep the run's presize margin at a larger image size
+        load_size = max(cfg.data.load_size, round(image_size * cfg.data.load_size / cfg.data.image_size))
+    stage = dataclasses.replace(
+        stage,
+        epochs=stage.epochs if stage.epochs is not None else cfg.train.epochs,
+        lr=stage.lr if stage.lr is not None else cfg.optim.lr,
+        image_size=image_size,
+        load_size=load_size,
+        batch_size=stage.batch_size if stage.batch_size is not None else cfg.data.batch_size,
+    )
+    for name in ("epochs", "image_size", "load_size", "batch_size", "lr_ratio"):
+        _positive(key(name), getattr(stage, name))
+    if stage.lr != "auto":
+        _positive(key("lr"), stage.lr)
+    if stage.lr_ratio < 1:
+        raise ConfigError(f"{key('lr_ratio')}: {stage.lr_ratio} would give the first group a higher LR than the head; "
+                          "use 1 (one LR) or more (e.g. 100: the first group at lr / 100)")
+    if stage.image_size > stage.load_size:
+        raise ConfigError(f"{key('load_size')}: {stage.load_size} is smaller than the image size {stage.image_size}; "
+                          "set it to at least the image size")
+    if not -groups <= stage.freeze_to <= groups:
+        raise ConfigError(
+            f"{key('freeze_to')}: {stage.freeze_to} is outside the {groups} layer groups (finetune.groups); use 0 (train "
+            f"everything), -1 (everything but the head) or 1 to {groups - 1}"
+        )
+    frozen = frozen_groups(stage.freeze_to, groups)
+    if frozen == groups and not cfg.finetune.train_bn:
+        what = "lr: auto has nothing to sweep" if stage.lr == "auto" else "nothing would train"
+        raise ConfigError(
+            f"{key('freeze_to')}: {stage.freeze_to} freezes every layer group and finetune.train_bn is false, so "
+            f"{what}; use freeze_to -1 to train the head"
+        )
+    if stage.schedule.name == "sgdr":
+        fits = sgdr_epoch_counts(stage.schedule.cycle_len, stage.schedule.cycle_mult, stage.epochs)
+        if stage.epochs not in fits:
+            counts = ", ".join(map(str, fits[:-1])) + f" or {fits[-1]}" if len(fits) > 1 else str(fits[0])
+            raise ConfigError(
+                f"{key('epochs')}: {stage.epochs} epochs do not fit whole SGDR cycles (cycle_len {stage.schedule.cycle_len}, "
+                f"cycle_mult {stage.schedule.cycle_mult}: {counts} epochs); change the epochs or the cycles"
+            )
+    if stage.precompute:
+        if stage.augment:
+            raise ConfigError(f"{key('precompute')}: the body's output is computed once per image, so every epoch sees the "
+                              f"same view; set {key('augment')}=false")
+        if frozen != groups - 1:
+            raise ConfigError(f"{key('precompute')}: needs everything but the head frozen; set {key('freeze_to')}=-1")
+        if cfg.data.format != "folder":
+            raise ConfigError(f"{key('precompute')}: needs data.format=folder (the activations are indexed by image)")
+    return stage
+
+
+def frozen_groups(freeze_to: int, groups: int) -> int:
+    """How many layer groups (from the first) `freeze_to` freezes: negative counts from the end."""
+    return freeze_to if freeze_to >= 0 else groups + freeze_to
+
+
+def sgdr_epoch_counts(cycle_len: int, cycle_mult: int, at_least: int) -> list[int]:
+    """Epoch counts made of whole SGDR cycles, up to the first one >= `at_least` (and at least 4 of them)."""
+    counts, length, total = [], cycle_len, 0
+    while len(counts) < 4 or counts[-1] < at_least:
+        total += length
+        counts.append(total)
+        length *= cycle_mult
+    return counts
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -541,6 +773,8 @@ def _build(cls: type, prefix: str, flat: dict[str, Any]):
         key, tp = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, key + ".", flat)
+        elif key == STAGES:
+            continue  # built by _build_stages, once the sections they inherit from exist
         elif key in flat:
             kwargs[f.name] = _coerce(key, flat[key], tp)
     return cls(**kwargs)
@@ -548,17 +782,25 @@ def _build(cls: type, prefix: str, flat: dict[str, Any]):
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Build a validated Config from a nested dict (YAML) plus `key=value` override strings."""
-    raw = raw or {}
+    raw = dict(raw or {})
     if not isinstance(raw, dict):
         raise ConfigError("the config file must be a mapping of sections (run:, data:, ...)")
+    raw_stages = raw.pop(STAGES, None)
     leaves = _leaf_types()
     flat: dict[str, Any] = {}
     _flatten(raw, "", flat, leaves)
+    stage_overrides = []
     for key, value in parse_overrides(list(overrides)):
+        if key.startswith((STAGES + ".", STAGES + "[")):
+            stage_overrides.append((key, value))
+            continue
         if key not in leaves:
             raise _unknown(key, list(leaves))
         flat[key] = value
-    return _build(Config, "", flat)
+    cfg = _build(Config, "", flat)
+    cfg.stages = _build_stages(raw_stages, stage_overrides, flat, cfg)
+    cfg.run_stages()  # the implicit stage of a run without stages is checked too (e.g. sgdr epochs)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:

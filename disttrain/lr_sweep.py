@@ -219,10 +219,9 @@ def run_curve(
 
 def snapshot(trainer) -> dict:
     """In-memory copies (CPU) of model, optimizer, scaler, schedule, augmentation and RNG states."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
     scaler = trainer.accelerator.scaler
     return {
-        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in trainer.module.state_dict().items()},
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         "schedule": copy.deepcopy(trainer.schedule.state_dict()),
@@ -233,8 +232,7 @@ def snapshot(trainer) -> dict:
 
 
 def restore(trainer, state: dict) -> None:
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.load_state_dict(state["model"])
+    trainer.module.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.optimizer.zero_grad(set_to_none=True)
     if state["scaler"] is not None:
@@ -268,7 +266,7 @@ def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
     state = snapshot(trainer)
     ratios = [lr / max(trainer.schedule.base_lrs) for lr in trainer.schedule.base_lrs]
     groups = _cycling_groups(trainer)
-    trainer.model.train()
+    trainer.train_mode()
 
     def step(i: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for ratio, group in zip(ratios, trainer.optimizer.param_groups):
@@ -324,14 +322,14 @@ def check_agreement(accelerator, result: SweepResult) -> None:
         raise RuntimeError(f"LR sweep: ranks disagree (suggestion, steps, last smoothed loss per rank: {everyone.tolist()}); this is a bug")
 
 
-def save_outputs(result: SweepResult, run_dir: Path, rank: int, is_main: bool, per_rank: bool) -> None:
-    """lr_sweep.json + lr_sweep.png from the main process; lr_sweep.rank<R>.json from every rank."""
+def save_outputs(result: SweepResult, run_dir: Path, rank: int, is_main: bool, per_rank: bool, stem: str = "lr_sweep") -> None:
+    """<stem>.json + <stem>.png from the main process; <stem>.rank<R>.json from every rank."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if per_rank:
-        (run_dir / f"lr_sweep.rank{rank}.json").write_text(json.dumps(result.to_json(per_rank=True), indent=1))
+        (run_dir / f"{stem}.rank{rank}.json").write_text(json.dumps(result.to_json(per_rank=True), indent=1))
     if is_main:
-        (run_dir / "lr_sweep.json").write_text(json.dumps(result.to_json(), indent=1))
-        plot(result, run_dir / "lr_sweep.png")
+        (run_dir / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=1))
+        plot(result, run_dir / f"{stem}.png")
 
 
 def plot(result: SweepResult, path: Path) -> None:
@@ -363,16 +361,19 @@ def plot(result: SweepResult, path: Path) -> None:
     plt.close(fig)
 
 
-def find_lr(trainer, cfg: SweepConfig, run_dir: Path, reporter) -> SweepResult:
-    """Sweep, save the outputs, print the summary line; raise SweepError (after saving the curve)
-    when there is no suggestion to train with."""
+def find_lr(
+    trainer, cfg: SweepConfig, run_dir: Path, reporter, stem: str = "lr_sweep", keys: tuple[str, str] = ("optim.lr", "sweep")
+) -> SweepResult:
+    """Sweep, save the outputs (`<stem>.json`, `<stem>.png`), print the summary line; raise
+    SweepError (after saving the curve) when there is no suggestion to train with. `keys`: the
+    config keys the error names (the LR and the sweep section; a stage's own in a staged run)."""
     acc = trainer.accelerator
     result = lr_sweep(trainer, cfg)
-    save_outputs(result, run_dir, acc.process_index, acc.is_main_process, cfg.save_per_rank)
+    save_outputs(result, run_dir, acc.process_index, acc.is_main_process, cfg.save_per_rank, stem)
     reporter.line(result.summary_line(agreed_by=acc.num_processes))
     if result.suggestion is None:
         raise SweepError(
-            f"the LR sweep has no suggestion ({result.fallback}); the curve is in {run_dir / 'lr_sweep.png'}. "
-            "Set optim.lr to a number, or change sweep.start_lr / sweep.end_lr"
+            f"the LR sweep has no suggestion ({result.fallback}); the curve is in {run_dir / (stem + '.png')}. "
+            f"Set {keys[0]} to a number, or change {keys[1]}.start_lr / {keys[1]}.end_lr"
         )
     return result

@@ -1,15 +1,20 @@
-"""torchvision classification models by name, a head sized to the data, local pretrained weights,
-and parameter groups (no weight decay on norm weights and biases)."""
+"""torchvision classification models by name, a head sized to the data, pretrained weights (a local
+state dict, or torchvision's ImageNet weights from torch's hub cache), the normalization they
+expect, and the optimizer (no weight decay on norm weights and biases)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from disttrain.config import ModelConfig, OptimConfig
+from disttrain.config import IMAGENET, AugmentConfig, ModelConfig, OptimConfig
+from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as failed
 
 
 class WeightsError(ValueError):
@@ -17,12 +22,86 @@ class WeightsError(ValueError):
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """`cfg.name` with a head for `num_classes`, from `cfg.pretrained` (for `imagenet` the hub file
+    must be there already: `fetch_imagenet_weights`)."""
     model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
     if cfg.pretrained is not None:
-        load_pretrained(model, cfg.pretrained)
+        load_pretrained(model, pretrained_file(cfg))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def imagenet_weights(name: str):
+    """torchvision's default weights enum member for model `name`."""
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def imagenet_file(name: str) -> tuple[Path, str]:
+    """(where torch's hub cache keeps `name`'s ImageNet weights, the URL they come from)."""
+    url = imagenet_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
+
+
+def pretrained_file(cfg: ModelConfig) -> Path:
+    if cfg.pretrained == IMAGENET:
+        return imagenet_file(cfg.name)[0]
+    return Path(cfg.pretrained).expanduser()
+
+
+def fetch_imagenet_weights(name: str, progress: bool = True) -> Path:
+    """The hub-cache file of `name`'s ImageNet weights, downloaded there when missing (call on one
+    process). Raises WeightsError naming the file, its URL and the folder when it cannot be had."""
+    path, url = imagenet_file(name)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        torch.hub.download_url_to_file(url, str(path), progress=progress)
+    except Exception as err:  # no network, a proxy's refusal, a timeout, a full disk
+        reason = getattr(err, "reason", None) or err
+        raise WeightsError(
+            f"model.pretrained=imagenet: {path.name} is not in {path.parent} and could not be downloaded from {url} "
+            f"({reason}); download it on a machine with network and put it in {path.parent} (or set TORCH_HOME)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return path
+
+
+def normalization(model: ModelConfig, augment: AugmentConfig) -> tuple[list[float], list[float], str]:
+    """(mean, std, where they come from): augment.mean/std when set, else the pretrained weights'
+    own (a disttrain model.pt keeps its own; torchvision's weights and plain state dicts follow the
+    ImageNet convention), else ImageNet's."""
+    mean, std, source = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
+    if model.pretrained == IMAGENET:
+        transforms = imagenet_weights(model.name).transforms()
+        mean, std, source = list(transforms.mean), list(transforms.std), f"the ImageNet weights' own ({model.name})"
+    elif model.pretrained is not None:
+        saved = _saved_normalization(Path(model.pretrained).expanduser())
+        if saved is not None:
+            mean, std = saved
+            source = f"{model.pretrained}'s own"
+        else:
+            source = f"ImageNet's, the convention of torchvision state dicts like {Path(model.pretrained).name}"
+    if augment.mean is not None or augment.std is not None:
+        mean, std = augment.mean or mean, augment.std or std
+        source = "augment.mean/std"
+    return mean, std, source
+
+
+def _saved_normalization(path: Path) -> tuple[list[float], list[float]] | None:
+    """The normalization a disttrain model.pt was trained with, if the file says."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    found = state.get("normalize") if isinstance(state, dict) else None
+    if isinstance(found, dict) and "mean" in found and "std" in found:
+        return list(found["mean"]), list(found["std"])
+    return None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -66,8 +145,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
     lr = 1.0 if cfg.lr == "auto" else cfg.lr  # auto: the sweep sets the real peak LR before training
+    return make_optimizer(cfg, param_groups(model, cfg.weight_decay), lr)
+
+
+def make_optimizer(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """`cfg.name` over `groups` (a group's own `lr` wins over `lr`)."""
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.betas2))

@@ -1,5 +1,6 @@
 """LR schedules stepped once per optimizer step: one-cycle (with momentum cycling, as fastai),
-cosine with linear warmup, constant. Each group's LR is its base LR times the same factor, so the
+cosine with linear warmup, constant, and SGDR (cosine annealing with warm restarts, cycles ending on
+epoch boundaries). Each group's LR is its base LR times the same factor, so the
 ratios between parameter groups (differential learning rates) are kept."""
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ class Schedule:
     """Sets `lr` (and for one-cycle the momentum / AdamW beta1) of every param group from the number
     of optimizer steps taken. `step()` after each optimizer step; `state_dict()` for checkpoints."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int | None = None):
+        """`steps_per_epoch`: optimizer steps per epoch, which SGDR needs to end its cycles on epoch
+        boundaries (defaults to all steps in one epoch)."""
         if total_steps < 1:
             raise ValueError(f"a schedule needs at least one step, got total_steps={total_steps}")
         self.optimizer = optimizer
         self.cfg = cfg
         self.total_steps = total_steps
-        self.warmup_steps = int(round(cfg.warmup * total_steps))
+        self.steps_per_epoch = steps_per_epoch or total_steps
+        self.warmup_steps = 0 if cfg.name == "sgdr" else int(round(cfg.warmup * total_steps))
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.steps_done = 0
         self._apply()
@@ -41,11 +45,23 @@ class Schedule:
             if step < warm:
                 return _cos(low, 1.0, step / warm)
             return _cos(1.0, low / cfg.final_div_factor, (step - warm) / max(1, self.total_steps - 1 - warm))
+        if cfg.name == "sgdr":
+            start, length = self.cycle(step)
+            return _cos(1.0, cfg.min_lr_ratio, (step - start) / max(1, length - 1))
         if step < warm:
             return (step + 1) / (warm + 1)
         if cfg.name == "cosine":
             return _cos(1.0, cfg.min_lr_ratio, (step - warm) / max(1, self.total_steps - 1 - warm))
         return 1.0
+
+    def cycle(self, step: int) -> tuple[int, int]:
+        """SGDR: (first step, length in steps) of the cycle holding `step`: cycle c lasts
+        cycle_len x cycle_mult^c epochs; steps past the last cycle stay in it."""
+        start, epochs = 0, self.cfg.cycle_len
+        while start + epochs * self.steps_per_epoch <= step and start + epochs * self.steps_per_epoch < self.total_steps:
+            start += epochs * self.steps_per_epoch
+            epochs *= self.cfg.cycle_mult
+        return start, epochs * self.steps_per_epoch
 
     def momentum(self, step: int) -> float | None:
         """One-cycle momentum: high -> low while the LR rises, back to high as it falls."""

@@ -183,11 +183,12 @@ class Tracker:
 
         return wandb
 
-    def log_sweep(self, result, png: Path, step: int = 0) -> None:
-        """The LR sweep: the curve as a Table and line plot, the suggestion and every rule's value."""
+    def log_sweep(self, result, png: Path, step: int = 0, extra: dict | None = None) -> None:
+        """The LR sweep: the curve as a Table and line plot, the suggestion and every rule's value
+        (`extra`: more scalars of the same row, e.g. the stage)."""
         if not self.is_main:
             return
-        scalars = {"lr_sweep/suggestion": result.suggestion}
+        scalars = {"lr_sweep/suggestion": result.suggestion, **(extra or {})}
         scalars.update({f"lr_sweep/{rule}": value for rule, value in result.suggestions.items()})
         media = {}
         wandb = self.wandb

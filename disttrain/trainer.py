@@ -11,6 +11,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,8 @@ class EpochResult:
     accuracy: float
     seconds: float
     images_per_sec: float
+    stage: int | None = None
+    """The stage the epoch belongs to (runs with `stages`)."""
 
 
 class Trainer:
@@ -110,6 +113,21 @@ class Trainer:
         self.precision_reason = precision_reason  # why this precision (train.precision=auto decides per machine)
         self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
         self._resumed_sums: dict | None = None
+        self._history_shown = False
+        # What a stage sets (disttrain/stage.py); the defaults are one stage that trains everything.
+        self.module = accelerator.unwrap_model(model)  # the whole bare model (checkpoints, sweep snapshots)
+        self.transform = augment  # (uint8 images or precomputed activations, train) -> model input
+        self.fixed_norms: list[nn.Module] = []  # normalization layers of frozen groups kept in eval mode
+        self.lr_owner: list[int] | None = None  # layer group of each param group (logging), None: one LR
+        self.stage: int | None = None  # the stage index in runs with `stages`
+        self.total_epochs = epochs  # epochs of the whole run (`epochs` is where the current stage ends)
+        self.last_eval: EvalResult | None = None
+
+    def train_mode(self) -> None:
+        """Training mode, with the normalization layers of frozen groups (train_bn=false) in eval mode."""
+        self.model.train()
+        for module in self.fixed_norms:
+            module.eval()
 
     @property
     def device(self) -> torch.device:
@@ -137,8 +155,10 @@ class Trainer:
         images_total, train_seconds = 0, 0.0
         if self.checkpointer is not None:
             self.checkpointer.flag.install()  # from here on SIGUSR1/SIGTERM mean "checkpoint, then stop"
-        for row in self.history:  # epochs done before a resume
-            self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.accuracy, row.seconds)
+        if not self._history_shown:
+            for row in self.history:  # epochs done before a resume
+                self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.accuracy, row.seconds)
+            self._history_shown = True
         start_epoch, start_steps = self.start
         result = None
         for epoch in range(start_epoch, self.epochs):
@@ -149,17 +169,18 @@ class Trainer:
             seconds = time.perf_counter() - t0
             images_total += images
             train_seconds += t1 - t0
-            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0))
+            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0), self.stage)
             self.history.append(row)
+            self.last_eval = result
             self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
             self._log_epoch(epoch, result, seconds)
             if self.checkpointer is not None:
                 path = self.checkpointer.save(self, epoch + 1, 0, None)
-                if preempt and epoch + 1 < self.epochs:
+                if preempt and epoch + 1 < self.total_epochs:
                     raise Preempted(path)
         if result is None:  # resumed after the last epoch: nothing left to train
             return self.history
-        if self.tracker is not None and result.confusion is not None:
+        if self.tracker is not None and result.confusion is not None and self.epochs == self.total_epochs:
             self.tracker.log_confusion(result.confusion, self.classes, step=self.global_step)
         self.reporter.line(
             f"{images_total} training images in {train_seconds:.1f} s of training: "
@@ -174,9 +195,9 @@ class Trainer:
         device tensor: no device sync) and sample count. The schedule is the caller's business."""
         acc, model = self.accelerator, self.model
         for j, (images, labels) in enumerate(batches):
-            x = self.augment(images, train=True)
-            if not self._samples_logged and self.tracker is not None:
-                self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.cfg.mean, self.augment.cfg.std, step=0)
+            x = self.transform(images, train=True)
+            if not self._samples_logged and self.tracker is not None and x.dim() == 4:
+                self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.mean, self.augment.std, step=self.global_step)
                 self._samples_logged = True
             last = j == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
@@ -203,7 +224,7 @@ class Trainer:
         returns (mean train loss over all ranks' samples, images seen, preemption requested).
         Every `log_every` optimizer steps the ranks reduce the loss since the last log point and the
         preemption flag (the only device syncs of the loop); the main process logs train/*."""
-        self.model.train()
+        self.train_mode()
         self.train_loader.set_epoch(epoch, skip=skip_steps * self.grad_accum)
         n_batches, steps = self.batches_per_epoch - skip_steps * self.grad_accum, self.optimizer_steps_per_epoch
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -252,10 +273,9 @@ class Trainer:
 
     def shared_state(self) -> dict:
         """What every rank holds identically: model, optimizer, schedule, grad scaler, history."""
-        model = self.accelerator.unwrap_model(self.model)
         scaler = self.accelerator.scaler
         return {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -272,10 +292,13 @@ class Trainer:
             state["partial"] = {"loss_total": partial["loss_total"].detach().cpu(), "count": partial["count"]}
         return state
 
-    def load_state(self, meta: dict, shared: dict, rank_state: dict) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
-        self.schedule.load_state_dict(shared["schedule"])
+    def load_state(self, meta: dict, shared: dict, rank_state: dict, optimizer: bool = True) -> None:
+        """Continue from a checkpoint; `optimizer=False` when it ended the previous stage (this stage's
+        optimizer and schedule start fresh)."""
+        self.module.load_state_dict(shared["model"])
+        if optimizer:
+            self.optimizer.load_state_dict(shared["optimizer"])
+            self.schedule.load_state_dict(shared["schedule"])
         if shared["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(shared["scaler"])
         self.history = [EpochResult(**row) for row in shared["history"]]
@@ -292,12 +315,13 @@ class Trainer:
     def _log_train(self, window: _Window, epoch: float, bar) -> bool:
         """Log train/* at this step; returns whether any rank was asked to stop (preemption)."""
         loss, images, seconds, stop = window.take(self.accelerator, self._stop_requested())
-        metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch}
+        metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch, **self._stage_key()}
         lrs = self.schedule.get_last_lr()
-        if len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
+        named = dict(zip(self.lr_owner, lrs)) if self.lr_owner is not None else dict(enumerate(lrs))  # by layer group
+        if self.lr_owner is None and len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
             metrics["train/lr"] = lrs[0]
         else:
-            metrics.update({f"train/lr/group{g}": lr for g, lr in enumerate(lrs)})
+            metrics.update({f"train/lr/group{g}": lr for g, lr in named.items()})
         if self.last_grad_norm is not None:
             metrics["train/grad_norm"] = float(self.last_grad_norm)
         if self.tracker is not None:
@@ -309,15 +333,19 @@ class Trainer:
     def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
         if self.tracker is None:
             return
-        metrics = {"valid/loss": result.loss, "valid/accuracy": result.accuracy, "epoch_time_sec": seconds, "epoch": epoch + 1}
+        metrics = {"valid/loss": result.loss, "valid/accuracy": result.accuracy, "epoch_time_sec": seconds, "epoch": epoch + 1,
+                   **self._stage_key()}
         if result.top5 is not None:
             metrics["valid/top5"] = result.top5
         self.tracker.log(metrics, step=self.global_step)
 
+    def _stage_key(self) -> dict:
+        return {"stage": self.stage} if self.stage is not None else {}
+
     def evaluate(self, loader: DeviceLoader | None = None) -> EvalResult:
-        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.augment, len(self.classes) or None)
+        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.transform, len(self.classes) or None)
         self._report_skipped("validation: {} unreadable sample(s) skipped", result.skipped)
-        self.model.train()
+        self.train_mode()
         return result
 
     def _report_skipped(self, template: str, count) -> None:
@@ -371,7 +399,7 @@ class _Window:
 
 @torch.no_grad()
 def evaluate(
-    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: DeviceAugment, num_classes: int | None = None
+    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: Callable[..., torch.Tensor], num_classes: int | None = None
 ) -> EvalResult:
     """Exact validation: every sample once across ranks; loss, accuracy, top-5 and the confusion
     matrix from sums reduced once at the end (`num_classes` enables top-5 and the matrix).

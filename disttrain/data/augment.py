@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from disttrain.config import AugmentConfig
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's ImageNet weights expect (and the default)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
@@ -33,13 +36,20 @@ def _window(n: int, area: list[float], ratio: list[float], generator: torch.Gene
 class DeviceAugment:
     """`augment(images_uint8, train=True)` -> normalized float32 batch of `image_size`, channels_last."""
 
-    def __init__(self, cfg: AugmentConfig, image_size: int, seed: int = 0, channels_last: bool = True):
+    def __init__(
+        self, cfg: AugmentConfig, image_size: int, seed: int = 0, channels_last: bool = True,
+        mean: list[float] | None = None, std: list[float] | None = None,
+    ):
+        """`mean` / `std`: the normalization (default: cfg's, else ImageNet's). `image_size` may be
+        changed between epochs (progressive resizing)."""
         self.cfg = cfg
         self.image_size = image_size
         self.channels_last = channels_last
         self.generator = torch.Generator().manual_seed(seed)
-        self._mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.mean = list(mean or cfg.mean or IMAGENET_MEAN)
+        self.std = list(std or cfg.std or IMAGENET_STD)
+        self._mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std).view(1, 3, 1, 1)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

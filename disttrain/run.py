@@ -1,0 +1,153 @@
+"""The run's life in one place: resume or start, the stages one after another (each: freeze, param
+groups, loaders and augmentation at its size, the LR sweep when its lr is auto, fit), then save
+`model.pt` and `results.json`.
+
+Checkpoints know their stage. One taken at the end of a stage's last epoch continues with the next
+stage from its start; a stage with `lr: auto` saves one more right after its sweep
+(`step-N-stage<i>`), so a resume never sweeps a stage again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from disttrain.checkpoint import (
+    CheckpointError,
+    PreemptionFlag,
+    Preempted,
+    checkpoint_root,
+    find_latest,
+    load_checkpoint,
+    save_weights,
+    set_aside_later,
+)
+from disttrain.config import Config
+from disttrain.lr_sweep import find_lr
+from disttrain.stage import StagePlan, describe, enter_stage, plan_stages
+from disttrain.trainer import EpochResult, Trainer
+
+
+def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
+    """Build everything from the config; resume from a checkpoint (checkpoint.resume); run the
+    stages (sweeping the LR where a stage asks, or only the first stage's sweep with
+    `find_lr_only`); save `model.pt` and `results.json` in the run dir; track in metrics.jsonl and W&B."""
+    from disttrain.build import build_trainer
+    from disttrain.runtime import build_accelerator
+    from disttrain.tracking import setup_logging
+
+    flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
+    accelerator = build_accelerator(cfg)
+    setup_logging(accelerator.process_index, accelerator.is_main_process)
+    resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
+    # (meta, shared state, this rank's state): every rank refuses another world size the same way, before building
+    resume = load_checkpoint(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
+    plans = plan_stages(cfg)
+    first, continuing = _resume_stage(plans, resume[0]) if resume else (0, False)
+    trainer, data = build_trainer(cfg, accelerator, resume_step=resume[0]["global_step"] if resume else None, flag=flag, stage=first)
+    try:
+        history = _run(cfg, trainer, data, plans, first, continuing, find_lr_only, resume_from, resume)
+    except BaseException as err:
+        trainer.tracker.finish(failed=not isinstance(err, Preempted))
+        raise
+    trainer.tracker.finish()
+    accelerator.end_training()
+    return history
+
+
+def _resume_path(cfg: Config, accelerator) -> Path | None:
+    """checkpoint.resume: `never`, `auto` (the run dir's newest complete checkpoint, if any) or a
+    path. Decided on the main process and broadcast, so every rank resumes from the same one."""
+    from accelerate.utils import broadcast_object_list
+
+    choice: list = [None]
+    if accelerator.is_main_process:
+        if cfg.checkpoint.resume == "auto":
+            found = find_latest(cfg.run.dir)
+            choice[0] = str(found) if found else None
+        elif cfg.checkpoint.resume != "never":
+            choice[0] = str(Path(cfg.checkpoint.resume).expanduser())
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _resume_stage(plans: list[StagePlan], meta: dict) -> tuple[int, bool]:
+    """(the stage a checkpoint continues in, whether it continues that stage's optimizer and schedule):
+    a checkpoint at the end of a stage's last epoch starts the next stage afresh."""
+    stage = min(meta.get("stage", 0), len(plans) - 1)
+    if meta["epoch"] >= plans[stage].end_epoch and stage + 1 < len(plans):
+        return stage + 1, False
+    return stage, True
+
+
+def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_lr_only: bool, resume_from, resume) -> list:
+    from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
+    if resume is not None:
+        meta, shared, rank_state = resume
+        if meta["classes"] != list(data.classes) or meta["model"] != cfg.model.name:
+            raise CheckpointError(
+                f"{resume_from}: saved for model {meta['model']} with classes {meta['classes']}, but this run has "
+                f"{cfg.model.name} with {list(data.classes)}; use another run.name or checkpoint.resume=never"
+            )
+        trainer.load_state(meta, shared, rank_state, optimizer=continuing)
+        if resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
+            from_step = meta["global_step"]
+        acc = trainer.accelerator
+        saved_in = meta.get("precision", acc.mixed_precision)
+        changed = f"; trained in {saved_in} precision so far, continuing in {acc.mixed_precision}" if saved_in != acc.mixed_precision else ""
+        where = f"{plans[first].name}, " if plans[first].staged else ""
+        lr = f"peak LR {max(trainer.schedule.base_lrs):.3g}" if continuing else "starting it"
+        trainer.reporter.line(
+            f"resuming from {resume_from}: {where}epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
+            f"global step {meta['global_step']}, {lr}{changed}"
+        )
+    if trainer.accelerator.is_main_process and not find_lr_only:  # checkpoints this run does not continue go out of its way
+        aside = set_aside_later(cfg.run.dir, from_step)
+        if aside is not None:
+            trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
+    for plan in plans[first:]:
+        if plan.index != first:
+            enter_stage(trainer, cfg, data, plan)
+        if (plan.index != first or not continuing) and (plan.cfg.lr == "auto" or find_lr_only):
+            _sweep(cfg, trainer, plan)
+            if find_lr_only:
+                return []
+            if plan.staged:  # the sweep is not repeated by a resume
+                trainer.checkpointer.save(trainer, plan.first_epoch, 0, None, tag=f"stage{plan.index}")
+        if plan.staged:
+            trainer.reporter.line(describe(trainer, plan, cfg))
+        trainer.fit()
+    _save(cfg, trainer, data, plans)
+    return trainer.history
+
+
+def _sweep(cfg: Config, trainer: Trainer, plan: StagePlan) -> None:
+    """The synchronized LR sweep in the stage's state; its suggestion becomes the head's peak LR."""
+    sweep_cfg = plan.cfg.sweep
+    stem = f"lr_sweep.stage{plan.index}" if plan.staged else "lr_sweep"
+    keys = (f"stages[{plan.index}].lr", f"stages[{plan.index}].sweep") if plan.staged else ("optim.lr", "sweep")
+    sweep = find_lr(trainer, sweep_cfg, cfg.run.dir, trainer.reporter, stem=stem, keys=keys)
+    trainer.tracker.log_sweep(sweep, cfg.run.dir / f"{stem}.png", step=trainer.global_step, extra=trainer._stage_key())
+    trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
+                                             "suggestions": sweep.suggestions, "precision": sweep.precision}
+    trainer.schedule.set_peak_lr(sweep.suggestion)
+
+
+def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        last = plans[-1].cfg
+        save_weights(
+            cfg.run.dir / "model.pt", trainer.module.state_dict(), data.classes, cfg.model.name,
+            normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
+            image_size=last.image_size, load_size=last.load_size, precision=acc.mixed_precision,
+        )
+        results = {
+            "world_size": acc.num_processes,
+            "precision": acc.mixed_precision,
+            "peak_lr": max(trainer.schedule.base_lrs),
+            "epochs": [vars(r) for r in trainer.history],
+        }
+        (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
+    acc.wait_for_everyone()
