@@ -24,15 +24,63 @@ def test_a_config_typo_is_one_line_and_exit_2_before_any_worker(tmp_path):
     assert proc.stdout == "" and not any(tmp_path.iterdir()), "no worker started"
 
 
-def test_an_unknown_section_names_the_sections(tmp_path):
+def test_an_unknown_section_names_the_closest_section(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("finetune:\n  groups: 3\n")
+    config.write_text("finetuning:\n  groups: 3\n")
     proc = launch(["launch/train.py", "--config", str(config)], launcher="disttrain", check=False, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        f"disttrain: error: {config}: unknown config section 'finetune'; the sections are run, data, augment, model, "
-        "optim, schedule, sweep, train, log, checkpoint"
-    )
+    assert proc.stderr.strip().startswith(f"disttrain: error: {config}: unknown config section 'finetuning'; did you mean 'finetune'?")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages.0.freeze_to=7"], "stages[0].freeze_to: 7 is outside the 3 layer groups (finetune.groups); use 0 (train "
+         "everything), -1 (everything but the head) or 1 to 2"),
+        (["stages.1.epochs=4"], "stages[1].epochs: 4 epochs do not fit whole SGDR cycles (cycle_len 1, cycle_mult 2: 1, 3, 7 "
+         "or 15 epochs); change the epochs or the cycles"),
+    ],
+)
+def test_a_bad_stage_is_one_line_and_exit_2_before_any_worker(tmp_path, overrides, message):
+    proc = launch(["launch/train.py", "--config", "configs/finetune.yaml", f"run.output_dir={tmp_path}", *overrides],
+                  launcher="disttrain", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"disttrain: error: configs/finetune.yaml: {message}"
+    assert proc.stdout == "" and not any(tmp_path.iterdir()), "no worker started"
+
+
+def _one_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("disttrain: error:")}
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    return errors.pop()
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_end_every_rank_with_exit_2_naming_file_url_and_folder(tmp_path, mnist_small):
+    hub = tmp_path / "torch"
+    # a proxy nobody listens on: the download fails at once here and on a machine with network alike
+    env = {"TORCH_HOME": str(hub), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    start = time.monotonic()
+    proc = launch(["launch/train.py", f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "model.name=mobilenet_v2",
+                   "model.pretrained=imagenet", "train.precision=no"], launcher="disttrain", check=False, timeout=120, env=env)
+    error = _one_error(proc)
+    folder = hub / "hub" / "checkpoints"
+    assert "mobilenet_v2-7ebf99e0.pth" in error and "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth" in error
+    assert str(folder) in error and not any(folder.glob("*.pth"))
+    assert time.monotonic() - start < 60, "no hang: the ranks that wait for the download are told it failed"
+
+
+def test_a_pretrained_file_of_another_architecture_is_one_line_and_exit_2(tmp_path, mnist_small):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "mnv3.pt"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)
+    proc = launch(["launch/train.py", f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "model.name=resnet18",
+                   f"model.pretrained={weights}", "train.precision=no"], launcher="disttrain", check=False, timeout=120)
+    assert f"{weights}: only 0 of" in _one_error(proc) and "is it a state dict of model.name's architecture?" in proc.stderr
 
 
 def test_a_data_error_on_every_rank_is_one_line_and_exit_2(tmp_path):

@@ -135,7 +135,7 @@ from disttrain.config import load_config
 cfg = load_config(None, sys.argv[1:])
 trainer, _ = build_trainer(cfg, Accelerator(cpu=True))
 state = trainer.schedule.state_dict()
-# differential LRs (not yet reachable from a config): group g at a tenth of group g - 1's
+# different LRs per param group, set directly here (a staged run gets them from lr_ratio, per layer group)
 trainer.schedule.load_state_dict({**state, "base_lrs": [max(state["base_lrs"]) / 10**g for g in range(len(state["base_lrs"]))]})
 trainer.train_epoch(0)
 trainer.tracker.finish()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from disttrain.config import AugmentConfig, ConfigError, build_config
-from disttrain.data.augment import DeviceAugment
+from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
 
 OFF = dict(flip=False, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], max_rotate=0.0, max_zoom=1.0, brightness=0.0, contrast=0.0)
 
@@ -18,8 +18,8 @@ def _batch(n=16, size=12, seed=0):
 
 
 def _unnormalize(out, cfg):
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean or IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std or IMAGENET_STD).view(1, 3, 1, 1)
     return out * std + mean
 
 

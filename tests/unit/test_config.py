@@ -53,9 +53,11 @@ def test_unknown_key_names_it_and_the_closest_valid_key(override, closest):
 @pytest.mark.parametrize(
     "raw, overrides, expected",
     [
-        ({"finetune": {"groups": 3}}, [], "unknown config section 'finetune'; the sections are run, data, augment, model, "
-         "optim, schedule, sweep, train, log, checkpoint"),
-        ({}, ["stages.x=1"], "unknown config section 'stages' (in 'stages.x'); the sections are run, data,"),
+        ({"finetuning": {"groups": 3}}, [], "unknown config section 'finetuning'; did you mean 'finetune'?"),
+        ({"fintune": {"groups": 3}}, [], "unknown config section 'fintune'; did you mean 'finetune'?"),
+        ({"zzz": {}}, [], "unknown config section 'zzz'; the sections are run, data, augment, model, finetune, "
+         "optim, schedule, sweep, train, log, checkpoint, stages"),
+        ({}, ["stage.x=1"], "unknown config section 'stage' (in 'stage.x'); did you mean 'stages'?"),
         ({}, ["optim.zzz=1"], "unknown config key 'optim.zzz'; the keys of optim are name, lr, weight_decay, momentum, nesterov, betas2"),
         ({}, ["log.wandb.mod=x"], "unknown config key 'log.wandb.mod'; did you mean 'log.wandb.mode'?"),
     ],

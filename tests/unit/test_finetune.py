@@ -1,0 +1,187 @@
+"""Layer groups for every torchvision family, freezing (freeze_to, train_bn), differential LRs,
+SGDR at every step, staged configs and their errors, ImageNet weights from the hub cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from disttrain.config import ConfigError, ModelConfig, AugmentConfig, ScheduleConfig, build_config, frozen_groups
+from disttrain.finetune import freeze, group_lrs, param_groups, split_layer_groups
+from disttrain.models import WeightsError, build_model, fetch_imagenet_weights, imagenet_file, normalization
+from disttrain.schedule import Schedule
+
+FAMILIES = {  # model -> (head module, first block of the body)
+    "resnet18": ("fc", "conv1"),
+    "mobilenet_v2": ("classifier", "features.0"),
+    "mobilenet_v3_small": ("classifier", "features.0"),
+    "efficientnet_b0": ("classifier", "features.0"),
+    "convnext_tiny": ("classifier", "features.0"),
+    "vit_b_16": ("heads", "class_token"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_layer_groups_cover_every_parameter_once_in_forward_order_with_the_head_last(name, n):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = torchvision.models.get_model(name, num_classes=7)
+    groups = split_layer_groups(model, n)
+    head, first = FAMILIES[name]
+    assert len(groups) == n and [g.index for g in groups] == list(range(n))
+    assert groups[-1].head and groups[-1].blocks == [head] and not any(g.head for g in groups[:-1])
+    assert groups[0].blocks[0] == first
+    order = [id(p) for g in groups for p in g.params]
+    assert order == [id(p) for p in model.parameters() if not _in(model, head, p)] + [id(p) for p in getattr(model, head).parameters()]
+    body = [g.size for g in groups[:-1]]
+    assert min(body) > 0
+    if n == 3:  # two body groups cut at a block boundary: neither holds more than ~3/4 of the body
+        assert max(body) < 0.8 * sum(body), [g.describe() for g in groups]
+    assert groups[-1].describe().startswith(f"group {n - 1} (head): {head} (")
+
+
+def _in(model, head, param) -> bool:
+    return any(param is p for p in getattr(model, head).parameters())
+
+
+def test_too_many_groups_names_the_key_and_the_limit():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"finetune\.groups: .* 1 blocks, too few for 3 body groups; use finetune\.groups <= 2"):
+        split_layer_groups(model, 4)
+
+
+@pytest.mark.parametrize("freeze_to, expected", [(0, 0), (1, 1), (2, 2), (-1, 2), (-2, 1), (3, 3)])
+def test_freeze_to_follows_fastai(freeze_to, expected):
+    assert frozen_groups(freeze_to, 3) == expected
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+def test_frozen_groups_get_no_gradient_and_norms_follow_train_bn(train_bn):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    groups = split_layer_groups(model, 3)
+    fixed = freeze(model, groups, frozen_groups(-1, 3), train_bn)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    norm_params = {id(p) for m in fixed or [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)] for p in m.parameters()}
+    for group in groups[:-1]:
+        for p in group.params:
+            is_norm = id(p) in norm_params
+            assert p.requires_grad == (train_bn and is_norm)
+            assert (p.grad is not None) == (train_bn and is_norm)
+    assert all(p.grad is not None for p in groups[-1].params)
+    assert (len(fixed) == 0) == train_bn  # without train_bn the frozen norms are returned to be kept in eval mode
+    if not train_bn:
+        assert len(fixed) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    freeze(model, groups, 0, train_bn)  # unfreezing makes everything trainable again
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_differential_lrs_are_geometric_and_keep_the_no_decay_split_in_every_group():
+    assert group_lrs(1e-3, 100, 3) == pytest.approx([1e-5, 1e-4, 1e-3], rel=1e-12)
+    assert group_lrs(1e-3, 100, 1) == [1e-3]
+    model = torchvision.models.resnet18(num_classes=3)
+    groups = split_layer_groups(model, 3)
+    freeze(model, groups, 1, train_bn=False)
+    out, owner = param_groups(groups, group_lrs(1e-2, 10, 3), weight_decay=0.05)
+    assert owner == [1, 1, 2, 2]  # group 0 is frozen: not in the optimizer at all
+    assert [g["lr"] for g in out] == pytest.approx([1e-2 / math.sqrt(10)] * 2 + [1e-2] * 2)
+    assert [g["weight_decay"] for g in out] == [0.05, 0.0, 0.05, 0.0]
+    assert all(p.ndim > 1 for p in out[0]["params"]) and all(p.ndim <= 1 for p in out[1]["params"])
+    assert sum(len(g["params"]) for g in out) == len(groups[1].params) + len(groups[2].params)
+
+
+def test_sgdr_lr_at_every_step_restarts_on_epoch_boundaries():
+    cfg = ScheduleConfig(name="sgdr", cycle_len=1, cycle_mult=2, min_lr_ratio=0.1)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [param], "lr": 2.0}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5}], lr=1.0)
+    sched = Schedule(opt, cfg, total_steps=3 * 3, steps_per_epoch=3)  # 3 epochs = cycles of 1 and 2 epochs
+    seen = []
+    for _ in range(9):
+        seen.append(sched.get_last_lr())
+        sched.step()
+    def cos(t, length):  # peak at the cycle's first step, 0.1 x peak at its last
+        return 0.1 + 0.9 * (1 + math.cos(math.pi * t / (length - 1))) / 2
+    expected = [cos(t, 3) for t in range(3)] + [cos(t, 6) for t in range(6)]
+    assert [lrs[0] for lrs in seen] == pytest.approx([2.0 * f for f in expected], rel=1e-12)
+    assert [lrs[1] for lrs in seen] == pytest.approx([0.5 * f for f in expected], rel=1e-12)  # the ratio between groups is kept
+    assert seen[3][0] == 2.0 and seen[2][0] == pytest.approx(0.2)
+
+
+def _staged(*stages, **sections):
+    return build_config({**sections, "stages": list(stages)})
+
+
+def test_stages_inherit_the_sections_and_overrides_reach_them():
+    cfg = build_config(
+        {"data": {"image_size": 64, "load_size": 72, "batch_size": 8}, "optim": {"lr": 1e-3},
+         "stages": [{"name": "head", "freeze_to": -1, "epochs": 2}, {"epochs": 3, "image_size": 128, "lr": "auto",
+                                                                     "schedule": {"name": "sgdr", "cycle_len": 1, "cycle_mult": 2}}]},
+        ["stages.1.lr_ratio=100", "stages[0].batch_size=16"],
+    )
+    head, second = cfg.stages
+    assert (head.epochs, head.lr, head.image_size, head.load_size, head.batch_size, head.freeze_to) == (2, 1e-3, 64, 72, 16, -1)
+    assert (second.lr, second.lr_ratio, second.image_size, second.load_size, second.batch_size) == ("auto", 100, 128, 144, 8)
+    assert second.schedule.name == "sgdr" and head.schedule.name == cfg.schedule.name
+    plain = build_config({})
+    assert plain.stages == [] and len(plain.run_stages()) == 1 and "stages" not in plain.to_dict()
+
+
+@pytest.mark.parametrize(
+    "stage, sections, message",
+    [
+        ({"freeze_to": 5}, {}, r"stages\[0\]\.freeze_to: 5 is outside the 3 layer groups \(finetune\.groups\); use 0"),
+        ({"freeze_to": 3, "lr": "auto"}, {"finetune": {"train_bn": False}}, r"stages\[0\]\.freeze_to: 3 freezes every layer group .*lr: auto has nothing to sweep"),
+        ({"epochs": 4, "schedule": {"name": "sgdr", "cycle_len": 1, "cycle_mult": 2}}, {},
+         r"stages\[0\]\.epochs: 4 epochs do not fit whole SGDR cycles \(cycle_len 1, cycle_mult 2: 1, 3, 7 or 15 epochs\)"),
+        ({"precompute": True, "freeze_to": -1}, {}, r"stages\[0\]\.precompute: .* set stages\[0\]\.augment=false"),
+        ({"lr_ratio": 0.5}, {}, r"stages\[0\]\.lr_ratio: 0\.5 would give the first group a higher LR"),
+        ({"freez_to": 1}, {}, r"unknown config key 'stages\[0\]\.freez_to'; did you mean 'stages\[0\]\.freeze_to'\?"),
+    ],
+)
+def test_bad_stages_name_the_key_and_the_fix(stage, sections, message):
+    with pytest.raises(ConfigError, match=message):
+        _staged(stage, **sections)
+
+
+def test_missing_imagenet_weights_without_network_name_the_file_url_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    path, url = imagenet_file("mobilenet_v2")
+    assert path.parent == tmp_path / "hub" / "checkpoints" and url.endswith(path.name)
+    with pytest.raises(WeightsError) as err:
+        fetch_imagenet_weights("mobilenet_v2", progress=False)
+    message = str(err.value)
+    assert path.name in message and url in message and str(path.parent) in message and "\n" not in message
+    assert not path.exists()
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("[Errno -3] Temporary failure in name resolution")
+
+
+def test_imagenet_weights_in_the_hub_cache_load_with_a_fresh_head_and_their_normalization(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path, _ = imagenet_file("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    saved = torchvision.models.resnet18().state_dict()
+    torch.save(saved, path)
+    assert fetch_imagenet_weights("resnet18") == path
+    model = build_model(ModelConfig(name="resnet18", pretrained="imagenet"), num_classes=4)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved[k]) for k in state if not k.startswith("fc."))
+    assert state["fc.weight"].shape == (4, 512)
+    mean, std, source = normalization(ModelConfig(name="resnet18", pretrained="imagenet"), AugmentConfig())
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
+    mean, _, source = normalization(ModelConfig(name="resnet18", pretrained="imagenet"), AugmentConfig(mean=[0.5] * 3, std=[0.2] * 3))
+    assert mean == [0.5] * 3 and "augment" in source
+
+
+def test_a_pretrained_file_of_another_architecture_names_the_file(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    with pytest.raises(WeightsError, match=r"other\.pt: only 0 of \d+ tensors fit ResNet"):
+        build_model(ModelConfig(name="resnet18", pretrained=str(path)), num_classes=2)
