@@ -327,7 +327,7 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log(metrics, step=self.global_step)
         if not bar.disable:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images / seconds:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs):.2e}", img_s=f"{images / seconds:.0f}")
         return stop
 
     def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:

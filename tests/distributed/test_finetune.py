@@ -129,3 +129,21 @@ def test_killed_in_stage_two_resumes_there_without_sweeping_and_equals_uninterru
     assert ra["epochs"] and [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in ra["epochs"]] == \
         [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in rb["epochs"]]
     assert ra["peak_lr"] == rb["peak_lr"]
+
+
+def test_a_precomputed_head_stage_gives_the_validation_of_the_same_stage_on_images(tmp_path, mnist_small, pretrained):
+    """train_bn: false and no augmentation: the head sees the same frozen features either way, so
+    the two runs differ only by float rounding (the body runs in other batch compositions)."""
+    results = {}
+    for precompute in (False, True):
+        out = tmp_path / str(precompute)
+        config = _config(out, mnist_small, pretrained, train_bn=False)
+        done = launch(["launch/train.py", "--config", str(config), "stages.0.augment=false", f"stages.0.precompute={precompute}",
+                       "stages.0.epochs=2", "stages.1.epochs=1"], nproc=2)
+        assert ("precomputed the frozen body's output for 300 train + 110 valid images" in done.stdout) == precompute
+        results[precompute] = json.loads((out / "ft" / "results.json").read_text())["epochs"]
+    for on_images, on_features in zip(results[False], results[True], strict=True):
+        assert on_images["valid_loss"] == pytest.approx(on_features["valid_loss"], rel=1e-3)
+        assert on_images["train_loss"] == pytest.approx(on_features["train_loss"], rel=1e-3)
+        assert abs(on_images["accuracy"] - on_features["accuracy"]) <= 1 / 110 + 1e-9
+    assert len(results[True]) == 3 and results[True][0]["valid_loss"] != results[True][1]["valid_loss"]  # the head trained
