@@ -1,4 +1,4 @@
-"""Run by test_finetune.py under a real launcher: the real staged run (disttrain.run.train), with
+"""Run by test_finetune_distributed.py under a real launcher: the real staged run (disttrain.run.train), with
 every rank saving, at the end of each stage, its own parameters, buffers, optimizer state and which
 parameters were trainable, so the test can compare ranks bitwise."""
 
