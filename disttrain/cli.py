@@ -1,10 +1,12 @@
-"""`disttrain train | find-lr | evaluate | prepare | demo-data | launch`.
+"""`disttrain train | find-lr | evaluate | predict | prepare | demo-data | launch`.
 
     disttrain launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
     accelerate launch launch/train.py --config configs/demo.yaml --find-lr
     disttrain find-lr --config configs/demo.yaml
-    accelerate launch -m disttrain.cli evaluate --config configs/demo.yaml --weights runs/demo/model.pt
+    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt data.root=... [--tta]
+    accelerate launch -m disttrain.cli predict --weights runs/demo/model.pt --out predictions.csv new_images/ [--tta]
+    disttrain predict --weights runs/demo/model.pt photo.jpg
     disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
     disttrain demo-data ~/.cache/disttrain/mnist
 """
@@ -57,34 +59,53 @@ def train(cfg, find_lr_only: bool = False) -> list:
     return run(cfg, find_lr_only)
 
 
-def evaluate(cfg, weights: str, out: str | None) -> dict:
-    """Exact validation of saved weights on `data.valid_dir`, on however many processes run it."""
-    from disttrain.build import build_augment, build_loaders, load_data
-    from disttrain.checkpoint import load_weights
+def evaluate(cfg, weights: str, out: str | None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False) -> dict:
+    """Exact validation of a model.pt on `data.root`'s validation folder, on however many processes
+    run it: the architecture, classes, sizes and normalization come from model.pt (from the config
+    only for an older model.pt without them). With `tta_n`, also with test-time augmentation."""
+    from disttrain.build import build_loaders, load_data
+    from disttrain.config import ModelConfig
+    from disttrain.inference import eval_view, read_model_file
     from disttrain.models import build_model, normalization
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import ConsoleReporter
     from disttrain.trainer import evaluate as run_eval
 
+    state = read_model_file(weights, need_inference_keys=False)
+    data_cfg = dataclasses.replace(cfg.data, image_size=state.get("image_size", cfg.data.image_size),
+                                   load_size=state.get("load_size", cfg.data.load_size))
+    cfg = dataclasses.replace(cfg, data=data_cfg)
     accelerator = build_accelerator(cfg)
     reporter = ConsoleReporter(accelerator.is_main_process, progress=False)
     data = load_data(cfg, accelerator, reporter)
-    state = load_weights(weights)
     if state["classes"] != data.classes:
         raise WeightsError(f"{weights}: trained on classes {state['classes']}, but {cfg.data.root} has {data.classes}")
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None), num_classes=len(data.classes))
+    model = build_model(ModelConfig(name=state["arch"]), num_classes=len(data.classes))
     model.load_state_dict(state["model"])
     model = accelerator.prepare_model(model, evaluation_mode=True)
     _, valid_loader = build_loaders(cfg, data, accelerator)
     saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
     mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
-    result = run_eval(accelerator, model, valid_loader, build_augment(cfg, accelerator, mean, std))
-    summary = {**vars(result), "world_size": accelerator.num_processes}
+    view = eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last)
+    result = run_eval(accelerator, model, valid_loader, view, tta_n=tta_n, tta_beta=tta_beta, tta_max=tta_max)
+    summary = {key: value for key, value in vars(result).items() if key != "confusion"}
+    summary["world_size"] = accelerator.num_processes
     reporter.line(f"valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}  ({result.correct}/{result.count})")
+    if tta_n:
+        how = "max" if tta_max else f"beta {tta_beta}"
+        reporter.line(f"with TTA ({tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f}  "
+                      f"({result.tta_correct}/{result.count})")
     if out and accelerator.is_main_process:
         Path(out).write_text(json.dumps(summary, indent=1))
     accelerator.end_training()
     return summary
+
+
+def predict(args: argparse.Namespace):
+    from disttrain.predict import run
+
+    return run(args.weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
+               args.batch_size, args.workers, args.precision)
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -139,6 +160,20 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _tta_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", action="store_true", help="also with test-time augmentation (flips and corner crops)")
+    parser.add_argument("--tta-n", type=_positive_int, default=4, help="TTA views besides the plain pass (default 4)")
+    parser.add_argument("--tta-beta", type=float, default=0.25, help="the plain pass's weight in the TTA blend (default 0.25)")
+    parser.add_argument("--tta-max", action="store_true", help="combine the passes by their maximum instead of the blend")
+
+
 def command_parser() -> argparse.ArgumentParser:
     """`disttrain <command>`'s parser (`launch` is handled before it: its options are Accelerate's)."""
     parser = argparse.ArgumentParser(prog="disttrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +184,16 @@ def command_parser() -> argparse.ArgumentParser:
     _config_args(ev)
     ev.add_argument("--weights", required=True, help="model.pt written by a training run")
     ev.add_argument("--out", help="also write the result as JSON here")
+    _tta_args(ev)
+    pred = sub.add_parser("predict", help="class probabilities for new images (files and folders) from a model.pt")
+    pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    pred.add_argument("--weights", required=True, help="model.pt written by a training run")
+    pred.add_argument("--out", help="CSV: path, label, score, one probability column per class (default: stdout)")
+    pred.add_argument("--topk", type=_positive_int, default=5, help="classes printed for a single image without --out (default 5)")
+    pred.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch and process (default 32)")
+    pred.add_argument("--workers", type=int, default=1, help="decoding workers per process (default 1)")
+    pred.add_argument("--precision", default="auto", help="as train.precision (default auto)")
+    _tta_args(pred)
     prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
     prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*")
     prep.add_argument("dst", help="output folder for the shards and manifest.json")
@@ -177,13 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         return launch(argv[1:])
     parser = command_parser()
     args = parse_with_overrides(parser, argv)
+    if args.command == "predict":
+        if args.overrides:
+            parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+        return run_user_errors(lambda: predict(args))
     if args.overrides and args.command not in ("train", "find-lr", "evaluate"):
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
 
     if args.command in ("train", "find-lr"):
         return run_user_errors(lambda: train(load_config(args.config, args.overrides), args.command == "find-lr"))
     if args.command == "evaluate":
-        return run_user_errors(lambda: evaluate(load_config(args.config, args.overrides), args.weights, args.out))
+        tta = args.tta_n if args.tta else 0
+        return run_user_errors(lambda: evaluate(load_config(args.config, args.overrides), args.weights, args.out, tta, args.tta_beta,
+                                                args.tta_max))
     if args.command == "prepare":
         return run_user_errors(lambda: prepare(args))
     from disttrain.demo_data import write_demo_data

@@ -323,9 +323,21 @@ class TrainConfig:
     collective_timeout: float = 300.0
     """Seconds a collective may wait for another rank before the run fails (a dead or stuck rank
     then ends the job instead of hanging it; torch's default is 30 minutes)."""
+    tta: bool = False
+    """After the last epoch, evaluate the final model with test-time augmentation too: one more line
+    under the table, `valid/tta_loss` and `valid/tta_accuracy` in W&B and metrics.jsonl."""
+    tta_n: int = 4
+    """TTA views besides the plain pass (flips and corner crops, see disttrain/inference.py)."""
+    tta_beta: float = 0.25
+    """Weight of the plain pass in the TTA blend (fastai's beta): beta x plain + (1 - beta) x views."""
+    tta_max: bool = False
+    """Combine the plain pass and the views by their element-wise maximum instead of the blend."""
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
+        _positive("train.tta_n", self.tta_n)
+        if not 0 <= self.tta_beta <= 1:
+            raise ConfigError(f"train.tta_beta: must be in [0, 1] (the plain pass's weight), got {self.tta_beta!r}")
         _positive("train.epochs", self.epochs)
         _positive("train.grad_accum", self.grad_accum)
         if self.clip_grad is not None:

@@ -118,6 +118,8 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
         if plan.staged:
             trainer.reporter.line(describe(trainer, plan, cfg))
         trainer.fit()
+    if cfg.train.tta:
+        _tta(cfg, trainer, data, plans[-1])
     _save(cfg, trainer, data, plans)
     return trainer.history
 
@@ -132,6 +134,29 @@ def _sweep(cfg: Config, trainer: Trainer, plan: StagePlan) -> None:
     trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
                                              "suggestions": sweep.suggestions, "precision": sweep.precision}
     trainer.schedule.set_peak_lr(sweep.suggestion)
+
+
+def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
+    """train.tta: the final model on the validation images, plain and with TTA (on images also
+    after a precomputed last stage: TTA needs the whole model)."""
+    from disttrain.build import eval_loader
+    from disttrain.inference import eval_view
+
+    train = cfg.train
+    if plan.cfg.precompute:
+        trainer.model = trainer.module
+        trainer.transform = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last)
+        loader = eval_loader(cfg, data.valid, trainer.accelerator, plan.cfg.load_size, plan.cfg.batch_size * 2)
+    else:
+        loader = None
+    result = trainer.evaluate(loader, train.tta_n, train.tta_beta, train.tta_max)
+    how = "max" if train.tta_max else f"beta {train.tta_beta}"
+    trainer.reporter.line(
+        f"TTA ({train.tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f} "
+        f"({result.tta_correct}/{result.count}); without: valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}"
+    )
+    trainer.tracker.log({"valid/tta_loss": result.tta_loss, "valid/tta_accuracy": result.tta_accuracy, **trainer._stage_key()},
+                        step=trainer.global_step)
 
 
 def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:

@@ -52,6 +52,11 @@ class EvalResult:
     """Top-5 accuracy (None with fewer than 5 classes)."""
     confusion: torch.Tensor | None = None
     """(classes x classes) counts, row = true class, column = predicted, summed over ranks."""
+    tta_loss: float | None = None
+    """With TTA: the loss (negative log of the blended probability of the true class) ..."""
+    tta_accuracy: float | None = None
+    """... and the accuracy of the TTA predictions (see disttrain/inference.py)."""
+    tta_correct: int | None = None
 
 
 @dataclass
@@ -342,8 +347,9 @@ class Trainer:
     def _stage_key(self) -> dict:
         return {"stage": self.stage} if self.stage is not None else {}
 
-    def evaluate(self, loader: DeviceLoader | None = None) -> EvalResult:
-        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.transform, len(self.classes) or None)
+    def evaluate(self, loader: DeviceLoader | None = None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False) -> EvalResult:
+        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.transform, len(self.classes) or None,
+                          tta_n, tta_beta, tta_max)
         self._report_skipped("validation: {} unreadable sample(s) skipped", result.skipped)
         self.train_mode()
         return result
@@ -399,24 +405,33 @@ class _Window:
 
 @torch.no_grad()
 def evaluate(
-    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: Callable[..., torch.Tensor], num_classes: int | None = None
+    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: Callable[..., torch.Tensor], num_classes: int | None = None,
+    tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False,
 ) -> EvalResult:
     """Exact validation: every sample once across ranks; loss, accuracy, top-5 and the confusion
-    matrix from sums reduced once at the end (`num_classes` enables top-5 and the matrix).
+    matrix from sums reduced once at the end (`num_classes` enables top-5 and the matrix). With
+    `tta_n` > 0 also the TTA loss and accuracy (the table's figures stay the plain pass's).
 
     Leaves the model in eval mode."""
+    from disttrain.inference import predict_probs
+
     model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
     model.eval()
     _sync_buffers(accelerator, model)
     device = accelerator.device
     classes = num_classes or 0
-    sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, correct, count, skipped, top-5 correct
+    # loss sum, correct, count, skipped, top-5 correct, TTA loss sum, TTA correct
+    sums = torch.zeros(7, device=device, dtype=torch.float64)
     confusion = torch.zeros(classes * classes, device=device, dtype=torch.float64)
     for images, labels in loader:
         x = augment(images, train=False)
         with accelerator.autocast():
             logits = model(x)
         logits = logits.float()
+        if tta_n:
+            _, tta = predict_probs(model, x, accelerator.autocast, tta_n, tta_beta, tta_max)
+            sums[5] += F.nll_loss(tta.clamp_min(1e-12).log(), labels, reduction="sum").double()
+            sums[6] += (tta.argmax(dim=1) == labels).sum()
         predicted = logits.argmax(dim=1)
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += (predicted == labels).sum()
@@ -427,7 +442,7 @@ def evaluate(
             confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes).double()
     sums[3] += loader.take_skipped()
     totals = accelerator.reduce(torch.cat([sums, confusion]), reduction="sum").cpu()
-    loss_sum, correct, count, skipped, top5 = totals[:5].tolist()
+    loss_sum, correct, count, skipped, top5, tta_loss, tta_correct = totals[:7].tolist()
     return EvalResult(
         loss_sum / count,
         correct / count,
@@ -435,5 +450,8 @@ def evaluate(
         int(count),
         int(skipped),
         top5=top5 / count if classes >= 5 else None,
-        confusion=totals[5:].long().view(classes, classes) if classes else None,
+        confusion=totals[7:].long().view(classes, classes) if classes else None,
+        tta_loss=tta_loss / count if tta_n else None,
+        tta_accuracy=tta_correct / count if tta_n else None,
+        tta_correct=int(tta_correct) if tta_n else None,
     )

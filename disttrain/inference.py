@@ -1,0 +1,114 @@
+"""Using a trained model: read a self-contained `model.pt`, its eval view, and test-time augmentation.
+
+TTA views are fixed, not random: view i is a horizontal flip when i is even, and takes window
+`WINDOWS[((i + 1) // 2) % 5]` of the eval image (the whole image, then the four corners of a 90%
+window, resized back to the image size): the flipped image, the top-left corner, the same flipped,
+the top-right corner, ... (no view repeats the plain pass). A sample's views, and so its TTA prediction, do not depend on the
+batch it lands in, on its rank or on the number of processes. As fastai does, the views' softmax
+probabilities are averaged and blended with the plain pass: `beta x plain + (1 - beta) x views`
+(`beta` 0.25), or, with `use_max`, the element-wise maximum over the plain pass and the views.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disttrain.config import AugmentConfig, ModelConfig
+from disttrain.data.augment import DeviceAugment
+from disttrain.models import WeightsError, build_model
+
+WINDOWS = ((1.0, 0.0, 0.0), (0.9, -1.0, -1.0), (0.9, 1.0, -1.0), (0.9, -1.0, 1.0), (0.9, 1.0, 1.0))
+"""(scale, x offset, y offset) of the TTA windows: offsets in units of the room the window leaves."""
+
+INFERENCE_KEYS = ("image_size", "load_size", "normalize")
+
+
+@dataclass
+class SavedModel:
+    """A model.pt: the model in eval mode and what inference needs to feed it."""
+
+    model: nn.Module
+    classes: list[str]
+    arch: str
+    image_size: int
+    load_size: int
+    mean: list[float]
+    std: list[float]
+    precision: str | None
+
+
+def read_model_file(path: str | Path, need_inference_keys: bool = True) -> dict:
+    """The contents of a disttrain model.pt, or WeightsError saying what the file is instead
+    (`need_inference_keys` False: an older model.pt without sizes and normalization is fine)."""
+    path = Path(path).expanduser()
+    expected = "expected the model.pt a training run writes in its run dir"
+    if path.is_dir():
+        what = "a training checkpoint directory" if (path / "meta.json").is_file() or (path / "shared.pt").is_file() else "a directory"
+        raise WeightsError(f"{path}: is {what}, not a weights file; {expected}")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file; {expected}")
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: is not a torch file (not a zip archive saved by torch.save); {expected}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{path}: torch cannot read it as plain tensors and lists ({type(err).__name__}); {expected}") from err
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: is a bare state dict (tensors only, no class names or image size); {expected}")
+    if not isinstance(state, dict) or not {"model", "classes", "arch"} <= set(state):
+        raise WeightsError(f"{path}: is not a disttrain model.pt (no 'model', 'classes' and 'arch'); {expected}")
+    missing = [key for key in INFERENCE_KEYS if key not in state]
+    if missing and need_inference_keys:
+        raise WeightsError(f"{path}: written by an older disttrain without {', '.join(missing)}; retrain, or evaluate it "
+                           "with --config (the run's config gives the sizes)")
+    return state
+
+
+def load_saved_model(path: str | Path, device: torch.device) -> SavedModel:
+    state = read_model_file(path)
+    model = build_model(ModelConfig(name=state["arch"]), num_classes=len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    norm = state["normalize"]
+    return SavedModel(model, list(state["classes"]), state["arch"], int(state["image_size"]), int(state["load_size"]),
+                      list(norm["mean"]), list(norm["std"]), state.get("precision"))
+
+
+def eval_view(image_size: int, mean: list[float], std: list[float], channels_last: bool = True) -> DeviceAugment:
+    """The validation view (center `image_size` of the presized square, normalized): `view(x, train=False)`."""
+    return DeviceAugment(AugmentConfig(), image_size, channels_last=channels_last, mean=mean, std=std)
+
+
+def tta_view(x: torch.Tensor, index: int) -> torch.Tensor:
+    """View `index` of a normalized eval batch (N, C, H, W): same shape, per sample independent."""
+    scale, dx, dy = WINDOWS[((index + 1) // 2) % len(WINDOWS)]
+    flip = index % 2 == 0
+    if scale == 1.0:
+        return x.flip(-1) if flip else x
+    theta = torch.tensor([[-scale if flip else scale, 0.0, dx * (1 - scale)], [0.0, scale, dy * (1 - scale)]],
+                         dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
+                  use_max: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(plain probabilities, TTA probabilities or None when `tta_n` is 0), float32."""
+    with autocast():
+        plain = model(x).float().softmax(dim=1)
+    if tta_n == 0:
+        return plain, None
+    views = []
+    for index in range(tta_n):
+        with autocast():
+            views.append(model(tta_view(x, index)).float().softmax(dim=1))
+    stacked = torch.stack(views)
+    if use_max:
+        return plain, torch.maximum(stacked.max(dim=0).values, plain)
+    return plain, torch.lerp(stacked.mean(dim=0), plain, beta)
