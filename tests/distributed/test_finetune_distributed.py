@@ -139,7 +139,8 @@ def test_a_precomputed_head_stage_gives_the_validation_of_the_same_stage_on_imag
         out = tmp_path / str(precompute)
         config = _config(out, mnist_small, pretrained, train_bn=False)
         done = launch(["launch/train.py", "--config", str(config), "stages.0.augment=false", f"stages.0.precompute={precompute}",
-                       "stages.0.epochs=2", "stages.1.epochs=1"], nproc=2)
+                       "stages.0.epochs=2", "stages.1.epochs=1", "stages.1.freeze_to=-1", "stages.1.augment=false",
+                       f"stages.1.precompute={precompute}", "stages.1.schedule.name=constant"], nproc=2)
         assert ("precomputed the frozen body's output for 300 train + 110 valid images" in done.stdout) == precompute
         results[precompute] = json.loads((out / "ft" / "results.json").read_text())["epochs"]
     for on_images, on_features in zip(results[False], results[True], strict=True):
