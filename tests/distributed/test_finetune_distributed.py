@@ -71,13 +71,33 @@ def _equal(a, b, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.fixture(scope="module")
+def swept_two_ranks(tmp_path_factory, mnist_small, pretrained):
+    """The 2-process run (stage 2 at `lr: auto`, periodic checkpoints) through stage_worker.py, which
+    trains exactly as launch/train.py does and dumps every rank's state at each stage end: the
+    bitwise test's 2-process case and the resume test's uninterrupted reference. (dir, stdout)"""
+    out = tmp_path_factory.mktemp("swept")
+    config = _config(out, mnist_small, pretrained, True, second_lr="auto", periodic=True)
+    done = launch(["tests/distributed/stage_worker.py", str(out), str(config)], nproc=2)
+    return out, done.stdout
+
+
 @pytest.mark.parametrize("nproc, train_bn, bn_stats", [(2, True, False), (3, False, True)])
-def test_every_rank_bitwise_identical_across_a_frozen_then_unfrozen_stage(tmp_path, mnist_small, pretrained, nproc, train_bn, bn_stats):
-    config = _config(tmp_path, mnist_small, pretrained, train_bn, bn_stats=bn_stats)
-    done = launch(["tests/distributed/stage_worker.py", str(tmp_path), str(config)], nproc=nproc)
-    assert re.search(r"head \(1/2\): epoch 0, groups 0-1 frozen.*one-cycle", done.stdout), done.stdout
-    assert re.search(r"all \(2/2\): epochs 1-2, nothing frozen(, BatchNorm running statistics kept)?, peak LR 2\.00e-04 / 6\.32e-04 / 2\.00e-03 \(group 0 \.\. head\), "
-                     r"sgdr \(cycle_len 1, cycle_mult 1\)", done.stdout), done.stdout
+def test_every_rank_bitwise_identical_across_a_frozen_then_unfrozen_stage(tmp_path, mnist_small, pretrained, nproc, train_bn, bn_stats,
+                                                                          request):
+    if nproc == 2:
+        tmp_path, stdout = request.getfixturevalue("swept_two_ranks")
+        lrs = re.search(r"all \(2/2\): epochs 1-2, nothing frozen, swept peak LR (\S+) / (\S+) / (\S+) \(group 0 \.\. head\), "
+                        r"sgdr \(cycle_len 1, cycle_mult 1\)", stdout)
+        assert lrs, stdout
+        first, middle, head = map(float, lrs.groups())
+        assert head / first == pytest.approx(10, rel=1e-2) and middle == pytest.approx((first * head) ** 0.5, rel=1e-2)
+    else:
+        config = _config(tmp_path, mnist_small, pretrained, train_bn, bn_stats=bn_stats)
+        stdout = launch(["tests/distributed/stage_worker.py", str(tmp_path), str(config)], nproc=nproc).stdout
+        assert re.search(r"all \(2/2\): epochs 1-2, nothing frozen, BatchNorm running statistics kept, peak LR 2\.00e-04 / "
+                         r"6\.32e-04 / 2\.00e-03 \(group 0 \.\. head\), sgdr \(cycle_len 1, cycle_mult 1\)", stdout), stdout
+    assert re.search(r"head \(1/2\): epoch 0, groups 0-1 frozen.*one-cycle", stdout), stdout
     file = torch.load(pretrained, weights_only=True)
     for stage in (0, 1):
         states = [torch.load(tmp_path / f"stage{stage}-rank{r}.pt", weights_only=True) for r in range(nproc)]
@@ -107,12 +127,12 @@ def test_every_rank_bitwise_identical_across_a_frozen_then_unfrozen_stage(tmp_pa
     assert lrs == {"train/lr/group0", "train/lr/group1", "train/lr/group2"}
 
 
-def test_killed_in_stage_two_resumes_there_without_sweeping_and_equals_uninterrupted(tmp_path, mnist_small, pretrained):
+def test_killed_in_stage_two_resumes_there_without_sweeping_and_equals_uninterrupted(tmp_path, mnist_small, pretrained, swept_two_ranks):
     def args(out: Path) -> list[str]:
         return ["launch/train.py", "--config", str(_config(out, mnist_small, pretrained, True, second_lr="auto", periodic=True))]
 
-    reference = launch(args(tmp_path / "a"), nproc=2)
-    assert reference.stdout.count("LR sweep: suggestion") == 1, reference.stdout
+    reference, stdout = swept_two_ranks
+    assert stdout.count("LR sweep: suggestion") == 1, stdout
     out = tmp_path / "b"
     with Job(args(out), tmp_path / "logs") as job:
         _wait_for(out / "ft" / "checkpoints" / "step-00000009", job)  # stage 2 (steps 5-12), mid-epoch
@@ -120,11 +140,11 @@ def test_killed_in_stage_two_resumes_there_without_sweeping_and_equals_uninterru
     resumed = launch(args(out), nproc=2)
     assert re.search(r"resuming from \S+/step-0000000[5-9](-stage1)?: all, epoch [12]", resumed.stdout), resumed.stdout
     assert "LR sweep" not in resumed.stdout and "head (1/2)" not in resumed.stdout
-    wa = torch.load(tmp_path / "a" / "ft" / "model.pt", weights_only=True)["model"]
+    wa = torch.load(reference / "ft" / "model.pt", weights_only=True)["model"]
     wb = torch.load(out / "ft" / "model.pt", weights_only=True)["model"]
     for key in wa:
         assert torch.equal(wa[key], wb[key]), f"{key} differs after resume"
-    ra = json.loads((tmp_path / "a" / "ft" / "results.json").read_text())
+    ra = json.loads((reference / "ft" / "results.json").read_text())
     rb = json.loads((out / "ft" / "results.json").read_text())
     assert ra["epochs"] and [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in ra["epochs"]] == \
         [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in rb["epochs"]]
