@@ -128,10 +128,11 @@ def _balanced_cuts(sizes: list[int], parts: int) -> list[int]:
     return cuts
 
 
-def freeze(model: nn.Module, groups: list[LayerGroup], frozen: int, train_bn: bool) -> list[nn.Module]:
+def freeze(model: nn.Module, groups: list[LayerGroup], frozen: int, train_bn: bool, keep_bn_stats: bool = False) -> list[nn.Module]:
     """Freeze groups [0, frozen): `requires_grad=False` on their parameters, except the weights of
-    normalization layers when `train_bn`. Returns the normalization modules of frozen groups that
-    must stay in eval mode (running statistics frozen too): all of them unless `train_bn`."""
+    normalization layers when `train_bn`. Returns the normalization modules that must stay in eval
+    mode (running statistics frozen too): those of frozen groups unless `train_bn`, and with
+    `keep_bn_stats` every BatchNorm layer (whose weights still train where their group does)."""
     group_of = {id(p): group.index for group in groups for p in group.params}
     for group in groups:
         for param in group.params:
@@ -141,12 +142,12 @@ def freeze(model: nn.Module, groups: list[LayerGroup], frozen: int, train_bn: bo
         if not isinstance(module, NORM_TYPES):
             continue
         own = list(module.parameters(recurse=False))
-        if own and group_of[id(own[0])] < frozen:
-            if train_bn:
-                for param in own:
-                    param.requires_grad_(True)
-            else:
-                fixed.append(module)
+        in_frozen = bool(own) and group_of[id(own[0])] < frozen
+        if in_frozen and train_bn:
+            for param in own:
+                param.requires_grad_(True)
+        if (in_frozen and not train_bn) or (keep_bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm)):
+            fixed.append(module)
     return fixed
 
 

@@ -98,10 +98,13 @@ def tta_view(x: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def predict_probs(model: nn.Module, x: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
-                  use_max: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(plain probabilities, TTA probabilities or None when `tta_n` is 0), float32."""
-    with autocast():
-        plain = model(x).float().softmax(dim=1)
+                  use_max: bool = False, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(plain probabilities, TTA probabilities or None when `tta_n` is 0), float32. `logits`: the
+    plain pass's, when the caller has them already."""
+    if logits is None:
+        with autocast():
+            logits = model(x)
+    plain = logits.float().softmax(dim=1)
     if tta_n == 0:
         return plain, None
     views = []

@@ -68,9 +68,7 @@ def enter_stage(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> None:
     _release(trainer)
     groups = getattr(trainer, "layer_groups", None)
     frozen = frozen_groups(stage.freeze_to, len(groups)) if groups else 0
-    trainer.fixed_norms = freeze(module, groups, frozen, cfg.finetune.train_bn) if groups else []
-    if groups and cfg.finetune.freeze_bn_stats:
-        trainer.fixed_norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    trainer.fixed_norms = freeze(module, groups, frozen, cfg.finetune.train_bn, cfg.finetune.freeze_bn_stats) if groups else []
     lr = 1.0 if stage.lr == "auto" else stage.lr  # auto: the sweep sets the real peak LR before training
     if groups and stage.lr_ratio != 1:
         optimizer_groups, trainer.lr_owner = layer_param_groups(groups, group_lrs(lr, stage.lr_ratio, len(groups)), cfg.optim.weight_decay)

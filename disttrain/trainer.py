@@ -126,7 +126,6 @@ class Trainer:
         self.lr_owner: list[int] | None = None  # layer group of each param group (logging), None: one LR
         self.stage: int | None = None  # the stage index in runs with `stages`
         self.total_epochs = epochs  # epochs of the whole run (`epochs` is where the current stage ends)
-        self.last_eval: EvalResult | None = None
 
     def train_mode(self) -> None:
         """Training mode, with the normalization layers of frozen groups (train_bn=false) in eval mode."""
@@ -176,7 +175,6 @@ class Trainer:
             train_seconds += t1 - t0
             row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0), self.stage)
             self.history.append(row)
-            self.last_eval = result
             self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
             self._log_epoch(epoch, result, seconds)
             if self.checkpointer is not None:
@@ -429,7 +427,7 @@ def evaluate(
             logits = model(x)
         logits = logits.float()
         if tta_n:
-            _, tta = predict_probs(model, x, accelerator.autocast, tta_n, tta_beta, tta_max)
+            _, tta = predict_probs(model, x, accelerator.autocast, tta_n, tta_beta, tta_max, logits=logits)
             sums[5] += F.nll_loss(tta.clamp_min(1e-12).log(), labels, reduction="sum").double()
             sums[6] += (tta.argmax(dim=1) == labels).sum()
         predicted = logits.argmax(dim=1)

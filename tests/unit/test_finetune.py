@@ -185,3 +185,11 @@ def test_a_pretrained_file_of_another_architecture_names_the_file(tmp_path):
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
     with pytest.raises(WeightsError, match=r"other\.pt: only 0 of \d+ tensors fit ResNet"):
         build_model(ModelConfig(name="resnet18", pretrained=str(path)), num_classes=2)
+
+
+def test_keep_bn_stats_fixes_every_batchnorm_while_unfrozen_weights_still_train():
+    model = torchvision.models.resnet18(num_classes=3)
+    groups = split_layer_groups(model, 3)
+    fixed = freeze(model, groups, 0, train_bn=True, keep_bn_stats=True)
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert fixed == batchnorms and all(p.requires_grad for p in model.parameters())
