@@ -5,7 +5,8 @@
 # (the ants/bees photos repeated, or IMAGE_FOLDER/train), prepares shards, then prints:
 # ResNet-50 training images/s (bf16, channels_last, batch 256) on device-resident synthetic data
 # (the ceiling) and through the real pipeline from shards (CPU decode, then nvJPEG decode),
-# DeviceAugment images/s and its share of a step, and the batched decoder's images/s.
+# DeviceAugment images/s and its share of a step, and the batched decoder's images/s; first, what
+# train.precision=auto picks on each card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/disttrain-gpu-check}
@@ -29,6 +30,14 @@ if [ -n "$missing" ]; then
     "$PY" -m pip install --quiet $missing 2>/dev/null || { echo "gpu_check: missing modules: $missing (no network?)" >&2; exit 1; }
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))"
+# what train.precision=auto picks on each card, from that card's own facts (disttrain/precision.py)
+"$PY" - <<'EOF'
+import torch
+from disttrain.precision import device_facts, resolve_precision
+for i in range(torch.cuda.device_count()):
+    device = torch.device("cuda", i)
+    print(f"cuda:{i}: {device_facts(device)} -> auto = {resolve_precision('auto', device).mode}")
+EOF
 
 # -- data: IMAGE_FOLDER/train, or ../shared's photos repeated 20 times (symlinks) as train and valid
 SRC=${1:-}

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 
 from disttrain.config import ModelConfig, OptimConfig
 from disttrain.models import build_model, build_optimizer
-from disttrain.runtime import cpu_capability, cpu_has_native_bf16, resolve_precision
+from disttrain.precision import device_facts, resolve_precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def offered(device: torch.device) -> list[str]:
     if device.type == "cuda":
-        return ["no", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+        return ["no", "fp16"] + (["bf16"] if device_facts(device).emulated_bf16 else [])
     return ["no", "bf16"]
 
 
@@ -79,14 +79,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    where = torch.cuda.get_device_name() if cuda else f"CPU {cpu_capability()}, native bf16: {cpu_has_native_bf16()}"
+    facts = device_facts(device)
+    where = f"{facts.name}, native bf16: {facts.native_bf16}"
     print(f"{args.model}, {args.batch} x {args.size} px, {args.threads} thread(s), {where}, torch {torch.__version__}")
 
     best: dict[str, float] = {}
     for _ in range(args.repeats):
         for precision in offered(device):
             best[precision] = max(best.get(precision, 0.0), steps_per_second(precision, device, args))
-    auto = resolve_precision("auto", cuda)
+    auto = resolve_precision("auto", device)
     for precision, speed in best.items():
         mark = "  <- auto" if precision == auto.mode else ""
         print(f"{precision:>5}: {speed:7.2f} steps/s  {speed * args.batch:8.1f} images/s{mark}")

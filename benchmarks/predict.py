@@ -1,12 +1,13 @@
 """`disttrain predict` against the plain loop a user would otherwise write, in the same run.
 
     python benchmarks/predict.py --weights runs/finetune/model.pt [--data ../shared/data/hymenoptera/val]
-                                 [--nproc 2] [--precision no|bf16] [--tta] [--repeats 2]
+                                 [--nproc 1,2] [--precision no|bf16] [--tta] [--repeats 2]
 
 disttrain: `disttrain launch --multi_gpu --num_processes N -m disttrain.cli predict` (N CPU
-processes, or GPUs), each rank decoding and predicting its share; its images/s is the one it prints
-(from its first batch to the gathered result, so not counting process start and model load); the
-command's whole wall time is printed beside it. Plain: one process, torchvision `ImageFolder`
+processes, or GPUs; each N of `--nproc` in turn), each rank decoding and predicting its run of the
+global batches into its part file; its images/s is the one it prints (from its first batch until
+every rank is done, so not counting process start, listing and model load, nor the final
+concatenation); the command's whole wall time is printed beside it. Plain: one process, torchvision `ImageFolder`
 (Resize to the model's presize, CenterCrop, ToTensor, Normalize with model.pt's statistics),
 a DataLoader with one worker, the model in eval mode under `torch.no_grad()`, timed the same way
 (first batch to last). Both at the same precision and batch size; best of `--repeats`.
@@ -39,14 +40,14 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def disttrain_predict(args, out: Path) -> tuple[float, float]:
+def disttrain_predict(args, nproc: int, out: Path) -> tuple[float, float]:
     """(images/s it reports, wall seconds of the whole command)."""
     launcher = [str(Path(sys.executable).parent / "disttrain"), "launch", "--main_process_port", str(_port())]
-    launcher += ["--multi_gpu", "--num_processes", str(args.nproc)] if args.nproc > 1 else ["--num_processes", "1"]
+    launcher += ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--num_processes", "1"]
     cmd = [*launcher, "-m", "disttrain.cli", "predict", "--weights", args.weights, "--out", str(out), "--precision", args.precision,
            "--batch-size", str(args.batch), *(["--tta"] if args.tta else []), args.data]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // args.nproc))})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"disttrain predict failed:\n{proc.stderr[-3000:]}")
@@ -75,28 +76,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="a model.pt written by a training run")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/hymenoptera/val"))
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--nproc", default="2", help="comma-separated process counts, each measured (default 2)")
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    counts = [int(n) for n in args.nproc.split(",")]
     scratch = Path(tempfile.mkdtemp())
     try:
-        ours, walls, plain = [], [], []
+        ours, walls, plain = {n: [] for n in counts}, {n: [] for n in counts}, []
         for _ in range(args.repeats):  # interleaved, best of each
-            rate, wall = disttrain_predict(args, scratch / "p.csv")
-            ours.append(rate)
-            walls.append(wall)
+            for nproc in counts:
+                rate, wall = disttrain_predict(args, nproc, scratch / "p.csv")
+                ours[nproc].append(rate)
+                walls[nproc].append(wall)
             rate, count = plain_loop(args)
             plain.append(rate)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tta = ", TTA 4 views" if args.tta else ""
+    tta = ", TTA 5 views" if args.tta else ""
     print(f"{count} images from {args.data}, batch {args.batch}, precision {args.precision}{tta}")
-    print(f"disttrain predict, {args.nproc} process(es): {max(ours):.1f} images/s (whole command {min(walls):.1f} s)")
+    for nproc in counts:
+        print(f"disttrain predict, {nproc} process(es): {max(ours[nproc]):.1f} images/s (whole command {min(walls[nproc]):.1f} s); "
+              f"ratio to the plain loop {max(ours[nproc]) / max(plain):.2f}")
     print(f"plain torchvision loop, 1 process:       {max(plain):.1f} images/s")
-    print(f"ratio disttrain / plain: {max(ours) / max(plain):.2f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,6 +176,28 @@ def load_checkpoint(path: Path, rank: int, world_size: int) -> tuple[dict, dict,
     except Exception as err:
         raise CheckpointError(f"{path}: could not be read ({err}); use another checkpoint or checkpoint.resume=never") from err
     return meta, shared, rank_state
+
+
+@dataclass
+class Resume:
+    """A checkpoint a run continues from, as read on this rank."""
+
+    path: Path
+    meta: dict
+    shared: dict
+    rank_state: dict
+
+    @classmethod
+    def read(cls, path: Path, rank: int, world_size: int) -> "Resume":
+        return cls(path, *load_checkpoint(path, rank, world_size))
+
+    def check(self, model: str, classes: list[str]) -> None:
+        """Refuse a checkpoint of another model or class list (every rank alike)."""
+        if self.meta["classes"] != list(classes) or self.meta["model"] != model:
+            raise CheckpointError(
+                f"{self.path}: saved for model {self.meta['model']} with classes {self.meta['classes']}, but this run has "
+                f"{model} with {list(classes)}; use another run.name or checkpoint.resume=never"
+            )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
     accelerate launch launch/train.py --config configs/demo.yaml --find-lr
     disttrain find-lr --config configs/demo.yaml
-    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt data.root=... [--tta]
+    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ [--tta] [--out result.json]
+    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt data.root=...   # its valid/ or val/
     accelerate launch -m disttrain.cli predict --weights runs/demo/model.pt --out predictions.csv new_images/ [--tta]
-    disttrain predict --weights runs/demo/model.pt photo.jpg
+    disttrain predict --weights runs/demo/model.pt --topk 3 photo.jpg
     disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
     disttrain demo-data ~/.cache/disttrain/mnist
 """
@@ -14,14 +15,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import os
 import sys
 from pathlib import Path
 
 from disttrain.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted
 from disttrain.config import ConfigError, load_config
 from disttrain.data.folder import DataError
+from disttrain.data.loader import LoaderStalled
 from disttrain.lr_sweep import SweepError
 from disttrain.models import WeightsError
 
@@ -59,53 +60,70 @@ def train(cfg, find_lr_only: bool = False) -> list:
     return run(cfg, find_lr_only)
 
 
-def evaluate(cfg, weights: str, out: str | None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False) -> dict:
-    """Exact validation of a model.pt on `data.root`'s validation folder, on however many processes
-    run it: the architecture, classes, sizes and normalization come from model.pt (from the config
-    only for an older model.pt without them). With `tta_n`, also with test-time augmentation."""
-    from disttrain.build import build_loaders, load_data
-    from disttrain.config import ModelConfig
-    from disttrain.inference import eval_view, read_model_file
-    from disttrain.models import build_model, normalization
-    from disttrain.runtime import build_accelerator
-    from disttrain.tracking import ConsoleReporter
-    from disttrain.trainer import evaluate as run_eval
+def _check_out_file(path: str | None, example: str, option: str = "--out") -> None:
+    """An output file in a folder that exists and can be written (checked before any work)."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name, e.g. {Path(path) / example}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: the folder {folder} is not writable")
 
-    state = read_model_file(weights, need_inference_keys=False)
-    data_cfg = dataclasses.replace(cfg.data, image_size=state.get("image_size", cfg.data.image_size),
-                                   load_size=state.get("load_size", cfg.data.load_size))
-    cfg = dataclasses.replace(cfg, data=data_cfg)
-    accelerator = build_accelerator(cfg)
-    reporter = ConsoleReporter(accelerator.is_main_process, progress=False)
-    data = load_data(cfg, accelerator, reporter)
-    if state["classes"] != data.classes:
-        raise WeightsError(f"{weights}: trained on classes {state['classes']}, but {cfg.data.root} has {data.classes}")
-    model = build_model(ModelConfig(name=state["arch"]), num_classes=len(data.classes))
-    model.load_state_dict(state["model"])
-    model = accelerator.prepare_model(model, evaluation_mode=True)
-    _, valid_loader = build_loaders(cfg, data, accelerator)
-    saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
-    mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
-    view = eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last)
-    result = run_eval(accelerator, model, valid_loader, view, tta_n=tta_n, tta_beta=tta_beta, tta_max=tta_max)
-    summary = {key: value for key, value in vars(result).items() if key != "confusion"}
-    summary["world_size"] = accelerator.num_processes
-    reporter.line(f"valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}  ({result.correct}/{result.count})")
-    if tta_n:
-        how = "max" if tta_max else f"beta {tta_beta}"
-        reporter.line(f"with TTA ({tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f}  "
-                      f"({result.tta_correct}/{result.count})")
-    if out and accelerator.is_main_process:
-        Path(out).write_text(json.dumps(summary, indent=1))
-    accelerator.end_training()
-    return summary
+
+def _check_out_dir(path: str | None, option: str = "--out-dir") -> None:
+    """An output folder that is one or can be made (its nearest existing parent writable)."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not a folder this process can write")
+
+
+def _check_inference_args(args: argparse.Namespace, example: str) -> None:
+    """The options predict and evaluate share, before any model or data is loaded: one line each."""
+    from disttrain.inference import check_tta
+
+    check_tta(args.tta_n, args.tta_beta)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    _check_out_file(args.out, example)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Exact evaluation of a model.pt on a labelled folder (disttrain/evaluate.py), on however many
+    processes run it."""
+    from disttrain.evaluate import EvaluateOptions, run
+    from disttrain.inputs import parse_extensions
+
+    _check_inference_args(args, "result.json")
+    _check_out_dir(args.out_dir)
+    extensions = parse_extensions(args.ext)
+    cfg = load_config(args.config, args.overrides)
+    options = EvaluateOptions(args.weights, args.data, args.split, args.out, args.out_dir, args.tta_n if args.tta else 0, args.tta_beta,
+                              args.tta_max, args.batch_size, extensions)
+    return run(cfg, options)
 
 
 def predict(args: argparse.Namespace):
-    from disttrain.predict import run
+    """Class probabilities for files and folders (disttrain/predict.py)."""
+    from disttrain.inputs import parse_extensions
+    from disttrain.predict import PredictOptions, run
 
-    return run(args.weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
-               args.batch_size, args.workers, args.precision)
+    _check_inference_args(args, "predictions.csv")
+    if args.topk is not None and args.topk < 1:
+        raise ConfigError(f"--topk: must be at least 1 (classes listed per image), got {args.topk}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers: must be 0 (decode in each process) or more, got {args.workers}")
+    options = PredictOptions(args.weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
+                             args.batch_size, args.workers, args.precision, parse_extensions(args.ext))
+    return run(options)
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -117,8 +135,9 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def run_user_errors(fn) -> int:
-    """Run `fn()`; a mistake the user can fix prints one clear line and exits 2 (no traceback).
-    Under `disttrain launch` the line goes to the front, which prints it once for all ranks."""
+    """Run `fn()`; a mistake the user can fix prints one clear line and exits 2 (no traceback); a
+    stalled data loader one line and exits 1. Under `disttrain launch` the line goes to the front,
+    which prints it once for all ranks."""
     from disttrain.launcher import report_to_front
 
     try:
@@ -128,6 +147,11 @@ def run_user_errors(fn) -> int:
             print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
         _leave_process_group()
         return 2
+    except LoaderStalled as err:  # not the user's mistake, but one line says all there is to say
+        if not report_to_front("failure", str(err)):
+            print(f"disttrain: error: {err}", file=sys.stderr, flush=True)
+        _leave_process_group()
+        return 1
     except Preempted as stop:
         line = f"{stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and resumed"
         if not report_to_front("preempted", line):
@@ -160,18 +184,17 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _tta_args(parser: argparse.ArgumentParser) -> None:
+def _inference_args(parser: argparse.ArgumentParser) -> None:
+    """Options predict and evaluate share: TTA, batches, file suffixes."""
     parser.add_argument("--tta", action="store_true", help="also with test-time augmentation (flips and corner crops)")
-    parser.add_argument("--tta-n", type=_positive_int, default=4, help="TTA views besides the plain pass (default 4)")
-    parser.add_argument("--tta-beta", type=float, default=0.25, help="the plain pass's weight in the TTA blend (default 0.25)")
+    parser.add_argument("--tta-n", type=int, default=5,
+                        help="TTA views, 1 to 10 (default 5: the whole image flipped, then the four corners; see the README)")
+    parser.add_argument("--tta-beta", type=float, default=0.25, help="the plain pass's weight in the TTA blend, in [0, 1] (default 0.25)")
     parser.add_argument("--tta-max", action="store_true", help="combine the passes by their maximum instead of the blend")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per batch, each batch on one process (default 32); the results do not depend on the number of processes")
+    parser.add_argument("--ext", help="comma-separated suffixes of the files taken from folders (default: the image suffixes "
+                                      "training takes; '*': every file)")
 
 
 def command_parser() -> argparse.ArgumentParser:
@@ -180,20 +203,24 @@ def command_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("train", help="train (same as launch/train.py)"))
     _config_args(sub.add_parser("find-lr", help="only the LR sweep (same as launch/train.py --find-lr)"))
-    ev = sub.add_parser("evaluate", help="exact validation of saved weights")
+    ev = sub.add_parser("evaluate", help="exact evaluation of a model.pt on a labelled folder (<class>/*, or valid/, val/ or test/ in it)")
     _config_args(ev)
     ev.add_argument("--weights", required=True, help="model.pt written by a training run")
-    ev.add_argument("--out", help="also write the result as JSON here")
-    _tta_args(ev)
+    ev.add_argument("--data", metavar="DIR", help="labelled folder: DIR/<class>/<images>, or DIR holding valid/, val/ or test/ "
+                                                  "(default: data.root's validation folder)")
+    ev.add_argument("--split", help="the sub-folder of DIR to evaluate (default: valid, else val, else test)")
+    ev.add_argument("--out", help="write the result as JSON here (nothing is written without it)")
+    ev.add_argument("--out-dir", help="write confusion_matrix.png and confusion_matrix.csv here")
+    _inference_args(ev)
     pred = sub.add_parser("predict", help="class probabilities for new images (files and folders) from a model.pt")
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
     pred.add_argument("--weights", required=True, help="model.pt written by a training run")
-    pred.add_argument("--out", help="CSV: path, label, score, one probability column per class (default: stdout)")
-    pred.add_argument("--topk", type=_positive_int, default=5, help="classes printed for a single image without --out (default 5)")
-    pred.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch and process (default 32)")
-    pred.add_argument("--workers", type=int, default=1, help="decoding workers per process (default 1)")
+    pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class")
+    pred.add_argument("--topk", type=int, help="instead of the CSV: the K most probable classes of each image, tab-separated "
+                                               "path, rank, class, probability")
+    pred.add_argument("--workers", type=int, default=1, help="decoding workers per process (default 1; 0 decodes in the process)")
     pred.add_argument("--precision", default="auto", help="as train.precision (default auto)")
-    _tta_args(pred)
+    _inference_args(pred)
     prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
     prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*")
     prep.add_argument("dst", help="output folder for the shards and manifest.json")
@@ -232,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "find-lr"):
         return run_user_errors(lambda: train(load_config(args.config, args.overrides), args.command == "find-lr"))
     if args.command == "evaluate":
-        tta = args.tta_n if args.tta else 0
-        return run_user_errors(lambda: evaluate(load_config(args.config, args.overrides), args.weights, args.out, tta, args.tta_beta,
-                                                args.tta_max))
+        return run_user_errors(lambda: evaluate(args))
     if args.command == "prepare":
         return run_user_errors(lambda: prepare(args))
     from disttrain.demo_data import write_demo_data

@@ -79,6 +79,10 @@ class DataConfig:
     """CPU data-loader worker processes per rank (0 decodes in the training process)."""
     bad_files: Literal["skip", "error"] = "skip"
     """Undecodable files found at scan time: `skip` (counted, listed in bad_files.txt) or `error`."""
+    worker_timeout: float = 120.0
+    """Seconds a loader may deliver no batch before the run fails, with one line naming the rank, the
+    loader and its worker (instead of the other ranks waiting in a collective until
+    train.collective_timeout). Must cover decoding one batch on a busy machine."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("folder", "shards"))
@@ -90,6 +94,7 @@ class DataConfig:
         for key in ("load_size", "image_size", "batch_size"):
             _positive(f"data.{key}", getattr(self, key))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.worker_timeout", self.worker_timeout)
         if self.image_size > self.load_size:
             raise ConfigError(
                 f"data.image_size ({self.image_size}) is larger than data.load_size ({self.load_size}): "
@@ -188,9 +193,12 @@ class ModelConfig:
 @dataclass
 class FinetuneConfig:
     groups: int = 3
-    """Layer groups the model's parameters are split into, in forward order: body groups cut at block
-    boundaries with roughly equal parameter counts, then the head (the final classifier) as the last
-    group. A stage's `freeze_to` and `lr_ratio` count in these groups (fastai uses 3 for resnets)."""
+    """Layer groups the model's parameters are split into, in forward order, the head (the final
+    classifier) last; a stage's `freeze_to` and `lr_ratio` count in them. 3 (fastai's): what computes
+    at stride <= 8 | the stride-16 and 32 stages | the head, as stated per model family (ViT: its
+    encoder halved); 2: the body | the head; more: the family's units (stem, stages, blocks) cut into
+    body groups of about equal parameter counts. Models without a stated family (squeezenet, ...) are
+    cut at block boundaries into groups of about equal parameter counts. The run prints the groups."""
     train_bn: bool = True
     """Normalization layers in frozen groups keep training (weights and running statistics), as in
     fastai: essential when the new data's statistics differ. false freezes them too (eval mode)."""
@@ -213,7 +221,8 @@ class OptimConfig:
     lr: Union[float, Literal["auto"]] = 1e-3
     """Peak learning rate (the one-cycle maximum), or `auto`: run the LR sweep first and use its suggestion."""
     weight_decay: float = 0.01
-    """Decoupled weight decay; never applied to norm weights and biases."""
+    """Decoupled weight decay; never applied to 1-d parameters (norm weights, biases), tokens, position
+    embeddings and layer scales (disttrain.models.no_weight_decay)."""
     momentum: float = 0.9
     """SGD momentum, or AdamW's beta1."""
     nesterov: bool = False
@@ -274,11 +283,18 @@ class SweepConfig:
     divergence: float = 4.0
     """Stop when the smoothed loss exceeds divergence x its best value so far."""
     method: Literal["valley", "steep", "minimum", "slide"] = "valley"
-    """The rule whose suggestion is used (all four are reported)."""
-    skip_start: int = 5
-    """Points left out at the start of the curve when the rules look at it."""
-    skip_end: int = 2
-    """Points left out at the end of the curve when the rules look at it."""
+    """The rule whose suggestion is used (all four are reported); fastai's rules, on fastai's
+    trimmed curve: `valley` (a little past the first third of the longest descending run),
+    `slide` (where the per-step loss gradient settles, window 15, threshold 0.005), `minimum` (a
+    tenth of the LR at the lowest loss) and `steep` (steepest fall per log LR; disttrain searches
+    it only up to the lowest loss). A rule that lands on the curve's first or last point has no
+    answer; the suggestion then falls back to valley, steep, minimum, in that order."""
+    skip_start: Optional[int] = None
+    """Points left out at the start of the curve before the rules look at it; null: num_iter // 10,
+    as fastai's lr_find."""
+    skip_end: int = 5
+    """Points left out at the end of the recorded curve (of an early stop, too) before the rules
+    look at it; 5, as fastai's lr_find."""
     save_per_rank: bool = False
     """Each rank also writes lr_sweep.rank<R>.json with the curve and suggestion it computed."""
 
@@ -295,13 +311,19 @@ class SweepConfig:
         if self.divergence <= 1:
             raise ConfigError(f"sweep.divergence: must be > 1 (a multiple of the best loss), got {self.divergence!r}")
         _choice("sweep.method", self.method, ("valley", "steep", "minimum", "slide"))
-        _positive("sweep.skip_start", self.skip_start, allow_zero=True)
+        if self.skip_start is not None:
+            _positive("sweep.skip_start", self.skip_start, allow_zero=True)
         _positive("sweep.skip_end", self.skip_end, allow_zero=True)
-        if self.skip_start + self.skip_end >= self.num_iter - 2:
+        if self.skip_first + self.skip_end >= self.num_iter - 2:
             raise ConfigError(
-                f"sweep.skip_start + sweep.skip_end ({self.skip_start + self.skip_end}) leave no curve of "
+                f"sweep.skip_start + sweep.skip_end ({self.skip_first} + {self.skip_end}) leave no curve of "
                 f"sweep.num_iter={self.num_iter} points; lower them or raise num_iter"
             )
+
+    @property
+    def skip_first(self) -> int:
+        """skip_start as a number: num_iter // 10 when it is null."""
+        return self.num_iter // 10 if self.skip_start is None else self.skip_start
 
 
 @dataclass
@@ -326,16 +348,18 @@ class TrainConfig:
     tta: bool = False
     """After the last epoch, evaluate the final model with test-time augmentation too: one more line
     under the table, `valid/tta_loss` and `valid/tta_accuracy` in W&B and metrics.jsonl."""
-    tta_n: int = 4
-    """TTA views besides the plain pass (flips and corner crops, see disttrain/inference.py)."""
+    tta_n: int = 5
+    """TTA views besides the plain pass, 1 to 10: the whole image flipped, the four corners, the
+    corners flipped, the whole image (see disttrain/inference.py); 5 takes the flip and the corners."""
     tta_beta: float = 0.25
-    """Weight of the plain pass in the TTA blend (fastai's beta): beta x plain + (1 - beta) x views."""
+    """Weight of the plain pass in the TTA blend (fastai's beta), in [0, 1]: beta x plain + (1 - beta) x views."""
     tta_max: bool = False
     """Combine the plain pass and the views by their element-wise maximum instead of the blend."""
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
-        _positive("train.tta_n", self.tta_n)
+        if not 1 <= self.tta_n <= 10:  # disttrain.inference.MAX_TTA_VIEWS (not imported: inference imports config)
+            raise ConfigError(f"train.tta_n: must be 1 to 10 (the flips of the whole image and of its four corners), got {self.tta_n!r}")
         if not 0 <= self.tta_beta <= 1:
             raise ConfigError(f"train.tta_beta: must be in [0, 1] (the plain pass's weight), got {self.tta_beta!r}")
         _positive("train.epochs", self.epochs)
@@ -812,6 +836,10 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
     cfg = _build(Config, "", flat)
     cfg.stages = _build_stages(raw_stages, stage_overrides, flat, cfg)
     cfg.run_stages()  # the implicit stage of a run without stages is checked too (e.g. sgdr epochs)
+    if cfg.stages:  # finetune.groups against model.name, built on the meta device (no weights, no memory)
+        from disttrain.finetune import check_groups
+
+        check_groups(cfg.model.name, cfg.finetune.groups)
     return cfg
 
 

@@ -1,12 +1,16 @@
 """Using a trained model: read a self-contained `model.pt`, its eval view, and test-time augmentation.
 
-TTA views are fixed, not random: view i is a horizontal flip when i is even, and takes window
-`WINDOWS[((i + 1) // 2) % 5]` of the eval image (the whole image, then the four corners of a 90%
-window, resized back to the image size): the flipped image, the top-left corner, the same flipped,
-the top-right corner, ... (no view repeats the plain pass). A sample's views, and so its TTA prediction, do not depend on the
-batch it lands in, on its rank or on the number of processes. As fastai does, the views' softmax
-probabilities are averaged and blended with the plain pass: `beta x plain + (1 - beta) x views`
-(`beta` 0.25), or, with `use_max`, the element-wise maximum over the plain pass and the views.
+TTA views are fixed, not random, and distinct up to their number, `MAX_TTA_VIEWS` = 10: the flips
+of the whole eval image and of its four corners (a 90% window, resized back to the image size):
+
+    0 the whole image flipped      1-4 the top-left, top-right, bottom-left, bottom-right corners
+    5-8 the same corners flipped   9 the whole image as it is (the plain pass again)
+
+`tta_n` takes the first n (default 5: the flip and the four corners). A sample's views, and so its
+TTA prediction, do not depend on the batch it lands in, on its rank or on the number of processes.
+As fastai does, the views' softmax probabilities are averaged and blended with the plain pass:
+`beta x plain + (1 - beta) x views` (`beta` in [0, 1], 0.25 by default), or, with `use_max`, the
+element-wise maximum over the plain pass and the views.
 """
 
 from __future__ import annotations
@@ -19,12 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disttrain.config import AugmentConfig, ModelConfig
+from disttrain.config import AugmentConfig, ConfigError, ModelConfig
 from disttrain.data.augment import DeviceAugment
 from disttrain.models import WeightsError, build_model
 
 WINDOWS = ((1.0, 0.0, 0.0), (0.9, -1.0, -1.0), (0.9, 1.0, -1.0), (0.9, -1.0, 1.0), (0.9, 1.0, 1.0))
-"""(scale, x offset, y offset) of the TTA windows: offsets in units of the room the window leaves."""
+"""(scale, x offset, y offset) of the TTA windows: the whole image, then the top-left, top-right,
+bottom-left and bottom-right corners; offsets in units of the room the window leaves."""
+
+TTA_VIEWS = ((0, True), (1, False), (2, False), (3, False), (4, False), (1, True), (2, True), (3, True), (4, True), (0, False))
+"""(window, flipped) of TTA view i, in order (see the module docstring)."""
+
+MAX_TTA_VIEWS = len(TTA_VIEWS)
 
 INFERENCE_KEYS = ("image_size", "load_size", "normalize")
 
@@ -85,10 +95,20 @@ def eval_view(image_size: int, mean: list[float], std: list[float], channels_las
     return DeviceAugment(AugmentConfig(), image_size, channels_last=channels_last, mean=mean, std=std)
 
 
+def check_tta(tta_n: int, beta: float, n_key: str = "--tta-n", beta_key: str = "--tta-beta") -> None:
+    """ConfigError naming the option when the number of views or the blend weight is out of range."""
+    if not 1 <= tta_n <= MAX_TTA_VIEWS:
+        raise ConfigError(f"{n_key}: must be 1 to {MAX_TTA_VIEWS} (the flips of the whole image and of its four corners), got {tta_n}")
+    if not 0.0 <= beta <= 1.0:
+        raise ConfigError(f"{beta_key}: must be in [0, 1] (the plain pass's weight in the blend), got {beta}")
+
+
 def tta_view(x: torch.Tensor, index: int) -> torch.Tensor:
-    """View `index` of a normalized eval batch (N, C, H, W): same shape, per sample independent."""
-    scale, dx, dy = WINDOWS[((index + 1) // 2) % len(WINDOWS)]
-    flip = index % 2 == 0
+    """View `index` (0 to 9) of a normalized eval batch (N, C, H, W): same shape, per sample independent."""
+    if not 0 <= index < MAX_TTA_VIEWS:
+        raise IndexError(f"TTA view {index}: there are {MAX_TTA_VIEWS} views (0 to {MAX_TTA_VIEWS - 1})")
+    window, flip = TTA_VIEWS[index]
+    scale, dx, dy = WINDOWS[window]
     if scale == 1.0:
         return x.flip(-1) if flip else x
     theta = torch.tensor([[-scale if flip else scale, 0.0, dx * (1 - scale)], [0.0, scale, dy * (1 - scale)]],
@@ -99,8 +119,8 @@ def tta_view(x: torch.Tensor, index: int) -> torch.Tensor:
 
 def predict_probs(model: nn.Module, x: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
                   use_max: bool = False, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(plain probabilities, TTA probabilities or None when `tta_n` is 0), float32. `logits`: the
-    plain pass's, when the caller has them already."""
+    """(plain probabilities, TTA probabilities or None when `tta_n` is 0), float32: views 0 to
+    `tta_n` - 1. `logits`: the plain pass's, when the caller has them already."""
     if logits is None:
         with autocast():
             logits = model(x)
@@ -115,3 +135,16 @@ def predict_probs(model: nn.Module, x: torch.Tensor, autocast, tta_n: int = 0, b
     if use_max:
         return plain, torch.maximum(stacked.max(dim=0).values, plain)
     return plain, torch.lerp(stacked.mean(dim=0), plain, beta)
+
+
+def batch_outputs(model: nn.Module, view: DeviceAugment, images: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
+                  use_max: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A uint8 (B, S, S, 3) batch on the device -> (float32 logits of the plain pass, its
+    probabilities, the TTA probabilities or None): what `predict` writes and `evaluate` counts,
+    computed the same way for both."""
+    x = view(images.permute(0, 3, 1, 2), train=False)
+    with autocast():
+        logits = model(x)
+    logits = logits.float()
+    plain, tta = predict_probs(model, x, autocast, tta_n, beta, use_max, logits=logits)
+    return logits, plain, tta

@@ -53,7 +53,7 @@ def check_config(args) -> str | None:
     """The run config the workers will load, loaded here first. Returns the error line, or None."""
     from disttrain.cli import command_parser, train_parser
     from disttrain.config import ConfigError, load_config
-    from disttrain.runtime import resolve_precision
+    from disttrain.precision import resolve_precision
 
     words = list(args.training_script_args)
     if args.module:
@@ -70,7 +70,7 @@ def check_config(args) -> str | None:
     try:
         cfg = load_config(parsed.config, overrides)
         if args.cpu or not _cuda_available():
-            resolve_precision(cfg.train.precision, cuda=False)
+            resolve_precision(cfg.train.precision, "cpu")
     except ConfigError as err:
         return str(err)
     return None

@@ -5,6 +5,15 @@ accumulation), and the ranks' losses are all-reduced (mean) in one collective. S
 decision and the four suggestion rules then run on every rank from the same floats, so every rank
 stops at the same step and reaches the same suggestion; an all-gather checks it. Model, optimizer,
 grad scaler, schedule and RNG states are snapshotted in memory and restored exactly afterwards.
+
+The suggestion rules are fastai's (`valley`, `slide`, `minimum`, `steep` of
+fastai.callback.schedule, re-implemented) on the curve fastai's `lr_find` gives them (with the
+default `sweep.skip_start` / `skip_end`: the recorded points [num_iter // 10 : -5], cut at the first
+non-finite one); tests/unit/test_lr_sweep.py checks them against fastai 2.8's own answers on a
+fixture of curves. disttrain's own differences: `steep` is searched only up to the lowest smoothed
+loss, an answer at the first or last point of the curve counts as no answer (the suggestion then
+falls back to valley, steep, minimum, in that order, and says why), and a curve whose lowest point
+is its first gets no suggestion.
 """
 
 from __future__ import annotations
@@ -50,59 +59,114 @@ class DebiasedEMA:
 
 
 # ---------------------------------------------------------------------------------------------
-# Suggestion rules: pure functions of (lrs, smoothed losses) already trimmed of skipped points.
+# Suggestion rules, as fastai's (fastai.callback.schedule: valley, slide, minimum, steep), re-implemented.
+# Each looks at the curve `useful_part` keeps (finite smoothed losses, fastai's trimming) and picks one
+# of its points; a pick of the curve's first or last point counts as no answer (see `_pick`).
+
+SLIDE_WINDOW = 15
+"""slide's window, in points (fastai's lr_diff)."""
+SLIDE_THRESHOLD = 0.005
+"""slide's threshold on the change of the per-index loss gradient (fastai's thresh)."""
+
+
+def _valley_index(losses: np.ndarray) -> int:
+    """fastai's valley index. chain[i] is the length of the longest strictly descending (not
+    necessarily contiguous) run of points ending at i, the point itself counted; the longest run
+    wins (the one ending first, on ties). From start = end - chain[end] (one point before the run, so
+    -1 when the run begins at point 0) the pick lies int(s) + int(s / 2) points on, with
+    s = (end - start) / 3: a little past the first third of the fall. May be -1 (Python's last
+    point, as fastai's `lrs[idx]` reads it)."""
+    n = len(losses)
+    chain = np.ones(n, dtype=np.int64)
+    for i in range(1, n):
+        above = chain[:i][losses[:i] > losses[i]]
+        if above.size:
+            chain[i] = above.max() + 1
+    end = int(np.argmax(chain))
+    start = end - int(chain[end])
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
+
+
+def _slide_index(losses: np.ndarray, window: int, threshold: float) -> int:
+    """fastai's slide index: the loss gradient per point (np.gradient: central differences, one-sided
+    at the ends, no LR in it) compared at the curve's last point and `window` points before it;
+    while they differ by more than `threshold` both move one point toward the start. The pick is
+    the left end of the last pair that still differed (the first pair's left end when none did),
+    so a curve whose slope never settles walks to its first point. Needs more than `window` points."""
+    grad = np.gradient(losses)
+    right = len(losses) - 1
+    left = pick = right - window
+    while left >= 0 and abs(grad[right] - grad[left]) > threshold:
+        pick = left
+        right -= 1
+        left -= 1
+    return pick
+
+
+def _pick(rule: str, index: int, n: int, what: str = "answered") -> tuple[int | None, str | None]:
+    """A rule's index, or None with the reason when it is the first or last point of the n the rule
+    looked at: an edge is where a rule ends up when it found nothing (no descent, a slope that
+    never settles, a curve still falling at its end), not an LR to train at."""
+    index = index + n if index < 0 else index
+    if index == 0:
+        return None, f"{rule} {what} the first point of the curve"
+    if index == n - 1:
+        return None, f"{rule} {what} the last point of the curve"
+    return index, None
+
+
+def rule_answers(lrs: np.ndarray, losses: np.ndarray) -> dict[str, tuple[float | None, str | None]]:
+    """Every rule's (LR, None), or (None, why not), on a curve `useful_part` kept (at least 1 point)."""
+    n = len(losses)
+    out: dict[str, tuple[float | None, str | None]] = {}
+
+    i, why = _pick("valley", _valley_index(losses), n)
+    out["valley"] = (None if i is None else float(lrs[i]), why)
+
+    lowest = int(np.argmin(losses))  # the first one, on ties
+    # steep: fastai's forward-difference slope per log LR, but only up to the lowest smoothed loss
+    # (disttrain's own: past it the loss diverges, and a dip after a spike there is no place to train)
+    if lowest == 0:
+        out["steep"] = (None, "steep found no descent before the lowest loss")
+    else:
+        slope = np.diff(losses[: lowest + 1]) / np.diff(np.log(lrs[: lowest + 1]))
+        i, why = _pick("steep", int(np.argmin(slope)), n)
+        out["steep"] = (None if i is None else float(lrs[i]), why)
+
+    i, why = _pick("minimum", lowest, n, what="found the lowest loss at")
+    out["minimum"] = (None if i is None else float(lrs[i]) / 10, why)
+
+    if n <= SLIDE_WINDOW:
+        out["slide"] = (None, f"slide needs more than {SLIDE_WINDOW} points, the curve has {n}")
+    else:
+        i, why = _pick("slide", _slide_index(losses, SLIDE_WINDOW, SLIDE_THRESHOLD), n)
+        out["slide"] = (None if i is None else float(lrs[i]), why)
+    return out
 
 
 def valley(lrs: np.ndarray, losses: np.ndarray) -> float | None:
-    """The longest strictly descending run of the curve (not necessarily contiguous); the LR a
-    little past its first third, inside the stretch where the loss falls steadily."""
-    n = len(losses)
-    if n < 3:
-        return None
-    run = np.zeros(n, dtype=int)  # run[i]: length of the longest descending chain ending at i
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and run[i] < run[j] + 1:
-                run[i] = run[j] + 1
-    end = int(np.argmax(run))
-    if run[end] < 2:
-        return None  # no descent to speak of
-    start = end - int(run[end])
-    third = (end - start) / 3
-    return float(lrs[start + int(third) + int(third / 2)])
+    """fastai's valley: the LR a little past the first third of the longest strictly descending
+    run of points (see `_valley_index`); None at the curve's first or last point."""
+    return rule_answers(lrs, losses)["valley"][0] if len(losses) else None
 
 
 def steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
-    """The LR where the loss falls fastest with respect to log(LR)."""
-    if len(losses) < 3:
-        return None
-    slope = np.gradient(losses, np.log(lrs))
-    i = int(np.argmin(slope))
-    return float(lrs[i]) if slope[i] < 0 else None
+    """fastai's steep (the left point of the steepest fall, slope = forward difference of the loss
+    per log LR), searched only up to the lowest loss (disttrain's own); None at the first point."""
+    return rule_answers(lrs, losses)["steep"][0] if len(losses) else None
 
 
 def minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
-    """A tenth of the LR at the lowest loss."""
-    if len(losses) == 0:
-        return None
-    return float(lrs[int(np.argmin(losses))]) / 10
+    """fastai's minimum: a tenth of the LR at the lowest loss (the first, on ties); None when that
+    is the curve's first or last point."""
+    return rule_answers(lrs, losses)["minimum"][0] if len(losses) else None
 
 
-def slide(lrs: np.ndarray, losses: np.ndarray, window: int = 15, threshold: float = 0.005) -> float | None:
-    """Walk from the high-LR end toward low LRs, comparing the slope at two points `window` apart;
-    stop where they agree within `threshold` (the curve has become a straight, settled line) and
-    take the LR at the far end of that window."""
-    if len(losses) < window + 2:
-        return None
-    slope = np.diff(losses) / np.diff(np.log(lrs))
-    right = len(slope) - 1
-    left = right - window
-    found = lrs[left]
-    while left >= 0 and abs(slope[right] - slope[left]) > threshold:
-        found = lrs[left]
-        right -= 1
-        left -= 1
-    return float(found)
+def slide(lrs: np.ndarray, losses: np.ndarray) -> float | None:
+    """fastai's slide (window 15, threshold 0.005 on the per-index gradient, see `_slide_index`);
+    None on a curve of 15 points or fewer, or when it walks to the first point."""
+    return rule_answers(lrs, losses)["slide"][0] if len(losses) else None
 
 
 RULE_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
@@ -150,33 +214,39 @@ class SweepResult:
         return data
 
 
-def useful_part(points: list[tuple[float, float]], skip_start: int, skip_end: int) -> list[tuple[float, float]]:
-    """The part of the curve the rules may look at: without its first `skip_start` and last
-    `skip_end` points, and ending at its lowest smoothed loss. Past the minimum the loss diverges;
-    a dip after a spike there (common near the blow-up) is not a place to train at."""
-    end = len(points) - skip_end
-    trimmed = points[skip_start:end] if end - skip_start >= 3 else points
-    if not trimmed:
-        return trimmed
-    lowest = min(range(len(trimmed)), key=lambda i: trimmed[i][1])  # the first one, on ties
-    return trimmed[: lowest + 1]
+def useful_part(lrs: list[float], smoothed: list[float | None], skip_start: int, skip_end: int) -> tuple[np.ndarray, np.ndarray]:
+    """The curve the rules look at, cut as fastai's `lr_find` cuts it before its suggestion
+    functions (`[num_it // 10 : -5]` by default: here `[skip_start : len - skip_end]`, on the
+    points the sweep recorded, so an early stop loses its last `skip_end` points), then ended before
+    the first non-finite smoothed loss. Steps the fp16 scaler skipped (smoothed None, no loss
+    measured; fastai has no such steps) are then left out. Returns (lrs, smoothed) as float64."""
+    stop = max(len(smoothed) - skip_end, 0)
+    kept = list(zip(lrs[skip_start:stop], smoothed[skip_start:stop]))
+    finite = next((i for i, (_, s) in enumerate(kept) if s is not None and not math.isfinite(s)), len(kept))
+    pairs = [(lr, s) for lr, s in kept[:finite] if s is not None]
+    return np.array([p[0] for p in pairs], dtype=np.float64), np.array([p[1] for p in pairs], dtype=np.float64)
 
 
 def suggest(lrs: list[float], smoothed: list[float | None], cfg: SweepConfig) -> tuple[dict[str, float | None], float | None, str | None]:
-    """All four rules on the curve's useful part (`useful_part`: no skipped steps, no
-    `skip_start` / `skip_end` points, nothing past the lowest smoothed loss), so no rule can answer
-    from the divergent tail. Returns (every rule's value, the suggestion, a fallback note or None)."""
-    points = [(lr, s) for lr, s in zip(lrs, smoothed) if s is not None and math.isfinite(s)]
-    trimmed = useful_part(points, cfg.skip_start, cfg.skip_end)
-    x = np.array([p[0] for p in trimmed], dtype=np.float64)
-    y = np.array([p[1] for p in trimmed], dtype=np.float64)
-    values = {rule: RULE_FUNCTIONS[rule](x, y) for rule in RULES}
-    if values["valley"] is None and values["steep"] is None:
-        return values, None, "no descent: the loss never fell, so no rule has an answer"
+    """All four rules on the curve's useful part (`useful_part`). Returns (every rule's value, the
+    suggestion, a note or None): the note says why the suggestion is not `cfg.method`'s (the
+    fallback, in the order valley, steep, minimum, and why the method had no answer) or why there
+    is no suggestion at all."""
+    x, y = useful_part(lrs, smoothed, cfg.skip_first, cfg.skip_end)
+    if len(y) == 0:
+        return {rule: None for rule in RULES}, None, (
+            f"too short a curve: no point left of the {len(smoothed)} recorded after leaving out the first "
+            f"{cfg.skip_first} and last {cfg.skip_end}; lower sweep.skip_start / sweep.skip_end or sweep.start_lr")
+    answers = rule_answers(x, y)
+    values = {rule: answers[rule][0] for rule in RULES}
+    if int(np.argmin(y)) == 0:  # disttrain's own: nothing to suggest, whatever a rule found
+        return values, None, "no descent: the loss never fell below its first point, so there is no suggestion"
     if values[cfg.method] is not None:
         return values, values[cfg.method], None
-    rule = next(r for r in ("valley", "steep", "minimum") if values[r] is not None)
-    return values, values[rule], f"fallback to {rule}: {cfg.method} found no answer on this curve"
+    rule = next((r for r in ("valley", "steep", "minimum") if values[r] is not None), None)
+    if rule is None:
+        return values, None, "no rule has an answer on this curve (" + "; ".join(answers[r][1] for r in RULES) + ")"
+    return values, values[rule], f"fallback to {rule}: {answers[cfg.method][1]}"
 
 
 def run_curve(

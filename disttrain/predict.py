@@ -1,141 +1,219 @@
 """`disttrain predict`: class probabilities for new images from a model.pt alone, on one process or
-many. Each rank decodes and predicts its own contiguous share of the inputs; the main process
-gathers the rows and writes them in input order (files as given, a folder's files sorted by path),
-so the CSV is the same whatever the number of processes."""
+many, for a handful of files or millions.
+
+The main process lists the inputs once (disttrain/inputs.py) and sends the list to every rank with
+the path of a parts folder: `<out>.parts/` beside `--out`, or without `--out` a temporary
+`.disttrain-predict-*` folder in the current directory (on several machines it must be on a
+filesystem they share). Each rank predicts its run of the global batches and appends its rows to
+`part-<rank>` as it goes (flushed after every batch), and the files that do not decode to
+`skipped-<rank>.tsv`. When every rank is done (waited for without the training collectives'
+timeout, disttrain/jobgroup.py), the main process writes the header and the parts in rank order,
+which is input order, to `--out` (under a temporary name, then renamed) or stdout, lists the skipped
+files on stderr, and removes the parts folder. A killed job leaves the parts folder with every row
+its ranks had written.
+
+Batches are global (disttrain/inputs.py): every image is computed in the same batch whatever the
+number of processes, so the output is byte-identical on 1, 2 or 3 processes.
+
+Output: CSV `path,label,score,<one probability column per class>`; with `--topk K`, tab-separated
+`path, rank, class, probability`, K rows per image. Both have a header line.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from disttrain.data.decode import load_presized
+from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
-from disttrain.inference import SavedModel, eval_view, load_saved_model, predict_probs
-
-
-def list_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively (sorted paths; hidden files left out)."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"{item}: no such file or folder")
-    if not files:
-        raise DataError(f"no files to predict in {', '.join(inputs)}")
-    return files
-
-
-def share(count: int, world: int, rank: int) -> range:
-    """This rank's contiguous part of `count` items (sizes differ by at most one)."""
-    base, extra = divmod(count, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
-class _Images(Dataset):
-    def __init__(self, paths: list[Path], indices: range, load_size: int):
-        self.paths, self.indices, self.load_size = paths, indices, load_size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        try:
-            return index, torch.from_numpy(load_presized(self.paths[index], self.load_size)), ""
-        except Exception as err:  # any decoder error means "not an image we can read"
-            reason = f"{type(err).__name__}: {err}".strip() if str(err) else type(err).__name__
-            return index, None, reason
-
-
-def _collate(items):
-    good = [(i, img) for i, img, _ in items if img is not None]
-    bad = [(i, reason) for i, img, reason in items if img is None]
-    images = torch.stack([img for _, img in good]).permute(0, 3, 1, 2).contiguous() if good else None
-    return [i for i, _ in good], images, bad
+from disttrain.data.loader import watched
+from disttrain.inference import SavedModel, batch_outputs, eval_view, load_saved_model
+from disttrain.inputs import Inputs, batch_loader, list_inputs, rank_batches
+from disttrain.jobgroup import JobGroup
 
 
 @dataclass
-class Prediction:
-    rows: list[tuple[int, list[float]]]
-    """(input index, class probabilities) for every image predicted, in input order."""
-    bad: list[tuple[int, str]]
-    """(input index, reason) for every file that could not be decoded."""
+class PredictOptions:
+    weights: str
+    inputs: list[str]
+    out: str | None = None
+    """CSV (or top-K TSV) file; None: stdout."""
+    topk: int | None = None
+    """Top-K rows per image instead of the CSV."""
+    tta_n: int = 0
+    """TTA views (0: none)."""
+    tta_beta: float = 0.25
+    tta_max: bool = False
+    batch_size: int = 32
+    """Images per batch; each batch is predicted by one process."""
+    workers: int = 1
+    """Decoding processes per rank (0: decode in the rank itself)."""
+    precision: str = "auto"
+    extensions: frozenset[str] | None = IMAGE_EXTENSIONS
+    """Suffixes taken from folders (None: every file)."""
+    progress: bool = True
+
+
+@dataclass
+class PredictSummary:
+    images: int
+    """Images predicted (rows of the CSV) on all ranks."""
+    skipped: int
+    """Files that did not decode."""
+    left_out: int
+    """Files of the folders searched that `--ext` did not take."""
     seconds: float
+    world_size: int
 
 
-def predict(accelerator, saved: SavedModel, paths: list[Path], batch_size: int = 32, workers: int = 1, tta_n: int = 0,
-            tta_beta: float = 0.25, tta_max: bool = False, progress: bool = True) -> Prediction:
-    """Every rank predicts its share; the main process gets all rows (others get theirs only)."""
-    from accelerate.utils import gather_object
+def _rows_writer(stream, topk: int | None):
+    return csv.writer(stream, delimiter="\t", lineterminator="\n") if topk else csv.writer(stream)
+
+
+def header(classes: list[str], topk: int | None) -> str:
+    text = io.StringIO()
+    _rows_writer(text, topk).writerow(["path", "rank", "class", "probability"] if topk else ["path", "label", "score", *classes])
+    return text.getvalue()
+
+
+def write_rows(writer, paths: list[str], probs: torch.Tensor, classes: list[str], topk: int | None) -> None:
+    """One CSV row per image (`path, label, score, probabilities`), or `topk` rows (`path, rank,
+    class, probability`); probabilities with 6 decimals, ties to the lower class index."""
+    order = torch.sort(probs, dim=1, descending=True, stable=True).indices.tolist()
+    for path, p, ranked in zip(paths, probs.tolist(), order):
+        if topk:
+            writer.writerows([path, r + 1, classes[c], f"{p[c]:.6f}"] for r, c in enumerate(ranked[:topk]))
+        else:
+            best = ranked[0]
+            writer.writerow([path, classes[best], f"{p[best]:.6f}", *(f"{v:.6f}" for v in p)])
+
+
+def _make_parts(out: str | None) -> str:
+    """The parts folder (made empty) on the main process: `<out>.parts`, or a temporary one here."""
+    folder = Path(f"{out}.parts") if out else Path(".disttrain-predict-*")
+    try:
+        if out:
+            if folder.is_dir():  # left by a killed run
+                shutil.rmtree(folder)
+            folder.mkdir()
+        else:
+            folder = Path(tempfile.mkdtemp(prefix=".disttrain-predict-", dir="."))
+    except OSError as err:
+        raise DataError(f"{folder}: cannot make the folder for the ranks' parts ({err.strerror or err}); "
+                        "give --out in a folder you can write") from None
+    return str(folder.resolve())
+
+
+def _part(parts: Path, rank: int, topk: int | None) -> Path:
+    return parts / f"part-{rank:05d}.{'tsv' if topk else 'csv'}"
+
+
+def _skipped(parts: Path, rank: int) -> Path:
+    return parts / f"skipped-{rank:05d}.tsv"
+
+
+def predict_share(accelerator, saved: SavedModel, inputs: Inputs, parts: Path, options: PredictOptions,
+                  worker_timeout: float) -> tuple[int, int]:
+    """This rank's batches -> its part files; returns (images predicted, files skipped)."""
     from tqdm import tqdm
 
-    indices = share(len(paths), accelerator.num_processes, accelerator.process_index)
-    loader = DataLoader(_Images(paths, indices, saved.load_size), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    paths = inputs.paths
+    batches = rank_batches(len(paths), options.batch_size, world, rank)
+    loader = batch_loader(paths, batches, options.batch_size, saved.load_size, options.workers, worker_timeout,
+                          pin_memory=device.type == "cuda")
     view = eval_view(saved.image_size, saved.mean, saved.std)
-    rows, bad = [], []
-    start = time.perf_counter()
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (progress and accelerator.is_main_process), file=sys.stderr)
-    with torch.no_grad():
-        for index, images, failed in loader:
-            bad.extend(failed)
-            if images is not None:
-                x = view(images.to(accelerator.device), train=False)
-                plain, tta = predict_probs(saved.model, x, accelerator.autocast, tta_n, tta_beta, tta_max)
-                rows.extend(zip(index, (tta if tta is not None else plain).cpu().tolist()))
-            bar.update(min((len(index) + len(failed)) * accelerator.num_processes, bar.total - bar.n))  # an estimate of all ranks
+    done = skipped = 0
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (options.progress and accelerator.is_main_process), file=sys.stderr)
+    with open(_part(parts, rank, options.topk), "w", newline="") as rows, open(_skipped(parts, rank), "w", newline="") as bad:
+        row_writer, bad_writer = _rows_writer(rows, options.topk), csv.writer(bad, delimiter="\t", lineterminator="\n")
+        with torch.no_grad():
+            for index, images, failed in watched(loader, "predict"):
+                bad_writer.writerows([paths[i], reason] for i, reason in failed)
+                skipped += len(failed)
+                if images is not None:
+                    _, plain, tta = batch_outputs(saved.model, view, images.to(device, non_blocking=True), accelerator.autocast,
+                                                  options.tta_n, options.tta_beta, options.tta_max)
+                    write_rows(row_writer, [paths[i] for i in index], (tta if tta is not None else plain).cpu(), saved.classes, options.topk)
+                    done += len(index)
+                rows.flush()
+                bad.flush()
+                bar.update(min((len(index) + len(failed)) * world, bar.total - bar.n))  # an estimate of all ranks
     bar.close()
-    if accelerator.num_processes > 1:
-        rows, bad = gather_object(rows), gather_object(bad)
-    seconds = time.perf_counter() - start
-    return Prediction(sorted(rows), sorted(bad), seconds)
+    return done, skipped
 
 
-def write_csv(stream, paths: list[Path], classes: list[str], rows: list[tuple[int, list[float]]]) -> None:
-    """`path, label, score, <one probability column per class>`, one row per predicted image."""
-    writer = csv.writer(stream)
-    writer.writerow(["path", "label", "score", *classes])
-    for index, probs in rows:
-        best = max(range(len(probs)), key=probs.__getitem__)
-        writer.writerow([str(paths[index]), classes[best], f"{probs[best]:.6f}", *(f"{p:.6f}" for p in probs)])
+def _concatenate(parts: Path, world: int, head: str, out: str | None, topk: int | None) -> None:
+    """The header and every rank's part, in rank order, to `out` (temporary name, then renamed) or stdout."""
+    names = [_part(parts, rank, topk) for rank in range(world)]
+    missing = [name for name in names if not name.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: written by its rank but not visible to the main process; the parts folder "
+                        f"{parts} must be on a filesystem every rank shares (give --out on one)")
+    target = Path(out) if out else None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
+    stream = open(tmp, "w", newline="") if tmp else sys.stdout
+    try:
+        stream.write(head)
+        for name in names:
+            with open(name, newline="") as part:
+                shutil.copyfileobj(part, stream)
+    finally:
+        if tmp:
+            stream.close()
+        else:
+            stream.flush()
+    if tmp:
+        os.replace(tmp, target)
 
 
-def run(weights: str, inputs: list[str], out: str | None, topk: int, tta_n: int, tta_beta: float, tta_max: bool,
-        batch_size: int, workers: int, precision: str) -> Prediction:
+def _print_skipped(parts: Path, world: int) -> None:
+    for rank in range(world):
+        name = _skipped(parts, rank)
+        if name.is_file():
+            with open(name, newline="") as stream:
+                for path, reason in csv.reader(stream, delimiter="\t"):
+                    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def run(options: PredictOptions) -> PredictSummary:
+    """The whole job, on every rank (the arguments are checked by the CLI before this)."""
     from disttrain.config import build_config
     from disttrain.runtime import build_accelerator
 
-    accelerator = build_accelerator(build_config({"train": {"precision": precision}}))
-    saved = load_saved_model(weights, accelerator.device)
-    paths = list_inputs(inputs)
-    result = predict(accelerator, saved, paths, batch_size, workers, tta_n, tta_beta, tta_max)
+    cfg = build_config({"train": {"precision": options.precision}})
+    accelerator = build_accelerator(cfg)
+    group = JobGroup(accelerator.num_processes)
+    saved = load_saved_model(options.weights, accelerator.device)
+    inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))
+    parts = Path(parts)
+    start = time.perf_counter()
+    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout)
+    images, skipped = (int(v) for v in group.sum(torch.tensor([done, skipped], dtype=torch.float64)).tolist())  # every rank done
+    seconds = time.perf_counter() - start
+    world = accelerator.num_processes
     if accelerator.is_main_process:
-        for index, reason in result.bad:
-            print(f"skipped {paths[index]}: {reason}", file=sys.stderr)
-        if out:
-            with open(out, "w", newline="") as stream:
-                write_csv(stream, paths, saved.classes, result.rows)
-        elif len(paths) == 1 and result.rows:
-            probs = result.rows[0][1]
-            for c in sorted(range(len(probs)), key=lambda c: (-probs[c], c))[:topk]:
-                print(f"{saved.classes[c]}\t{probs[c]:.4f}")
-        else:
-            write_csv(sys.stdout, paths, saved.classes, result.rows)
-        tta = f", TTA {tta_n} views" if tta_n else ""
-        where = f" -> {out}" if out else ""
-        print(f"predicted {len(result.rows)} image(s){where}, {len(result.bad)} skipped (not decodable){tta}; "
-              f"{len(result.rows) / max(result.seconds, 1e-9):.1f} images/s on {accelerator.num_processes} process(es)",
-              file=sys.stderr)
+        _print_skipped(parts, world)
+        if images:
+            _concatenate(parts, world, header(saved.classes, options.topk), options.out, options.topk)
+        shutil.rmtree(parts, ignore_errors=True)
+    if not images:
+        raise DataError(f"none of the {len(inputs.paths)} input file(s) could be read as an image (each is listed above with "
+                        "the reason); nothing written")
+    if accelerator.is_main_process:
+        where = f" -> {options.out}" if options.out else ""
+        left = f", {inputs.left_out} left out by their suffix (--ext)" if inputs.left_out else ""
+        tta = f", TTA {options.tta_n} views" if options.tta_n else ""
+        print(f"predicted {images} image(s){where}, {skipped} skipped (not decodable){left}{tta}; "
+              f"{images / max(seconds, 1e-9):.1f} images/s on {world} process(es)", file=sys.stderr, flush=True)
     accelerator.end_training()
-    return result
+    return PredictSummary(images, skipped, inputs.left_out, seconds, world)

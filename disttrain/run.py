@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 from disttrain.checkpoint import (
-    CheckpointError,
     PreemptionFlag,
     Preempted,
+    Resume,
     checkpoint_root,
     find_latest,
-    load_checkpoint,
     save_weights,
     set_aside_later,
 )
@@ -36,17 +35,21 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import setup_logging
 
+    if cfg.data.num_workers > 0:  # the loader workers' fork server imports while this process sets up
+        from disttrain.data.workers import worker_context
+
+        worker_context()
     flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
     resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
-    # (meta, shared state, this rank's state): every rank refuses another world size the same way, before building
-    resume = load_checkpoint(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
+    # every rank refuses another world size the same way, before building
+    resume = Resume.read(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
     plans = plan_stages(cfg)
-    first, continuing = _resume_stage(plans, resume[0]) if resume else (0, False)
-    trainer, data = build_trainer(cfg, accelerator, resume_step=resume[0]["global_step"] if resume else None, flag=flag, stage=first)
+    first, continuing = _resume_stage(plans, resume.meta) if resume else (0, False)
+    trainer, data = build_trainer(cfg, accelerator, resume=resume, flag=flag, stage=first)
     try:
-        history = _run(cfg, trainer, data, plans, first, continuing, find_lr_only, resume_from, resume)
+        history = _run(cfg, trainer, data, plans, first, continuing, find_lr_only, resume)
     except BaseException as err:
         trainer.tracker.finish(failed=not isinstance(err, Preempted))
         raise
@@ -81,17 +84,14 @@ def _resume_stage(plans: list[StagePlan], meta: dict) -> tuple[int, bool]:
     return stage, True
 
 
-def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_lr_only: bool, resume_from, resume) -> list:
+def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_lr_only: bool, resume: Resume | None) -> list:
     from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
     if resume is not None:
-        meta, shared, rank_state = resume
-        if meta["classes"] != list(data.classes) or meta["model"] != cfg.model.name:
-            raise CheckpointError(
-                f"{resume_from}: saved for model {meta['model']} with classes {meta['classes']}, but this run has "
-                f"{cfg.model.name} with {list(data.classes)}; use another run.name or checkpoint.resume=never"
-            )
-        trainer.load_state(meta, shared, rank_state, optimizer=continuing)
-        if resume_from.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
+        meta = resume.meta
+        trainer.load_state(meta, resume.shared, resume.rank_state, optimizer=continuing)
+        if "lr_sweep" in meta:  # the last sweep's outcome goes on into this run's checkpoints
+            trainer.checkpointer.meta["lr_sweep"] = meta["lr_sweep"]
+        if resume.path.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
             from_step = meta["global_step"]
         acc = trainer.accelerator
         saved_in = meta.get("precision", acc.mixed_precision)
@@ -99,7 +99,7 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
         where = f"{plans[first].name}, " if plans[first].staged else ""
         lr = f"peak LR {max(trainer.schedule.base_lrs):.3g}" if continuing else "starting it"
         trainer.reporter.line(
-            f"resuming from {resume_from}: {where}epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
+            f"resuming from {resume.path}: {where}epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
             f"global step {meta['global_step']}, {lr}{changed}"
         )
     if trainer.accelerator.is_main_process and not find_lr_only:  # checkpoints this run does not continue go out of its way
@@ -108,7 +108,7 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
             trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
     for plan in plans[first:]:
         if plan.index != first:
-            enter_stage(trainer, cfg, data, plan)
+            trainer.use(enter_stage(trainer, cfg, data, plan))
         if (plan.index != first or not continuing) and (plan.cfg.lr == "auto" or find_lr_only):
             _sweep(cfg, trainer, plan)
             if find_lr_only:
@@ -139,17 +139,17 @@ def _sweep(cfg: Config, trainer: Trainer, plan: StagePlan) -> None:
 def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
     """train.tta: the final model on the validation images, plain and with TTA (on images also
     after a precomputed last stage: TTA needs the whole model)."""
-    from disttrain.build import eval_loader
+    from disttrain.data.setup import eval_loader
     from disttrain.inference import eval_view
+    from disttrain.trainer import evaluate
 
-    train = cfg.train
+    train, acc = cfg.train, trainer.accelerator
     if plan.cfg.precompute:
-        trainer.model = trainer.module
-        trainer.transform = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last)
-        loader = eval_loader(cfg, data.valid, trainer.accelerator, plan.cfg.load_size, plan.cfg.batch_size * 2)
+        view = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last)
+        loader = eval_loader(cfg, data.valid, acc, plan.cfg.load_size, plan.cfg.batch_size * 2, name="valid (TTA)")
+        result = evaluate(acc, trainer.module, loader, view, len(trainer.classes), train.tta_n, train.tta_beta, train.tta_max)
     else:
-        loader = None
-    result = trainer.evaluate(loader, train.tta_n, train.tta_beta, train.tta_max)
+        result = trainer.evaluate(None, train.tta_n, train.tta_beta, train.tta_max)
     how = "max" if train.tta_max else f"beta {train.tta_beta}"
     trainer.reporter.line(
         f"TTA ({train.tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f} "

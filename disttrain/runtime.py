@@ -1,85 +1,25 @@
-"""The one place that builds the Accelerator: device choice, precision, accumulation, seeds."""
+"""The one place that builds the Accelerator: device choice, precision (decided per rank after its
+device is set: disttrain/precision.py), accumulation, seeds."""
 
 from __future__ import annotations
 
-import functools
 import os
-import platform
 import random
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
-from disttrain.config import Config, ConfigError
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The autocast precision a run uses, and why (`train.precision=auto` decides per machine)."""
-
-    mode: str
-    """`no` (fp32), `bf16` or `fp16`: what Accelerate's autocast gets."""
-    reason: str
-    """Why this one: printed in the "training on ..." line."""
-    warning: str | None = None
-    """A cost the user chose explicitly (bf16 on a CPU that only emulates it), printed once."""
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively. oneDNN's own check (`_is_mkldnn_bf16_supported`)
-    also says yes for AVX-512 CPUs without bf16 instructions, so on x86 Linux the `avx512_bf16` /
-    `amx_bf16` flags must be there too; without them bf16 autocast is emulated (on an AVX2 EPYC, a
-    ResNet-18 step took 4.5x as long as in fp32). Asked once per process (it reads /proc/cpuinfo)."""
-    try:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-    if supported and platform.machine().lower() in ("x86_64", "amd64"):
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return supported
-        return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-    return supported
-
-
-def cpu_capability() -> str:
-    """torch's name for the CPU's vector instructions: AVX512, AVX2, DEFAULT, ..."""
-    return torch.backends.cpu.get_cpu_capability()
-
-
-def resolve_precision(requested: str, cuda: bool) -> Precision:
-    """`train.precision` -> the precision this machine trains in. `auto`: on CUDA bf16 where the GPU
-    supports it, else fp16 (with the grad scaler); on the CPU bf16 only with native bf16, else fp32."""
-    if requested == "auto":
-        if cuda:
-            if torch.cuda.is_bf16_supported():
-                return Precision("bf16", "auto: this GPU supports bf16")
-            return Precision("fp16", "auto: this GPU has no bf16, so fp16 with a grad scaler")
-        if cpu_has_native_bf16():
-            return Precision("bf16", f"auto: this CPU ({cpu_capability()}) has native bf16")
-        return Precision("no", f"auto: fp32, this CPU ({cpu_capability()}) has no native bf16 and would emulate it")
-    if requested == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a CUDA device; use train.precision=auto (or no, or bf16) on CPU")
-    warning = None
-    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
-        warning = (
-            f"warning: train.precision=bf16 on a CPU without native bf16 ({cpu_capability()}): autocast emulates it, "
-            "typically several times slower than fp32; train.precision=auto picks fp32 here"
-        )
-    return Precision(requested, "set by train.precision", warning)
+from disttrain.config import Config
+from disttrain.precision import resolve_precision
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for this machine: CPU (gloo) when CUDA is absent, precision from the config
-    (`resolve_precision`).
+    (`resolve_precision`, decided once this rank's device is set, from that device's facts).
 
     Works under `accelerate launch`, `torchrun` and plain `python` (one process). Gradient
     accumulation (`train.grad_accum`) is done by the Trainer with `no_sync` over exactly the
@@ -87,13 +27,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
     accumulation counter, which would divide the loss a second time, is left at 1.
     """
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(cfg.train.precision, cuda)
-    _init_after_restart(cuda, timedelta(seconds=cfg.train.collective_timeout))
-    return Accelerator(
-        cpu=not cuda,
-        mixed_precision=precision.mode,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))],
-    )
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    _init_after_restart(cuda, timeout)
+    state = PartialState(cpu=not cuda, timeout=timeout)  # the process group, and this rank's own device set
+    precision = resolve_precision(cfg.train.precision, state.device)  # reads that device only
+    return Accelerator(cpu=not cuda, mixed_precision=precision.mode, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def _init_after_restart(cuda: bool, timeout: timedelta) -> None:

@@ -1,11 +1,16 @@
-"""Put a Trainer into one stage of a run: frozen groups, param groups and a new optimizer, a new DDP
-wrapper, the schedule, loaders and augmentation at the stage's sizes (or precomputed activations).
+"""One stage of a run, set up from the unwrapped model: frozen groups, param groups and a new
+optimizer, a new DDP wrapper, the schedule, loaders and augmentation at the stage's sizes (or
+precomputed activations). `enter_stage` returns it as one `StageSetup` that the Trainer takes whole.
 
 The DDP wrapper and the optimizer are built per stage from the unwrapped model, after the freezing:
 DDP registers the parameters that require grad when it is built and all-reduces only those, so a
 wrapper kept across an unfreeze would leave the newly trainable weights unsynchronized (the ranks
 drift apart without an error). The previous stage's wrapper and optimizer are released first, so
 their gradient hooks are gone. Each stage's optimizer starts with fresh state.
+
+Entering a stage draws nothing from the run's random streams (the data loaders it iterates to
+precompute would otherwise draw their seeds): a resumed run enters its stage again, and must continue
+with the random state its checkpoint holds.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from disttrain.config import Config, StageConfig, frozen_groups
+from disttrain.data.setup import build_loaders, eval_loader
 from disttrain.finetune import freeze, group_lrs
 from disttrain.finetune import param_groups as layer_param_groups
-from disttrain.models import make_optimizer, param_groups
+from disttrain.models import decay_groups, make_optimizer
 from disttrain.schedule import Schedule
-from disttrain.trainer import Trainer, epoch_steps
+from disttrain.trainer import StageSetup, Trainer, epoch_steps
 
 
 @dataclass
@@ -61,55 +68,73 @@ def _release(trainer: Trainer) -> None:
     gc.collect()  # the old DDP reducer removes its autograd hooks when it is destroyed
 
 
-def enter_stage(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> None:
-    from disttrain.build import build_loaders, eval_loader  # build.py builds the trainer with this module
+def enter_stage(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
+    """The stage's setup, built from the trainer's bare model (whose weights must already be the
+    ones the stage starts from: a resumed run loads its checkpoint's before this)."""
+    with torch.random.fork_rng(devices=[]):
+        return _setup(trainer, cfg, data, plan)
 
+
+def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
     acc, stage, module = trainer.accelerator, plan.cfg, trainer.module
     _release(trainer)
-    groups = getattr(trainer, "layer_groups", None)
+    groups = trainer.layer_groups
     frozen = frozen_groups(stage.freeze_to, len(groups)) if groups else 0
-    trainer.fixed_norms = freeze(module, groups, frozen, cfg.finetune.train_bn, cfg.finetune.freeze_bn_stats) if groups else []
+    # a precompute stage never runs the body in training: its norms cannot train there (train_bn)
+    train_bn = cfg.finetune.train_bn and not stage.precompute
+    fixed_norms = freeze(module, groups, frozen, train_bn, cfg.finetune.freeze_bn_stats) if groups else []
     lr = 1.0 if stage.lr == "auto" else stage.lr  # auto: the sweep sets the real peak LR before training
     if groups and stage.lr_ratio != 1:
-        optimizer_groups, trainer.lr_owner = layer_param_groups(groups, group_lrs(lr, stage.lr_ratio, len(groups)), cfg.optim.weight_decay)
+        optimizer_groups, lr_owner = layer_param_groups(groups, group_lrs(lr, stage.lr_ratio, len(groups)), cfg.optim.weight_decay)
     else:
-        optimizer_groups, trainer.lr_owner = param_groups(module, cfg.optim.weight_decay), None
+        optimizer_groups, lr_owner = decay_groups(module.named_parameters(), cfg.optim.weight_decay), None
     optimizer = make_optimizer(cfg.optim, optimizer_groups, lr)
 
-    view = trainer.augment if stage.augment else (lambda images, train: trainer.augment(images, train=False))
-    trainer.augment.image_size = stage.image_size
+    augment = trainer.augment
+    augment.image_size = stage.image_size
+    view = augment if stage.augment else (lambda images, train: augment(images, train=False))
     target: nn.Module = module
     if stage.precompute:
         from disttrain.precompute import precompute
 
-        head = getattr(module, groups[-1].blocks[0])
-        train, _ = build_loaders(cfg, data, acc, stage.load_size, stage.batch_size)
-        each_once = eval_loader(cfg, data.train, acc, stage.load_size, stage.batch_size * 2)
-        valid = eval_loader(cfg, data.valid, acc, stage.load_size, stage.batch_size * 2)
-        trainer.train_loader, trainer.valid_loader, seconds = precompute(trainer, head, each_once, train.source, valid, view, stage.batch_size)
-        trainer.reporter.line(
-            f"{plan.name}: precomputed the frozen body's output for {len(data.train)} train + {len(data.valid)} valid images "
-            f"in {seconds:.1f} s; training the head ({groups[-1].blocks[0]}) on it"
+        head_name = groups[-1].blocks[0]
+        target = getattr(module, head_name)
+        bs, world = stage.batch_size, acc.num_processes
+        steps = -(-len(data.train) // (world * bs))  # as the image path's RankBatchSampler: equal on every rank
+        features = precompute(
+            acc, module, target, view,
+            eval_loader(cfg, data.train, acc, stage.load_size, bs * 2, name="precompute train"),
+            eval_loader(cfg, data.valid, acc, stage.load_size, bs * 2, name="precompute valid"),
+            bs, steps, cfg.run.seed,
         )
-        trainer.transform = lambda features, train: features
-        trainer.fixed_norms = []
-        target = head
+        dtype = str(features.dtype).removeprefix("torch.").replace("float16", "fp16").replace("bfloat16", "bf16")
+        trainer.reporter.line(
+            f"{plan.name}: precomputed the frozen body's output for {len(data.train)} train + {len(data.valid)} valid images in "
+            f"{features.seconds:.1f} s ({'x'.join(map(str, features.shape))} per image, each rank keeps its own share as {dtype}); "
+            f"training the head ({head_name}) on it"
+        )
+        train_loader, valid_loader = features.train, features.valid
+        transform, fixed_norms = (lambda inputs, train: inputs), []
+        inputs = f"precomputed activations, {features.bytes_per_rank / 2**20:.2f} MB of {dtype} per rank"
     else:
-        trainer.train_loader, trainer.valid_loader = build_loaders(cfg, data, acc, stage.load_size, stage.batch_size)
-        trainer.transform = view
-    trainer.model, trainer.optimizer = acc.prepare(target, optimizer)
-    steps = epoch_steps(len(trainer.train_loader), trainer.grad_accum, trainer.max_steps_per_epoch)
-    trainer.schedule = Schedule(trainer.optimizer, stage.schedule, total_steps=stage.epochs * steps, steps_per_epoch=steps)
-    trainer.epochs = plan.end_epoch
-    trainer.start = (plan.first_epoch, 0)
-    trainer.stage = plan.index if plan.staged else None
-    trainer.train_mode()
+        train_loader, valid_loader = build_loaders(cfg, data, acc, stage.load_size, stage.batch_size)
+        transform = view
+        inputs = "augmented" if stage.augment else "no augmentation"
+    model, optimizer = acc.prepare(target, optimizer)
+    steps = epoch_steps(len(train_loader), trainer.grad_accum, trainer.max_steps_per_epoch)
+    return StageSetup(
+        model=model, optimizer=optimizer,
+        schedule=Schedule(optimizer, stage.schedule, total_steps=stage.epochs * steps, steps_per_epoch=steps),
+        train_loader=train_loader, valid_loader=valid_loader, transform=transform,
+        first_epoch=plan.first_epoch, end_epoch=plan.end_epoch, index=plan.index if plan.staged else None,
+        fixed_norms=fixed_norms, lr_owner=lr_owner, images=not stage.precompute, inputs=inputs,
+    )
 
 
 def describe(trainer: Trainer, plan: StagePlan, cfg: Config) -> str:
     """The stage's first line: epochs, frozen groups, peak LR per group, schedule, image size."""
     stage = plan.cfg
-    groups = getattr(trainer, "layer_groups", None) or []
+    groups = trainer.layer_groups
     frozen = frozen_groups(stage.freeze_to, len(groups)) if groups else 0
     if frozen == 0:
         frozen_text = "nothing frozen"
@@ -121,10 +146,9 @@ def describe(trainer: Trainer, plan: StagePlan, cfg: Config) -> str:
     lrs = ("swept " if stage.lr == "auto" else "") + "peak LR " + _group_lrs(trainer)
     sched = stage.schedule
     shape = {"sgdr": f"sgdr (cycle_len {sched.cycle_len}, cycle_mult {sched.cycle_mult})", "onecycle": "one-cycle"}.get(sched.name, sched.name)
-    view = "precomputed activations" if stage.precompute else ("augmented" if stage.augment else "no augmentation")
     epochs = f"epoch {plan.first_epoch}" if stage.epochs == 1 else f"epochs {plan.first_epoch}-{plan.end_epoch - 1}"
     return (f"{plan.name} ({plan.index + 1}/{len(cfg.run_stages())}): {epochs}, {frozen_text}, {lrs}, {shape}, "
-            f"{stage.image_size} px from {stage.load_size} ({view}), batch {stage.batch_size} per rank")
+            f"{stage.image_size} px from {stage.load_size} ({trainer.inputs}), batch {stage.batch_size} per rank")
 
 
 def _group_lrs(trainer: Trainer) -> str:

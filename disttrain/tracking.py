@@ -218,11 +218,7 @@ class Tracker:
         if not self.is_main:
             return
         counts = [[int(v) for v in row] for row in matrix.tolist()]
-        with open(self.run_dir / "confusion_matrix.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["true \\ predicted", *classes])
-            writer.writerows([[cls, *row] for cls, row in zip(classes, counts)])
-        plot_confusion(counts, classes, self.run_dir / "confusion_matrix.png")
+        write_confusion(counts, classes, self.run_dir)
         wandb = self.wandb
         if wandb is not None:
             truth = [t for t, row in enumerate(counts) for p, n in enumerate(row) for _ in range(n)]
@@ -255,6 +251,16 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     return value
+
+
+def write_confusion(counts: list[list[int]], classes: list[str], folder: Path) -> None:
+    """`confusion_matrix.csv` (row = true class, column = predicted) and `confusion_matrix.png` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "confusion_matrix.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["true \\ predicted", *classes])
+        writer.writerows([[cls, *row] for cls, row in zip(classes, counts)])
+    plot_confusion(counts, classes, folder / "confusion_matrix.png")
 
 
 def plot_confusion(counts: list[list[int]], classes: list[str], path: Path) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from disttrain.checkpoint import Checkpointer, Preempted
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.loader import DeviceLoader
+from disttrain.metrics import EvalResult, EvalSums
 from disttrain.runtime import set_rng_state
 from disttrain.schedule import Schedule
 from disttrain.tracking import ConsoleReporter, Tracker
@@ -42,24 +43,6 @@ def epoch_steps(loader_batches: int, grad_accum: int, max_steps_per_epoch: int |
 
 
 @dataclass
-class EvalResult:
-    loss: float
-    accuracy: float
-    correct: int
-    count: int
-    skipped: int = 0
-    top5: float | None = None
-    """Top-5 accuracy (None with fewer than 5 classes)."""
-    confusion: torch.Tensor | None = None
-    """(classes x classes) counts, row = true class, column = predicted, summed over ranks."""
-    tta_loss: float | None = None
-    """With TTA: the loss (negative log of the blended probability of the true class) ..."""
-    tta_accuracy: float | None = None
-    """... and the accuracy of the TTA predictions (see disttrain/inference.py)."""
-    tta_correct: int | None = None
-
-
-@dataclass
 class EpochResult:
     epoch: int
     train_loss: float
@@ -71,18 +54,46 @@ class EpochResult:
     """The stage the epoch belongs to (runs with `stages`)."""
 
 
+@dataclass
+class StageSetup:
+    """What one stage trains (disttrain/stage.py builds it from the unwrapped model); the Trainer
+    takes it whole (`Trainer.use`)."""
+
+    model: nn.Module
+    """The prepared (DDP-wrapped) module that trains: the whole model, or its head on precomputed inputs."""
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    train_loader: DeviceLoader
+    valid_loader: DeviceLoader
+    transform: Callable[..., torch.Tensor]
+    """(loader output, train) -> model input: the augmentation, the eval view, or identity."""
+    first_epoch: int
+    end_epoch: int
+    """The run's epoch numbers this stage covers: [first_epoch, end_epoch)."""
+    index: int | None = None
+    """The stage's index in runs with `stages`."""
+    fixed_norms: list[nn.Module] = field(default_factory=list)
+    """Normalization layers kept in eval mode while training (frozen groups' with train_bn false, or
+    every BatchNorm with freeze_bn_stats)."""
+    lr_owner: list[int] | None = None
+    """The layer group of each param group (logging); None: one LR."""
+    images: bool = True
+    """The model's input is an image batch (shown once in W&B as train/samples)."""
+    inputs: str = "augmented"
+    """What the model is fed, for the stage's line (augmented, no augmentation, precomputed activations ...)."""
+
+
 class Trainer:
+    """Trains one stage at a time (`use` a StageSetup, then `fit`), keeping what spans stages: the
+    bare model, augmentation, history, step count, log window, checkpointer and tracker."""
+
     def __init__(
         self,
         accelerator: Accelerator,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        schedule: Schedule,
-        train_loader: DeviceLoader,
-        valid_loader: DeviceLoader,
+        module: nn.Module,
         augment: DeviceAugment,
         reporter: ConsoleReporter,
-        epochs: int,
+        total_epochs: int,
         grad_accum: int = 1,
         clip_grad: float | None = None,
         label_smoothing: float = 0.0,
@@ -92,16 +103,13 @@ class Trainer:
         log_every: int = 10,
         checkpointer: Checkpointer | None = None,
         precision_reason: str = "",
+        layer_groups: list | None = None,
     ):
         self.accelerator = accelerator
-        self.model = model
-        self.optimizer = optimizer
-        self.schedule = schedule
-        self.train_loader = train_loader
-        self.valid_loader = valid_loader
+        self.module = module  # the whole bare model (checkpoints, sweep snapshots)
         self.augment = augment
         self.reporter = reporter
-        self.epochs = epochs
+        self.total_epochs = total_epochs  # epochs of the whole run (`epochs` is where the current stage ends)
         self.grad_accum = grad_accum
         self.clip_grad = clip_grad
         self.label_smoothing = label_smoothing
@@ -109,23 +117,33 @@ class Trainer:
         self.classes = classes or []
         self.tracker = tracker
         self.log_every = log_every
+        self.checkpointer = checkpointer
+        self.precision_reason = precision_reason  # why this precision (train.precision=auto decides per device)
+        self.layer_groups = layer_groups or []  # finetune.groups of a staged run (disttrain/finetune.py)
         self.history: list[EpochResult] = []
         self.global_step = 0  # optimizer steps of training (the sweep's do not count)
         self.last_grad_norm: torch.Tensor | None = None
         self._samples_logged = False
         self._window = _Window(accelerator.device)  # loss and images since the last log point
-        self.checkpointer = checkpointer
-        self.precision_reason = precision_reason  # why this precision (train.precision=auto decides per machine)
         self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
         self._resumed_sums: dict | None = None
         self._history_shown = False
-        # What a stage sets (disttrain/stage.py); the defaults are one stage that trains everything.
-        self.module = accelerator.unwrap_model(model)  # the whole bare model (checkpoints, sweep snapshots)
-        self.transform = augment  # (uint8 images or precomputed activations, train) -> model input
-        self.fixed_norms: list[nn.Module] = []  # normalization layers of frozen groups kept in eval mode
-        self.lr_owner: list[int] | None = None  # layer group of each param group (logging), None: one LR
-        self.stage: int | None = None  # the stage index in runs with `stages`
-        self.total_epochs = epochs  # epochs of the whole run (`epochs` is where the current stage ends)
+        self.model: nn.Module | None = None  # the stage's (see StageSetup for these)
+        self.optimizer = self.schedule = self.train_loader = self.valid_loader = self.transform = None
+        self.epochs = total_epochs
+        self.stage: int | None = None
+        self.fixed_norms: list[nn.Module] = []
+        self.lr_owner: list[int] | None = None
+        self.images = True
+        self.inputs = ""
+
+    def use(self, setup: StageSetup) -> None:
+        """Train `setup`'s stage from its first epoch on."""
+        self.model, self.optimizer, self.schedule = setup.model, setup.optimizer, setup.schedule
+        self.train_loader, self.valid_loader, self.transform = setup.train_loader, setup.valid_loader, setup.transform
+        self.start, self.epochs, self.stage = (setup.first_epoch, 0), setup.end_epoch, setup.index
+        self.fixed_norms, self.lr_owner, self.images, self.inputs = setup.fixed_norms, setup.lr_owner, setup.images, setup.inputs
+        self.train_mode()
 
     def train_mode(self) -> None:
         """Training mode, with the normalization layers of frozen groups (train_bn=false) in eval mode."""
@@ -199,7 +217,7 @@ class Trainer:
         acc, model = self.accelerator, self.model
         for j, (images, labels) in enumerate(batches):
             x = self.transform(images, train=True)
-            if not self._samples_logged and self.tracker is not None and x.dim() == 4:
+            if not self._samples_logged and self.tracker is not None and self.images:
                 self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.mean, self.augment.std, step=self.global_step)
                 self._samples_logged = True
             last = j == len(batches) - 1
@@ -296,9 +314,9 @@ class Trainer:
         return state
 
     def load_state(self, meta: dict, shared: dict, rank_state: dict, optimizer: bool = True) -> None:
-        """Continue from a checkpoint; `optimizer=False` when it ended the previous stage (this stage's
-        optimizer and schedule start fresh)."""
-        self.module.load_state_dict(shared["model"])
+        """Continue from a checkpoint whose weights are in the model already (they must be there
+        before the stage is entered: build_trainer); `optimizer=False` when it ended the previous
+        stage (this stage's optimizer and schedule start fresh)."""
         if optimizer:
             self.optimizer.load_state_dict(shared["optimizer"])
             self.schedule.load_state_dict(shared["schedule"])
@@ -416,40 +434,12 @@ def evaluate(
     model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
     model.eval()
     _sync_buffers(accelerator, model)
-    device = accelerator.device
-    classes = num_classes or 0
-    # loss sum, correct, count, skipped, top-5 correct, TTA loss sum, TTA correct
-    sums = torch.zeros(7, device=device, dtype=torch.float64)
-    confusion = torch.zeros(classes * classes, device=device, dtype=torch.float64)
+    sums = EvalSums(num_classes, accelerator.device, tta=tta_n > 0)
     for images, labels in loader:
         x = augment(images, train=False)
         with accelerator.autocast():
             logits = model(x)
         logits = logits.float()
-        if tta_n:
-            _, tta = predict_probs(model, x, accelerator.autocast, tta_n, tta_beta, tta_max, logits=logits)
-            sums[5] += F.nll_loss(tta.clamp_min(1e-12).log(), labels, reduction="sum").double()
-            sums[6] += (tta.argmax(dim=1) == labels).sum()
-        predicted = logits.argmax(dim=1)
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += (predicted == labels).sum()
-        sums[2] += len(labels)
-        if classes >= 5:
-            sums[4] += (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()
-        if classes:
-            confusion += torch.bincount(labels * classes + predicted, minlength=classes * classes).double()
-    sums[3] += loader.take_skipped()
-    totals = accelerator.reduce(torch.cat([sums, confusion]), reduction="sum").cpu()
-    loss_sum, correct, count, skipped, top5, tta_loss, tta_correct = totals[:7].tolist()
-    return EvalResult(
-        loss_sum / count,
-        correct / count,
-        int(correct),
-        int(count),
-        int(skipped),
-        top5=top5 / count if classes >= 5 else None,
-        confusion=totals[7:].long().view(classes, classes) if classes else None,
-        tta_loss=tta_loss / count if tta_n else None,
-        tta_accuracy=tta_correct / count if tta_n else None,
-        tta_correct=int(tta_correct) if tta_n else None,
-    )
+        tta = predict_probs(model, x, accelerator.autocast, tta_n, tta_beta, tta_max, logits=logits)[1] if tta_n else None
+        sums.add(logits, labels, tta)
+    return sums.result(lambda totals: accelerator.reduce(totals, reduction="sum"), skipped=loader.take_skipped())

@@ -3,7 +3,13 @@ produce and channels_last wants; the device reads the batch as NCHW through a pe
 
 The decoder sits behind `decode_rgb` alone so it can be swapped without touching the loaders:
 libjpeg-turbo via simplejpeg for JPEGs, PIL for everything else; `decode_jpeg_batch` is the batched
-GPU decoder (nvJPEG) for `data.decode=gpu`."""
+GPU decoder (nvJPEG) for `data.decode=gpu`.
+
+Every path applies the EXIF orientation tag (a phone photo stored sideways with "rotate 90" in its
+header comes out upright, as a photo viewer shows it): simplejpeg and nvJPEG ignore EXIF, so
+`jpeg_orientation` reads the tag from the JPEG's APP1 segment (a few microseconds) and the decoded
+pixels are turned; PIL's path reads it with `Image.getexif`. Training (folders and shards),
+`disttrain prepare`, `evaluate` and `predict` all decode here, so they all see the same pixels."""
 
 from __future__ import annotations
 
@@ -24,6 +30,99 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> (transpose, flip rows, flip columns), applied in that order to the stored pixels:
+# the image as a viewer shows it. 1 is as stored; 6 is "rotate 90 degrees clockwise", 8 counter-clockwise.
+_ORIENT = {
+    1: (False, False, False), 2: (False, False, True), 3: (False, True, True), 4: (False, True, False),
+    5: (True, False, False), 6: (True, False, True), 7: (True, True, True), 8: (True, True, False),
+}
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: no length field
+
+
+def jpeg_orientation(data) -> int:
+    """The EXIF orientation (1-8) of JPEG bytes (any bytes-like object), from the Exif APP1 segment;
+    1 when there is none or it cannot be read. Reads the headers only (stops at the scan data)."""
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+    if bytes(view[:2]) != b"\xff\xd8":
+        return 1
+    pos, end = 2, len(view)
+    while pos + 4 <= end:
+        if view[pos] != 0xFF:
+            return 1
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no header follows
+            return 1
+        length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and bytes(view[pos + 4 : pos + 10]) == b"Exif\x00\x00":
+            return _tiff_orientation(bytes(view[pos + 10 : pos + 2 + length]))
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The orientation entry of a TIFF header's first IFD (EXIF's layout), 1 when absent or malformed."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8 or int.from_bytes(tiff[2:4], order) != 42:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for i in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            return 1
+        if int.from_bytes(tiff[entry : entry + 2], order) == ORIENTATION_TAG:
+            if int.from_bytes(tiff[entry + 2 : entry + 4], order) != 3:  # SHORT, the only type EXIF allows
+                return 1
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # left-justified in the value field
+            return value if value in _ORIENT else 1
+    return 1
+
+
+def orient_array(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels (H, W, C) -> the image as EXIF `orientation` says to show it (contiguous)."""
+    if orientation not in _ORIENT or orientation == 1:
+        return image
+    transpose, flip_rows, flip_cols = _ORIENT[orientation]
+    if transpose:
+        image = image.transpose(1, 0, 2)
+    if flip_rows:
+        image = image[::-1]
+    if flip_cols:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def orient_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """`orient_array` for a (C, H, W) tensor on any device."""
+    transpose, flip_rows, flip_cols = _ORIENT.get(orientation, _ORIENT[1])
+    if transpose:
+        image = image.transpose(-1, -2)
+    dims = [d for d, flip in ((-2, flip_rows), (-1, flip_cols)) if flip]
+    return image.flip(dims) if dims else image
+
+
+def _exif_transpose(img: Image.Image) -> Image.Image:
+    """A PIL image turned as its EXIF orientation says (PIL's own reading of the tag)."""
+    orientation = img.getexif().get(ORIENTATION_TAG, 1)
+    if orientation not in _ORIENT or orientation == 1:
+        return img
+    transpose, flip_rows, flip_cols = _ORIENT[orientation]
+    if transpose:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    if flip_rows:
+        img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if flip_cols:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -55,7 +154,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
-    """Open and fully decode an image file or byte string. Raises on anything undecodable.
+    """Open and fully decode an image file or byte string, turned as its EXIF orientation says.
+    Raises on anything undecodable.
 
     With `draft_size`, JPEGs decode at the smallest DCT scale that still covers that size on the
     shorter side (up to 8x less work for large photos).
@@ -67,7 +167,7 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Ima
             scale = draft_size / min(w, h)
             img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
         img.load()
-        return _to_rgb(img)
+        return _to_rgb(_exif_transpose(img))
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -83,7 +183,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def decode_rgb(source: str | Path | bytes, load_size: int) -> np.ndarray:
     """The swappable decoder: file or bytes -> RGB uint8 array (H, W, 3), at least `load_size` on its
-    shorter side when the original is.
+    shorter side when the original is, upright (EXIF orientation applied).
 
     JPEGs go straight to libjpeg-turbo (simplejpeg: no PIL image, no extra copy), scaled in the DCT
     when the shorter side is at least twice `load_size`; a JPEG it rejects as damaged (strict mode)
@@ -95,9 +195,11 @@ def decode_rgb(source: str | Path | bytes, load_size: int) -> np.ndarray:
         limits = {"min_height": load_size} if height <= width else {"min_width": load_size}
         scale = {"min_factor": 2.0, **limits} if min(height, width) >= 2 * load_size else {}
         try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", **scale)
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", **scale)
         except ValueError:
             pass  # CMYK, arithmetic coding, damaged data: PIL decides
+        else:
+            return orient_array(image, jpeg_orientation(data))
     return np.asarray(open_image(data, draft_size=load_size))
 
 
@@ -142,7 +244,7 @@ def presize_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
 
 def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """The batched decoder (`data.decode=gpu`): JPEG bytes (or 1-D uint8 CPU tensors) -> presized uint8 batch
-    (B, 3, size, size) on `device`; nvJPEG on CUDA. A payload the decoder rejects is replaced by
+    (B, 3, size, size) on `device`, upright (EXIF orientation applied); nvJPEG on CUDA. A payload the decoder rejects is replaced by
     another image of the same batch (the batch keeps its size) and counted: returns (batch, failures).
 
     torchvision's decoders are deprecated since 0.29 in favour of TorchCodec; this function is the
@@ -152,6 +254,8 @@ def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) if isinstance(d, (bytes, bytearray)) else d for d in data]
+    # torchvision's CUDA decoder ignores apply_exif_orientation: read the tag here, turn on the device
+    orientations = [jpeg_orientation(payload.numpy()) for payload in data]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -163,6 +267,7 @@ def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch
                     images.append(decode_jpeg(payload, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     images.append(None)
+    images = [orient_tensor(image, orientation) if image is not None else None for image, orientation in zip(images, orientations)]
     good = [image for image in images if image is not None]
     if not good:
         raise ValueError(f"none of the {len(data)} JPEG payloads of a batch could be decoded")

@@ -12,6 +12,7 @@ at each step is a contiguous run of the permutation, so 1 rank x batch 2B and 2 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from disttrain.data.decode import load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
+from disttrain.data.workers import worker_context, worker_init
 
 
 class FolderDataset(Dataset):
@@ -41,6 +43,12 @@ class FolderDataset(Dataset):
         except Exception as err:
             raise DataError(f"{path}: could not be decoded during training ({err}); was it changed after the scan?") from err
         return image, self.labels[index]
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of `count` items for `epoch` (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator).numpy()
 
 
 class RankBatchSampler(Sampler[list[int]]):
@@ -83,8 +91,7 @@ class RankBatchSampler(Sampler[list[int]]):
         """This epoch's permutation of all indices (identical on every rank)."""
         if not self.shuffle:
             return np.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_samples, generator=generator).numpy()
+        return epoch_order(self.num_samples, self.seed, self.epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
@@ -102,18 +109,93 @@ class RankBatchSampler(Sampler[list[int]]):
         return self.steps
 
 
-def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: RankBatchSampler | None = None) -> DataLoader:
-    """A DataLoader over a map-style dataset with a `RankBatchSampler`, or (no sampler) over an
-    iterable dataset that yields whole batches itself."""
+class ShareBatchSampler(Sampler[list[int]]):
+    """This rank's training batches drawn from its own fixed share of the samples, for data each
+    rank holds only its part of (precomputed activations): positions into that share, exactly
+    `steps` non-empty batches per epoch (the same count on every rank, as RankBatchSampler's), a
+    seeded new order every epoch. With one rank the batches are exactly RankBatchSampler's."""
+
+    def __init__(self, share: int, steps: int, seed: int = 0):
+        if share <= 0:
+            raise ValueError("ShareBatchSampler needs at least one sample")
+        self.share, self.steps, self.seed = share, steps, seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.share, self.seed, self.epoch)
+        chunks = np.array_split(order, self.steps)
+        for step in range(self.skip, self.steps):
+            batch = chunks[step]
+            if len(batch) == 0:  # a share smaller than the step count: repeat a sample
+                batch = order[step % self.share : step % self.share + 1]
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: Sampler | None = None,
+                timeout: float = 0.0, collate_fn=None) -> DataLoader:
+    """A DataLoader over a map-style dataset with a batch sampler (`RankBatchSampler`, ...), or (no
+    sampler) over an iterable dataset that yields whole batches itself. Its workers start from a
+    fork server (disttrain/data/workers.py). `timeout`: seconds without a batch from the workers
+    before it raises (0: wait forever; `watched` turns it into `LoaderStalled`)."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         batch_size=1 if sampler is not None else None,  # the sampler or the dataset makes the batches
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
-        worker_init_fn=_worker_init,
+        worker_init_fn=worker_init,
+        timeout=timeout if num_workers > 0 else 0.0,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
+    )
+
+
+class LoaderStalled(RuntimeError):
+    """A loader's workers delivered no batch for `data.worker_timeout` seconds; the message names the
+    rank, the loader and the worker the next batch was waiting for."""
+
+
+def watched(loader: DataLoader, name: str):
+    """The DataLoader's batches; its timeout (data.worker_timeout) becomes a LoaderStalled naming the
+    rank, the loader (`name`: train, valid, predict, ...) and the worker the next batch waits for."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if loader.timeout and str(err).startswith("DataLoader timed out"):
+                raise _stalled(name, iterator, loader.timeout) from None
+            raise
+        yield batch
+
+
+def _stalled(name: str, iterator, timeout: float) -> LoaderStalled:
+    """What the DataLoader iterator knows of the batch it waited for: which worker owes it, and
+    whether that worker process still runs (torch's private bookkeeping, read defensively)."""
+    rank = os.environ.get("RANK", "0")
+    worker = "?"
+    try:
+        info = iterator._task_info.get(iterator._rcvd_idx)
+        if info:
+            process = iterator._workers[info[0]]
+            state = "alive: stuck" if process.is_alive() else "gone"
+            worker = f"{info[0]} (pid {process.pid}, {state})"
+    except (AttributeError, IndexError, KeyError, TypeError):
+        pass
+    return LoaderStalled(
+        f"rank {rank}: the {name} loader's worker {worker} delivered no batch for {timeout:g} s (data.worker_timeout); "
+        "stopping the job instead of leaving the other ranks waiting in a collective"
     )
 
 
@@ -139,8 +221,10 @@ class DeviceLoader:
         batch_size: int,
         device: torch.device,
         finish: Callable[[object, torch.device], tuple[torch.Tensor, int]] | None = None,
+        name: str = "data",
     ):
         self.loader = loader
+        self.name = name  # which loader, in a LoaderStalled message (train, valid, ...)
         self.source = source
         self.batch_size = batch_size
         self.device = device
@@ -197,7 +281,7 @@ class DeviceLoader:
         return buffer
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self._counted(iter(self.loader))
+        batches = self._counted(watched(self.loader, self.name))
         if self.device.type != "cuda":
             for batch in batches:
                 yield self._transfer(batch)
@@ -224,8 +308,3 @@ class DeviceLoader:
 def _storage_refs(tensor: torch.Tensor) -> int:
     """How many tensors (views included) share `tensor`'s memory."""
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
-
-
-def _worker_init(_: int) -> None:
-    # Decoding is PIL work; torch ops in workers must not fight the training process for cores.
-    torch.set_num_threads(1)

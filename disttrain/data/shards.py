@@ -39,6 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from disttrain.data.decode import load_presized
 from disttrain.data.folder import DataError
+from disttrain.data.workers import worker_context
 
 MANIFEST = "manifest.json"
 PREFETCH_FACTOR = 4  # batches each loader worker may have ready ahead of the trainer
@@ -283,8 +284,9 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.buffer_size = shuffle_buffer if train else 0
         self.raw = raw
-        self._epoch = multiprocessing.get_context("fork").Value("q", 0, lock=False)
-        self._skip = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+        shared = worker_context() if num_workers > 0 else multiprocessing  # what its loader workers see
+        self._epoch = shared.Value("q", 0, lock=False)
+        self._skip = shared.Value("q", 0, lock=False)
         self.pool = None
         if train and num_workers > 0 and not raw:  # validation is a small share of the work: no pool
             self.pool = SlotPool(num_workers, PREFETCH_FACTOR + 2, (batch_size, load_size, load_size, 3))
@@ -438,7 +440,7 @@ class SlotPool:
     """
 
     def __init__(self, workers: int, slots: int, shape: tuple[int, ...]):
-        ctx = multiprocessing.get_context("fork")
+        ctx = worker_context()  # the loader workers' own: its semaphores travel to them
         self.slots = slots
         self.buffers = [[_shared_uint8(shape) for _ in range(slots)] for _ in range(workers)]
         self.free = [ctx.Semaphore(slots) for _ in range(workers)]

@@ -62,6 +62,7 @@ def faulty_step(self, batches):
     return real_step(self, batches)
 
 
-Trainer.step = faulty_step
-_write(markers / f"pid-rank{os.environ['RANK']}", f"{os.getpid()}\n")
-sys.exit(run_user_errors(lambda: train(load_config("configs/demo.yaml", overrides))))
+if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
+    Trainer.step = faulty_step
+    _write(markers / f"pid-rank{os.environ['RANK']}", f"{os.getpid()}\n")
+    sys.exit(run_user_errors(lambda: train(load_config("configs/demo.yaml", overrides))))

@@ -52,7 +52,8 @@ def fsync_then_hold(path):
         _hold()
 
 
-assert where in ("files", "rename"), where
-torch.save = save_then_hold  # disttrain.checkpoint calls torch.save through the torch module
-checkpoint._fsync_dir_files = fsync_then_hold  # looked up in the module at call time by save_checkpoint
-sys.exit(run_user_errors(lambda: train(load_config("configs/demo.yaml", overrides))))
+if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
+    assert where in ("files", "rename"), where
+    torch.save = save_then_hold  # disttrain.checkpoint calls torch.save through the torch module
+    checkpoint._fsync_dir_files = fsync_then_hold  # looked up in the module at call time by save_checkpoint
+    sys.exit(run_user_errors(lambda: train(load_config("configs/demo.yaml", overrides))))

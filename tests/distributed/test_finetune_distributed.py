@@ -1,8 +1,15 @@
-"""Staged fine-tuning on real processes: a frozen stage then an unfrozen one keeps every rank's
-parameters, buffers and optimizer state bitwise identical (DDP is rebuilt per stage, so the weights
-unfrozen later are all-reduced too), frozen weights stay the pretrained file's bitwise, and a run
-killed in stage 2 resumes there (without sweeping again) and ends bitwise equal to an uninterrupted
-run."""
+"""Staged fine-tuning on real processes.
+
+One 3-stage run (frozen body with training norms; the head on precomputed activations after its own
+LR sweep; everything unfrozen at another image size and batch size after another sweep) is made
+uninterrupted once on 2 processes. It is the reference of:
+- ranks: after every stage's last training step, before anything syncs them, every rank's
+  parameters and optimizer state are bitwise identical (DDP is rebuilt per stage, so the weights
+  unfrozen later are all-reduced too); frozen weights stay the pretrained file's bitwise;
+- resume: the same run killed (by a hook, at fixed checkpoints) at a stage boundary, inside the
+  precompute stage and right after the last stage's sweep, and resumed each time, writes bitwise the
+  same checkpoints, weights and epoch table.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +23,10 @@ import torchvision
 import yaml
 
 from conftest import launch
-from test_resume import Job, _wait_for
 
 pytestmark = pytest.mark.dist
+
+WORKER = "tests/distributed/run_worker.py"
 
 
 @pytest.fixture(scope="module")
@@ -31,34 +39,50 @@ def pretrained(tmp_path_factory) -> Path:
     return path
 
 
-def _config(tmp_path: Path, mnist: Path, pretrained: Path, train_bn: bool, second_lr="2.0e-3", periodic=False,
-            bn_stats=False) -> Path:
+def _config(out: Path, mnist: Path, pretrained: Path | None, stages: list[dict], train_bn=True, bn_stats=False, model="resnet18",
+            size=28) -> Path:
     cfg = {
-        "run": {"name": "ft", "output_dir": str(tmp_path), "seed": 0},
-        "data": {"root": str(mnist), "load_size": 28, "image_size": 28, "batch_size": 8, "num_workers": 0},
+        "run": {"name": "ft", "output_dir": str(out), "seed": 0},
+        "data": {"root": str(mnist), "load_size": size, "image_size": size, "batch_size": 8, "num_workers": 0},
         "augment": {"max_rotate": 0.0},
-        "model": {"name": "resnet18", "pretrained": str(pretrained)},
+        "model": {"name": model, "pretrained": str(pretrained) if pretrained else None},
         "finetune": {"groups": 3, "train_bn": train_bn, "freeze_bn_stats": bn_stats},
         "optim": {"name": "adamw", "weight_decay": 0.1},
         "train": {"precision": "no", "max_steps_per_epoch": 4},
         "log": {"progress": False, "every_n_steps": 2},
-        "checkpoint": {"every_n_steps": 3} if periodic else {},
-        "sweep": {"start_lr": 1.0e-5, "end_lr": 1.0, "num_iter": 30, "beta": 0.7, "skip_start": 2, "skip_end": 1},
-        "stages": [
-            {"name": "head", "epochs": 1, "freeze_to": -1, "lr": 1.0e-2},
-            {"name": "all", "epochs": 2, "freeze_to": 0, "lr": second_lr, "lr_ratio": 10,
-             "schedule": {"name": "sgdr", "cycle_len": 1, "cycle_mult": 1}},
-        ],
+        "checkpoint": {"every_n_steps": 3, "keep_last": 100},
+        "sweep": {"start_lr": 1.0e-5, "end_lr": 1.0, "num_iter": 20, "beta": 0.7, "skip_start": 2, "skip_end": 1},
+        "stages": stages,
     }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "ft.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
+# Steps: stage 0 is steps 1-4 (checkpoints 3 and 4, its end); stage 1 sweeps (checkpoint 4-stage1) and
+# trains steps 5-12 on precomputed activations (6, 8 its first epoch's end, 9, 12); stage 2 sweeps at
+# 32 px from 36 with 12 per rank (12-stage2) and trains steps 13-16 (15, 16).
+THREE_STAGES = [
+    {"name": "norms", "epochs": 1, "freeze_to": -1, "lr": 1.0e-2},
+    {"name": "head", "epochs": 2, "freeze_to": -1, "lr": "auto", "augment": False, "precompute": True},
+    {"name": "all", "epochs": 1, "freeze_to": 0, "lr": "auto", "lr_ratio": 10, "image_size": 32, "load_size": 36, "batch_size": 12,
+     "schedule": {"name": "sgdr", "cycle_len": 1, "cycle_mult": 1}},
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_small, pretrained):
+    """The uninterrupted 3-stage run on 2 processes, every rank's state dumped at each stage's end:
+    (out dir, stdout)."""
+    out = tmp_path_factory.mktemp("reference")
+    done = launch([WORKER, str(_config(out, mnist_small, pretrained, THREE_STAGES)), "--dump", str(out)], nproc=2)
+    return out, done.stdout
+
+
 def _equal(a, b, where: str) -> None:
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs between ranks"
+        assert torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for key in a:
@@ -71,96 +95,140 @@ def _equal(a, b, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.fixture(scope="module")
-def swept_two_ranks(tmp_path_factory, mnist_small, pretrained):
-    """The 2-process run (stage 2 at `lr: auto`, periodic checkpoints) through stage_worker.py, which
-    trains exactly as launch/train.py does and dumps every rank's state at each stage end: the
-    bitwise test's 2-process case and the resume test's uninterrupted reference. (dir, stdout)"""
-    out = tmp_path_factory.mktemp("swept")
-    config = _config(out, mnist_small, pretrained, True, second_lr="auto", periodic=True)
-    done = launch(["tests/distributed/stage_worker.py", str(out), str(config)], nproc=2)
-    return out, done.stdout
+def _states(out: Path, stage: int, nproc: int) -> list[dict]:
+    return [torch.load(out / f"stage{stage}-rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("nproc, train_bn, bn_stats", [(2, True, False), (3, False, True)])
-def test_every_rank_bitwise_identical_across_a_frozen_then_unfrozen_stage(tmp_path, mnist_small, pretrained, nproc, train_bn, bn_stats,
-                                                                          request):
-    if nproc == 2:
-        tmp_path, stdout = request.getfixturevalue("swept_two_ranks")
-        lrs = re.search(r"all \(2/2\): epochs 1-2, nothing frozen, swept peak LR (\S+) / (\S+) / (\S+) \(group 0 \.\. head\), "
-                        r"sgdr \(cycle_len 1, cycle_mult 1\)", stdout)
-        assert lrs, stdout
-        first, middle, head = map(float, lrs.groups())
-        assert head / first == pytest.approx(10, rel=1e-2) and middle == pytest.approx((first * head) ** 0.5, rel=1e-2)
-    else:
-        config = _config(tmp_path, mnist_small, pretrained, train_bn, bn_stats=bn_stats)
-        stdout = launch(["tests/distributed/stage_worker.py", str(tmp_path), str(config)], nproc=nproc).stdout
-        assert re.search(r"all \(2/2\): epochs 1-2, nothing frozen, BatchNorm running statistics kept, peak LR 2\.00e-04 / "
-                         r"6\.32e-04 / 2\.00e-03 \(group 0 \.\. head\), sgdr \(cycle_len 1, cycle_mult 1\)", stdout), stdout
-    assert re.search(r"head \(1/2\): epoch 0, groups 0-1 frozen.*one-cycle", stdout), stdout
+def _norms(params) -> set[str]:
+    return {k for k in params if not k.startswith("fc.") and (k.startswith("bn") or ".bn" in k or "downsample.1" in k)}
+
+
+def test_three_stages_on_2_ranks_every_rank_computes_bitwise_the_same_weights(reference, pretrained):
+    out, stdout = reference
+    assert re.search(r"norms \(1/3\): epoch 0, groups 0-1 frozen; their normalization layers train, peak LR 1\.00e-02", stdout), stdout
+    assert re.search(r"head: precomputed the frozen body's output for 300 train \+ 110 valid images in [\d.]+ s \(512 per image, "
+                     r"each rank keeps its own share as fp16\)", stdout), stdout
+    assert re.search(r"head \(2/3\): epochs 1-2, groups 0-1 frozen, swept peak LR \S+ \(every group\), one-cycle, 28 px from 28 "
+                     r"\(precomputed activations, 0\.\d\d MB of fp16 per rank\), batch 8 per rank", stdout), stdout
+    lrs = re.search(r"all \(3/3\): epoch 3, nothing frozen, swept peak LR (\S+) / (\S+) / (\S+) \(group 0 \.\. head\), "
+                    r"sgdr \(cycle_len 1, cycle_mult 1\), 32 px from 36 \(augmented\), batch 12 per rank", stdout)
+    assert lrs, stdout
+    first, middle, head = map(float, lrs.groups())
+    assert head / first == pytest.approx(10, rel=1e-2) and middle == pytest.approx((first * head) ** 0.5, rel=1e-2)
+    assert stdout.count("LR sweep: suggestion") == 2
+    file = torch.load(pretrained, weights_only=True)
+    stages = [_states(out, stage, 2) for stage in range(3)]
+    for stage, (rank0, rank1) in enumerate(stages):
+        _equal({k: rank0[k] for k in ("params", "optimizer", "lrs", "trainable")},
+               {k: rank1[k] for k in ("params", "optimizer", "lrs", "trainable")}, f"stage {stage}, rank 1 vs 0:")
+    params, norms = stages[0][0]["params"], _norms(stages[0][0]["params"])
+    body = [k for k in params if not k.startswith("fc.")]
+    # stage 0: the body frozen but its norms; each rank's BatchNorm statistics are its own batches' (DDP takes
+    # rank 0's at the next forward, evaluation too): they differ here, so nothing synced them before the dump
+    for key in (k for k in body if k not in norms):
+        assert torch.equal(params[key], file[key]), f"{key} changed while frozen"
+    assert all(not torch.equal(params[k], file[k]) for k in norms if k.endswith(".weight"))
+    assert set(stages[0][0]["trainable"]) == {"fc.weight", "fc.bias"} | norms
+    assert not torch.equal(stages[0][0]["buffers"]["bn1.running_mean"], stages[0][1]["buffers"]["bn1.running_mean"])
+    # stage 1, the head on precomputed activations: the body is exactly stage 0's (nothing of it trains)
+    assert stages[1][0]["trainable"] == ["fc.bias", "fc.weight"]
+    for key in body:
+        assert torch.equal(stages[1][0]["params"][key], params[key]), key
+    assert not torch.equal(stages[1][0]["params"]["fc.weight"], params["fc.weight"])
+    # stage 2, unfrozen: the body moved, on both ranks alike
+    last = stages[2][0]["params"]
+    assert len(stages[2][0]["trainable"]) == len(last)
+    assert not torch.equal(last["conv1.weight"], file["conv1.weight"]) and not torch.equal(last["layer4.1.conv2.weight"], params["layer4.1.conv2.weight"])
+    rows = [json.loads(line) for line in (out / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows if "valid/loss" in r] == [(0, 1), (1, 2), (1, 3), (2, 4)]
+    assert {k for r in rows if r.get("stage") == 2 for k in r if k.startswith("train/lr/group")} == {f"train/lr/group{g}" for g in range(3)}
+
+
+def test_frozen_then_unfrozen_on_3_ranks_without_train_bn_keeps_every_statistic(tmp_path, mnist_small, pretrained):
+    """train_bn false: frozen groups' norms and statistics are the file's; freeze_bn_stats keeps every
+    running statistic through the unfrozen stage too, on every rank (no sync can have made it so:
+    no rank's statistics ever moved)."""
+    stages = [{"name": "head", "epochs": 1, "freeze_to": -1, "lr": 1.0e-2},
+              {"name": "all", "epochs": 1, "freeze_to": 0, "lr": 2.0e-3, "lr_ratio": 10}]
+    config = _config(tmp_path, mnist_small, pretrained, stages, train_bn=False, bn_stats=True)
+    stdout = launch([WORKER, str(config), "--dump", str(tmp_path), "checkpoint.every_n_steps=null"], nproc=3).stdout
+    assert re.search(r"all \(2/2\): epoch 1, nothing frozen, BatchNorm running statistics kept, peak LR 2\.00e-04 / "
+                     r"6\.32e-04 / 2\.00e-03 \(group 0 \.\. head\), one-cycle", stdout), stdout
     file = torch.load(pretrained, weights_only=True)
     for stage in (0, 1):
-        states = [torch.load(tmp_path / f"stage{stage}-rank{r}.pt", weights_only=True) for r in range(nproc)]
+        states = _states(tmp_path, stage, 3)
         for rank, other in enumerate(states[1:], 1):
-            _equal(states[0], other, f"stage {stage}, rank {rank}")
-        params, buffers = states[0]["params"], states[0]["buffers"]
-        assert not torch.equal(params["fc.weight"][:10], file["fc.weight"][:10]) and params["fc.weight"].shape == (10, 512)
-        body = [k for k in params if not k.startswith("fc.")]
-        norms = {k for k in body if k.startswith("bn") or ".bn" in k or "downsample.1" in k}
-        if stage == 0:  # groups 0-1 frozen: every frozen weight is the file's, bitwise
-            kept = [k for k in body if k not in norms] + ([] if train_bn else sorted(norms) + list(buffers))
-            for key in kept:
-                assert torch.equal((params | buffers)[key], file[key]), f"{key} changed while frozen"
-            trained_norms = [k for k in norms if not torch.equal(params[k], file[k])]
-            assert bool(trained_norms) == train_bn, "train_bn decides whether frozen groups' norms train"
-            assert set(states[0]["trainable"]) == {"fc.weight", "fc.bias"} | (norms if train_bn else set())
-        else:  # unfrozen: the body moved (with DDP kept from stage 0, the ranks would differ here)
+            _equal(states[0], other, f"stage {stage}, rank {rank} vs 0:")  # buffers included
+        for key, value in states[0]["buffers"].items():
+            if not key.endswith("num_batches_tracked"):
+                assert torch.equal(value, file[key]), f"{key} moved"
+        params = states[0]["params"]
+        if stage == 0:
+            assert states[0]["trainable"] == ["fc.bias", "fc.weight"]
+            assert all(torch.equal(params[k], file[k]) for k in params if not k.startswith("fc."))
+        else:
             assert not torch.equal(params["conv1.weight"], file["conv1.weight"])
-            assert not torch.equal(params["layer4.1.conv2.weight"], file["layer4.1.conv2.weight"])
-            assert len(states[0]["trainable"]) == len(params)
-            kept = [k for k in buffers if torch.equal(buffers[k], file[k])]
-            assert (len(kept) == len(buffers)) == bn_stats, "freeze_bn_stats keeps every running statistic"
-    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows if "valid/loss" in r] == [0, 1, 1]
-    assert [r["epoch"] for r in rows if "valid/loss" in r] == [1, 2, 3]
-    lrs = {k for r in rows if r.get("stage") == 1 for k in r if k.startswith("train/lr/group")}
-    assert lrs == {"train/lr/group0", "train/lr/group1", "train/lr/group2"}
 
 
-def test_killed_in_stage_two_resumes_there_without_sweeping_and_equals_uninterrupted(tmp_path, mnist_small, pretrained, swept_two_ranks):
-    def args(out: Path) -> list[str]:
-        return ["launch/train.py", "--config", str(_config(out, mnist_small, pretrained, True, second_lr="auto", periodic=True))]
+def _checkpoint(path: Path) -> dict:
+    """A checkpoint's contents without what a clock or a process decides (times, ids, paths)."""
+    shared = torch.load(path / "shared.pt", weights_only=True)
+    for row in shared["history"]:
+        row.pop("seconds"), row.pop("images_per_sec")
+    ranks = [torch.load(path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for state in ranks:
+        state["window"].pop("seconds")
+    meta = json.loads((path / "meta.json").read_text())
+    meta.pop("wandb_run_id")
+    return {"shared": shared, "ranks": ranks, "meta": meta}
 
-    reference, stdout = swept_two_ranks
-    assert stdout.count("LR sweep: suggestion") == 1, stdout
-    out = tmp_path / "b"
-    with Job(args(out), tmp_path / "logs") as job:
-        _wait_for(out / "ft" / "checkpoints" / "step-00000009", job)  # stage 2 (steps 5-12), mid-epoch
-    assert not (out / "ft" / "results.json").exists()
-    resumed = launch(args(out), nproc=2)
-    assert re.search(r"resuming from \S+/step-0000000[5-9](-stage1)?: all, epoch [12]", resumed.stdout), resumed.stdout
-    assert "LR sweep" not in resumed.stdout and "head (1/2)" not in resumed.stdout
-    wa = torch.load(reference / "ft" / "model.pt", weights_only=True)["model"]
-    wb = torch.load(out / "ft" / "model.pt", weights_only=True)["model"]
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), f"{key} differs after resume"
-    ra = json.loads((reference / "ft" / "results.json").read_text())
-    rb = json.loads((out / "ft" / "results.json").read_text())
-    assert ra["epochs"] and [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in ra["epochs"]] == \
+
+def test_killed_at_a_boundary_inside_precompute_and_after_a_sweep_resumes_bitwise(tmp_path, mnist_small, pretrained, reference):
+    """Killed (every rank SIGKILLs itself once the named checkpoint is complete) and resumed three
+    times: from the end of stage 0 (the resumed run enters the precompute stage: its activations must
+    come from the checkpoint's body, whose norms stage 0 trained, and it sweeps), from inside that
+    stage (step 6, mid-epoch: activations again from the checkpoint's body), from the post-sweep
+    checkpoint of the last stage (another image size and batch size; no sweep again). Every checkpoint
+    each part writes, the final weights and the epoch table equal the uninterrupted run's bitwise."""
+    ref, _ = reference
+    config = str(_config(tmp_path, mnist_small, pretrained, THREE_STAGES))
+    root = tmp_path / "ft" / "checkpoints"
+    resumed_from = [None, "step-00000004", "step-00000006", "step-00000012-stage2"]
+    for part, kill in enumerate(["step-00000004", "step-00000006", "step-00000012-stage2", None]):
+        done = launch([WORKER, config, *(["--kill-after", kill] if kill else [])], nproc=2, check=kill is None)
+        if kill:
+            assert done.returncode != 0 and (root / "latest").read_text().strip() == kill, done.stderr[-3000:]
+            assert not (tmp_path / "ft" / "results.json").exists()
+        if part:
+            assert re.search(rf"resuming from {root / resumed_from[part]}: ", done.stdout), done.stdout
+        assert done.stdout.count("LR sweep: suggestion") == [0, 1, 1, 0][part], done.stdout
+        assert ("precomputed the frozen body's output" in done.stdout) == (part in (1, 2)), done.stdout
+    written = sorted(p.name for p in root.glob("step-*"))
+    assert written == sorted(p.name for p in (ref / "ft" / "checkpoints").glob("step-*"))
+    assert "step-00000004-stage1" in written and "step-00000012-stage2" in written
+    for name in written:
+        _equal(_checkpoint(ref / "ft" / "checkpoints" / name), _checkpoint(root / name), name)
+    wa = torch.load(ref / "ft" / "model.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)["model"]
+    _equal(wa, wb, "model.pt")
+    ra, rb = (json.loads((d / "ft" / "results.json").read_text()) for d in (ref, tmp_path))
+    assert [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in ra["epochs"]] == \
         [(e["train_loss"], e["valid_loss"], e["accuracy"], e["stage"]) for e in rb["epochs"]]
-    assert ra["peak_lr"] == rb["peak_lr"]
+    assert len(ra["epochs"]) == 4 and ra["peak_lr"] == rb["peak_lr"]
 
 
-def test_a_precomputed_head_stage_gives_the_validation_of_the_same_stage_on_images(tmp_path, mnist_small, pretrained):
-    """train_bn: false and no augmentation: the head sees the same frozen features either way, so
-    the two runs differ only by float rounding (the body runs in other batch compositions)."""
+def test_a_precomputed_head_stage_gives_the_losses_of_the_same_stage_on_images(tmp_path, mnist_small, pretrained):
+    """One process (where the activations' batches are exactly the image path's), train_bn false and
+    no augmentation: the head sees the same frozen features either way, stored as fp16 against
+    float32 on the fly, and the body runs in other batch compositions: the same losses to 1e-3."""
     results = {}
+    stages = [{"name": "head", "epochs": 2, "freeze_to": -1, "lr": 1.0e-2, "augment": False},
+              {"name": "more", "epochs": 1, "freeze_to": -1, "lr": 1.0e-3, "augment": False, "schedule": {"name": "constant"}}]
     for precompute in (False, True):
         out = tmp_path / str(precompute)
-        config = _config(out, mnist_small, pretrained, train_bn=False)
-        done = launch(["launch/train.py", "--config", str(config), "stages.0.augment=false", f"stages.0.precompute={precompute}",
-                       "stages.0.epochs=2", "stages.1.epochs=1", "stages.1.freeze_to=-1", "stages.1.augment=false",
-                       f"stages.1.precompute={precompute}", "stages.1.schedule.name=constant"], nproc=2)
+        config = _config(out, mnist_small, pretrained, stages, train_bn=False)
+        done = launch(["launch/train.py", "--config", str(config), f"stages.0.precompute={precompute}",
+                       f"stages.1.precompute={precompute}", "checkpoint.every_n_steps=null"], launcher="python")
         assert ("precomputed the frozen body's output for 300 train + 110 valid images" in done.stdout) == precompute
         results[precompute] = json.loads((out / "ft" / "results.json").read_text())["epochs"]
     for on_images, on_features in zip(results[False], results[True], strict=True):
@@ -168,3 +236,22 @@ def test_a_precomputed_head_stage_gives_the_validation_of_the_same_stage_on_imag
         assert on_images["train_loss"] == pytest.approx(on_features["train_loss"], rel=1e-3)
         assert abs(on_images["accuracy"] - on_features["accuracy"]) <= 1 / 110 + 1e-9
     assert len(results[True]) == 3 and results[True][0]["valid_loss"] != results[True][1]["valid_loss"]  # the head trained
+
+
+def test_a_convnext_head_trains_on_its_4d_precomputed_activations_with_wandb_logging(tmp_path, mnist_small):
+    """ConvNeXt's head takes (N, 768, 1, 1) activations. On 2 processes with W&B logging offline
+    (the default without credentials), the head trains on them; the W&B run has the training series
+    and no `train/samples` (those are images); each rank holds only its share: 150 train + 55 valid
+    images x 768 values x 2 bytes = 0.30 MB (the whole set would be 0.60 MB)."""
+    from wandb_records import history, read_records
+
+    stages = [{"name": "head", "epochs": 1, "freeze_to": -1, "lr": 1.0e-3, "augment": False, "precompute": True}]
+    config = _config(tmp_path, mnist_small, None, stages, model="convnext_tiny", size=32)
+    done = launch(["launch/train.py", "--config", str(config), "checkpoint.every_n_steps=null"], nproc=2, env={"WANDB_MODE": "offline"})
+    assert "head: precomputed the frozen body's output for 300 train + 110 valid images" in done.stdout, done.stdout
+    assert "(768x1x1 per image, each rank keeps its own share as fp16)" in done.stdout, done.stdout
+    assert "(precomputed activations, 0.30 MB of fp16 per rank), batch 8 per rank" in done.stdout, done.stdout
+    run = next((tmp_path / "ft" / "wandb").glob("offline-run-*"))
+    rows = history(read_records(next(run.glob("run-*.wandb"))))
+    assert [r["_step"] for r in rows if "train/loss" in r] == [2, 4] and any("valid/accuracy" in r for r in rows)
+    assert not any("train/samples" in r for r in rows)

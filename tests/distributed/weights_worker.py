@@ -10,14 +10,15 @@ from disttrain.build import build_trainer
 from disttrain.config import load_config
 from disttrain.runtime import build_accelerator
 
-out = Path(sys.argv[1])
-cfg = load_config(None, sys.argv[2:])
-accelerator = build_accelerator(cfg)
-trainer, _ = build_trainer(cfg, accelerator)
-model = accelerator.unwrap_model(trainer.model)
-if accelerator.is_main_process:
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "init.pt")
-trainer.train_epoch(0)
-torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"rank{accelerator.process_index}.pt")
-accelerator.wait_for_everyone()
-accelerator.end_training()
+if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
+    out = Path(sys.argv[1])
+    cfg = load_config(None, sys.argv[2:])
+    accelerator = build_accelerator(cfg)
+    trainer, _ = build_trainer(cfg, accelerator)
+    model = accelerator.unwrap_model(trainer.model)
+    if accelerator.is_main_process:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "init.pt")
+    trainer.train_epoch(0)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / f"rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

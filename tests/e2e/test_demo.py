@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from conftest import launch
+from conftest import REPO, launch
 
 pytestmark = pytest.mark.e2e
 
@@ -47,12 +47,12 @@ def test_demo_config_two_processes_prints_the_table(tmp_path, mnist_small):
 def test_demo_config_precision_auto_says_what_it_chose(tmp_path, mnist_small):
     """The demo config's `auto`, and the one bf16 run of the suite: two steps in one process (bf16
     is emulated, several times slower, on CPUs without native bf16; `auto` picks fp32 there)."""
-    from disttrain.runtime import cpu_has_native_bf16, resolve_precision
+    from disttrain.precision import cpu_has_native_bf16, resolve_precision
 
     common = ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", "train.epochs=1",
               "train.max_steps_per_epoch=2", "data.batch_size=16", "log.progress=false", "data.num_workers=0"]
     auto = launch(common + [f"run.output_dir={tmp_path}", "run.name=auto"], launcher="python")
-    chosen = resolve_precision("auto", cuda=False)
+    chosen = resolve_precision("auto", "cpu")
     assert chosen.mode == ("bf16" if cpu_has_native_bf16() else "no")
     assert f"training on 1 process(es) (cpu, {chosen.mode} precision; {chosen.reason}):" in auto.stdout
     meta = json.loads(next((tmp_path / "auto" / "checkpoints").glob("step-*/meta.json")).read_text())
@@ -60,7 +60,7 @@ def test_demo_config_precision_auto_says_what_it_chose(tmp_path, mnist_small):
 
     bf16 = launch(common + [f"run.output_dir={tmp_path}", "run.name=bf16", "train.precision=bf16"], launcher="python")
     assert "training on 1 process(es) (cpu, bf16 precision):" in bf16.stdout
-    warned = [line for line in bf16.stdout.splitlines() if line.startswith("warning: train.precision=bf16 on a CPU")]
+    warned = [line for line in bf16.stdout.splitlines() if line.startswith("warning: train.precision=bf16 on CPU (")]
     assert len(warned) == (0 if cpu_has_native_bf16() else 1)
     row = next(ROW.match(line) for line in bf16.stdout.splitlines() if ROW.match(line))
     assert math.isfinite(float(row.group(2))) and math.isfinite(float(row.group(3)))
@@ -98,3 +98,26 @@ def test_user_error_exits_2_with_one_line(tmp_path):
     proc = launch(["launch/train.py", "data.root=/definitely/missing", f"run.output_dir={tmp_path}"], launcher="python", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "disttrain: error: data.root: /definitely/missing is not a folder (it should hold train/<class>/ and valid/<class>/)"
+
+
+def test_the_finetune_config_trains_the_lessons_recipe_on_the_real_photos(tmp_path, hymenoptera):
+    """configs/finetune.yaml as a user runs it (`disttrain launch`, 2 processes, its own data path and
+    the shared ImageNet weights), with the unfreeze stage cut short: the head stage trains on
+    precomputed activations after its sweep, then every layer after a second sweep. The pretrained
+    features separate ants from bees: the head alone is far above the 0.5 of chance (0.95 measured)."""
+    weights = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pt"
+    if not weights.is_file():
+        pytest.skip("../shared/weights/mobilenet_v2_imagenet.pt is not present")
+    done = launch(["launch/train.py", "--config", "configs/finetune.yaml", f"run.output_dir={tmp_path}", "log.progress=false",
+                   "stages.1.epochs=1", "stages.1.sweep.num_iter=12", "train.max_steps_per_epoch=4"], launcher="disttrain")
+    out = done.stdout
+    assert "data: 245 train / 153 valid images in 2 classes" in out
+    assert re.search(r"layer groups of mobilenet_v2 \(finetune\.groups=3: .*\):\n  group 0: features\.0 \.\. features\.6 .*\n"
+                     r"  group 1: features\.7 \.\. features\.18 .*\n  group 2 \(head\): classifier ", out), out
+    assert "head: precomputed the frozen body's output for 245 train + 153 valid images" in out
+    assert out.count("LR sweep: suggestion") == 2
+    assert re.search(r"unfreeze \(2/2\): epoch 4, nothing frozen, BatchNorm running statistics kept, swept peak LR \S+ / \S+ / \S+ "
+                     r"\(group 0 \.\. head\), sgdr \(cycle_len 1, cycle_mult 2\), 224 px from 256 \(augmented\)", out), out
+    epochs = json.loads((tmp_path / "finetune" / "results.json").read_text())["epochs"]
+    assert [e["stage"] for e in epochs] == [0, 0, 0, 0, 1]
+    assert epochs[3]["accuracy"] > 0.8 and math.isfinite(epochs[4]["valid_loss"])

@@ -1,56 +1,165 @@
-"""Layer groups for every torchvision family, freezing (freeze_to, train_bn), differential LRs,
-SGDR at every step, staged configs and their errors, ImageNet weights from the hub cache."""
+"""Layer groups stated per torchvision family (and checked against the measured strides), other
+group counts, the one-line error for too many, weight decay rules, freezing (freeze_to, train_bn),
+differential LRs, SGDR at every step, staged configs and their errors, ImageNet weights from the
+hub cache."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torchvision
 
+from disttrain import models
 from disttrain.config import ConfigError, ModelConfig, AugmentConfig, ScheduleConfig, build_config, frozen_groups
-from disttrain.finetune import freeze, group_lrs, param_groups, split_layer_groups
-from disttrain.models import WeightsError, build_model, fetch_imagenet_weights, imagenet_file, normalization
+from disttrain.finetune import (
+    SplitError, empty_model, family_of, freeze, group_lrs, layer_groups_header, param_groups, split_layer_groups,
+)
+from disttrain.models import WeightsError, build_model, fetch_imagenet_weights, imagenet_file, no_weight_decay, normalization
 from disttrain.schedule import Schedule
 
-FAMILIES = {  # model -> (head module, first block of the body)
-    "resnet18": ("fc", "conv1"),
-    "mobilenet_v2": ("classifier", "features.0"),
-    "mobilenet_v3_small": ("classifier", "features.0"),
-    "efficientnet_b0": ("classifier", "features.0"),
-    "convnext_tiny": ("classifier", "features.0"),
-    "vit_b_16": ("heads", "class_token"),
+STATED = {  # one model per family (both MobileNetV3s: they reach stride 16 at other blocks) -> (first, last) block per group, source
+    "resnet18": ([("conv1", "layer2"), ("layer3", "layer4"), ("fc", "fc")], "fastai's resnet split"),
+    "densenet121": ([("features.conv0", "features.denseblock2"), ("features.transition2", "features.norm5"), ("classifier", "classifier")],
+                    "fastai's densenet split"),
+    "vgg16_bn": ([("features.0", "features.21"), ("features.24", "features.41"), ("classifier", "classifier")], "fastai's vgg16_bn split"),
+    "mobilenet_v2": ([("features.0", "features.6"), ("features.7", "features.18"), ("classifier", "classifier")],
+                     "stated split for mobilenet_v2"),
+    "mobilenet_v3_small": ([("features.0", "features.3"), ("features.4", "features.12"), ("classifier", "classifier")], "stated split"),
+    "mobilenet_v3_large": ([("features.0", "features.6"), ("features.7", "features.16"), ("classifier", "classifier")], "stated split"),
+    "efficientnet_b0": ([("features.0", "features.3"), ("features.4", "features.8"), ("classifier", "classifier")], "stated split"),
+    "convnext_tiny": ([("features.0", "features.3"), ("features.4", "features.7"), ("classifier", "classifier")], "stated split"),
+    "regnet_y_400mf": ([("stem", "trunk_output.block2"), ("trunk_output.block3", "trunk_output.block4"), ("fc", "fc")], "stated split"),
+    "swin_t": ([("features.0", "features.3"), ("features.4", "norm"), ("head", "head")], "stated split"),
+    "vit_b_16": ([("conv_proj", "encoder.layers.encoder_layer_5"), ("encoder.layers.encoder_layer_6", "encoder.ln"), ("heads", "heads")],
+                 "the encoder's first half | its second half | head, disttrain's stated split for vit_b_16"),
 }
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-@pytest.mark.parametrize("n", [2, 3, 5])
-def test_layer_groups_cover_every_parameter_once_in_forward_order_with_the_head_last(name, n):
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = torchvision.models.get_model(name, num_classes=7)
-    groups = split_layer_groups(model, n)
-    head, first = FAMILIES[name]
-    assert len(groups) == n and [g.index for g in groups] == list(range(n))
-    assert groups[-1].head and groups[-1].blocks == [head] and not any(g.head for g in groups[:-1])
-    assert groups[0].blocks[0] == first
-    order = [id(p) for g in groups for p in g.params]
-    assert order == [id(p) for p in model.parameters() if not _in(model, head, p)] + [id(p) for p in getattr(model, head).parameters()]
-    body = [g.size for g in groups[:-1]]
-    assert min(body) > 0
-    if n == 3:  # two body groups cut at a block boundary: neither holds more than ~3/4 of the body
-        assert max(body) < 0.8 * sum(body), [g.describe() for g in groups]
-    assert groups[-1].describe().startswith(f"group {n - 1} (head): {head} (")
+@functools.cache
+def _meta(name: str) -> torch.nn.Module:
+    """Shapes only (no memory, no init cost); splitting does not change the model, so tests share it."""
+    return empty_model(name, num_classes=7)
 
 
-def _in(model, head, param) -> bool:
-    return any(param is p for p in getattr(model, head).parameters())
+@pytest.mark.parametrize("name", sorted(STATED))
+def test_three_groups_are_each_familys_stated_split_at_the_measured_stride_16(name):
+    model = _meta(name)
+    groups = split_layer_groups(model, 3, name)
+    expected, source = STATED[name]
+    assert [(g.blocks[0], g.blocks[-1]) for g in groups] == expected, [g.describe() for g in groups]
+    assert [g.head for g in groups] == [False, False, True] and [g.index for g in groups] == [0, 1, 2]
+    header = layer_groups_header(name, model, 3)
+    assert header.startswith(f"layer groups of {name} (finetune.groups=3: ") and source in header, header
+    _each_parameter_once_in_forward_order(model, groups)
+    if name.startswith("vit"):
+        assert groups[0].names[:4] == ["conv_proj.weight", "conv_proj.bias", "class_token", "encoder.pos_embedding"]
+        return
+    # group 1 starts at the first unit whose output is at stride 16: measured with hooks on a 224 px input
+    units = family_of(model).units(model)
+    modules = dict(model.named_modules())
+    starts = {unit[0]: i for i, unit in enumerate(units)}
+    seen_at: dict[int, int] = {}
+    hooks = [modules[unit[0]].register_forward_pre_hook(lambda m, args, i=i: seen_at.update({i: _stride(args[0])}))
+             for i, unit in enumerate(units)]  # (a pre-hook returning something would replace the input)
+    with torch.no_grad():
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    output = [seen_at[i + 1] for i in range(len(units) - 1)]  # what the next unit is given
+    first_at_16 = next(i for i, stride in enumerate(output) if stride >= 16)
+    assert starts[groups[1].blocks[0]] == first_at_16 and max(output[:first_at_16]) <= 8, output
 
 
-def test_too_many_groups_names_the_key_and_the_limit():
+def _stride(images: torch.Tensor) -> int:
+    height = images.shape[2] if images.shape[2] == images.shape[3] else images.shape[1]  # NCHW, or Swin's NHWC
+    return 224 // height
+
+
+def _each_parameter_once_in_forward_order(model, groups) -> None:
+    names = [n for g in groups for n in g.names]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each once
+    by_name = dict(model.named_parameters())
+    assert all(by_name[n] is p for g in groups for n, p in zip(g.names, g.params, strict=True))
+    head = groups[-1].blocks[0]
+    if type(model) is not torchvision.models.VisionTransformer:  # its conv_proj runs before the class token it holds
+        assert names == [n for n, _ in model.named_parameters() if not n.startswith(head + ".")] + [
+            n for n, _ in model.named_parameters() if n.startswith(head + ".")]
+
+
+@pytest.mark.parametrize("name, n, expected", [
+    ("resnet18", 2, [("conv1", "layer4")]),
+    ("resnet18", 4, [("conv1", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]),  # units kept whole, sizes balanced
+    ("resnet18", 6, [("conv1", "bn1"), ("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]),
+    ("vit_b_16", 5, [("conv_proj", "encoder.layers.encoder_layer_2"),
+                     ("encoder.layers.encoder_layer_3", "encoder.layers.encoder_layer_5"),
+                     ("encoder.layers.encoder_layer_6", "encoder.layers.encoder_layer_8"),
+                     ("encoder.layers.encoder_layer_9", "encoder.ln")]),
+    ("squeezenet1_1", 3, None),  # no family: blocks balanced by parameter count, as before
+])
+def test_other_group_counts_cut_the_units_whole_into_balanced_groups(name, n, expected):
+    model = _meta(name)
+    groups = split_layer_groups(model, n, name)
+    assert len(groups) == n and groups[-1].head and not any(g.head for g in groups[:-1])
+    _each_parameter_once_in_forward_order(model, groups)
+    header = layer_groups_header(name, model, n)
+    if expected is not None:
+        assert [(g.blocks[0], g.blocks[-1]) for g in groups[:-1]] == expected, [g.describe() for g in groups]
+        assert ("the body | the head" if n == 2 else "units in") in header
+    else:
+        assert "no stated split for SqueezeNet" in header
+        body = [g.size for g in groups[:-1]]
+        assert min(body) > 0 and max(body) < 0.8 * sum(body), [g.describe() for g in groups]
+
+
+def test_too_many_groups_is_a_one_line_config_error_before_any_process_starts():
+    with pytest.raises(ConfigError) as err:
+        build_config({"model": {"name": "resnet18"}, "finetune": {"groups": 7}, "stages": [{"freeze_to": -1}]})
+    assert str(err.value) == ("finetune.groups: 7 is too many for resnet18, whose body has 5 units to cut between "
+                              "(conv1 .. layer4); use 2 to 6")
+    assert len(build_config({"model": {"name": "resnet18"}, "finetune": {"groups": 6}, "stages": [{"freeze_to": -1}]}).stages) == 1
+    assert build_config({"finetune": {"groups": 7}}).finetune.groups == 7  # without stages the groups are not used
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match=r"finetune\.groups: .* 1 blocks, too few for 3 body groups; use finetune\.groups <= 2"):
+    with pytest.raises(SplitError, match=r"^finetune\.groups: 4 is too many for Sequential, whose body has 1 blocks .*; use 2 to 2$"):
         split_layer_groups(model, 4)
+
+
+@pytest.mark.parametrize("name, kept", [
+    ("vit_b_16", {"class_token", "encoder.pos_embedding"}),
+    ("convnext_tiny", {"features.1.0.layer_scale"}),
+    ("swin_t", {"features.1.0.attn.relative_position_bias_table"}),
+    ("swin_v2_t", {"features.1.0.attn.logit_scale"}),
+])
+def test_no_weight_decay_on_1d_parameters_tokens_position_embeddings_and_layer_scales(name, kept):
+    model = _meta(name)
+    named = dict(model.named_parameters())
+    without = {n for n, p in named.items() if no_weight_decay(n, p)}
+    assert kept <= without and all(p.ndim <= 1 for n, p in named.items() if n in without and not _a_rule_names(n))
+    assert all(p.ndim > 1 and not _a_rule_names(n) for n, p in named.items() if n not in without)
+    assert any("weight" in n and p.ndim > 1 for n, p in named.items() if n not in without)  # matrices and kernels decay
+    by_id = {id(p): n for n, p in named.items()}
+    whole = models.decay_groups(model.named_parameters(), 0.05)  # the whole model, and per layer group: one rule
+    groups, _ = param_groups(split_layer_groups(model, 3, name), [1.0, 2.0, 3.0], 0.05)
+    for out in (whole, groups):
+        assert {by_id[id(p)] for g in out if g["weight_decay"] == 0.0 for p in g["params"]} == without
+        assert {by_id[id(p)] for g in out if g["weight_decay"] == 0.05 for p in g["params"]} == set(named) - without
+
+
+def _a_rule_names(name: str) -> bool:
+    return any(part in name for part in ("token", "pos_embedding", "layer_scale", "relative_position_bias_table", "logit_scale"))
+
+
+def test_timm_style_names_are_kept_out_of_weight_decay():
+    matrix = torch.nn.Parameter(torch.zeros(1, 4, 8))
+    for name in ("cls_token", "dist_token", "reg_token", "register_tokens", "pos_embed", "absolute_pos_embed",
+                 "blocks.0.attn.relative_position_bias_table", "blocks.0.attn.rel_pos_h", "blocks.0.layer_scale_1", "blocks.0.ls1.gamma",
+                 "stages.0.blocks.1.gamma"):
+        assert no_weight_decay(name, matrix), name
+    for name in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "encoder.layers.0.self_attention.in_proj_weight"):
+        assert not no_weight_decay(name, matrix), name
+    assert no_weight_decay("blocks.0.norm1.weight", torch.nn.Parameter(torch.zeros(8)))
 
 
 @pytest.mark.parametrize("freeze_to, expected", [(0, 0), (1, 1), (2, 2), (-1, 2), (-2, 1), (3, 3)])

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from disttrain.config import ModelConfig, OptimConfig
-from disttrain.models import WeightsError, build_model, build_optimizer, param_groups
+from disttrain.models import WeightsError, build_model, build_optimizer, decay_groups
 
 
 def test_head_is_sized_to_the_data_and_channels_last():
@@ -14,7 +14,7 @@ def test_head_is_sized_to_the_data_and_channels_last():
 
 def test_no_weight_decay_on_norm_and_bias():
     model = build_model(ModelConfig(name="resnet18", channels_last=False), num_classes=3)
-    decay, no_decay = param_groups(model, 0.05)
+    decay, no_decay = decay_groups(model.named_parameters(), 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     ids = {id(p) for p in no_decay["params"]}

@@ -1,0 +1,101 @@
+"""What a run feeds its model: the scanned image folder or the shard manifest (read once, on the
+main process), this rank's loaders at a stage's sizes, and the on-device augmentation.
+
+build.py (the trainer) and stage.py (a stage's loaders) both use this module; it uses neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from disttrain.config import Config, ConfigError
+from disttrain.data.augment import DeviceAugment
+from disttrain.data.decode import decode_jpeg_batch
+from disttrain.data.folder import DataError, ImageFolderData, scan_image_folder, write_bad_files
+from disttrain.data.loader import DeviceLoader, FolderDataset, RankBatchSampler, make_loader
+from disttrain.data.shards import Manifest, ShardDataset, load_manifest
+from disttrain.jobgroup import JobGroup
+from disttrain.runtime import rank_seed
+from disttrain.tracking import ConsoleReporter
+
+
+def load_data(cfg: Config, group: JobGroup, reporter: ConsoleReporter) -> ImageFolderData | Manifest:
+    """The scanned image folder (`data.format=folder`) or the shard manifest (`shards`): read by the
+    main process, every rank waiting for it on `group` (a scan decodes every image: no collective
+    timeout may cut it short)."""
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.format == "shards":
+        manifest: Manifest = group.from_main(lambda: load_manifest(root))
+        train, valid = manifest.splits["train"], manifest.splits["valid"]
+        reporter.line(
+            f"data: {train.samples} train / {valid.samples} valid samples in {len(manifest.classes)} classes "
+            f"from {len(train.paths)} + {len(valid.paths)} shards in {root}"
+        )
+        if manifest.presize < cfg.data.load_size:
+            reporter.line(
+                f"warning: the shards were presized to {manifest.presize} px, data.load_size is {cfg.data.load_size}: "
+                "images are upsampled; set data.load_size to at most the shards' presize"
+            )
+        return manifest
+    data: ImageFolderData = group.from_main(
+        lambda: scan_image_folder(root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=max(2, cfg.data.num_workers)),
+    )
+    if group.is_main:
+        write_bad_files(data.bad, cfg.run.dir / "bad_files.txt")
+    skipped = f"; {len(data.bad)} undecodable file(s) skipped, listed in {cfg.run.dir / 'bad_files.txt'}" if data.bad else ""
+    reporter.line(
+        f"data: {len(data.train)} train / {len(data.valid)} valid images in {len(data.classes)} classes from {root}{skipped}"
+    )
+    return data
+
+
+def build_loaders(
+    cfg: Config, data: ImageFolderData | Manifest, accelerator: Accelerator, load_size: int | None = None, batch_size: int | None = None
+) -> tuple[DeviceLoader, DeviceLoader]:
+    """Train and valid loaders for this rank (at `load_size` / `batch_size`, default data.*).
+    Accelerate does not touch them: each rank reads only its own part (Accelerate's dispatching
+    would make rank 0 decode everything)."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    pin = device.type == "cuda"
+    load_size = load_size or cfg.data.load_size
+    bs, workers, timeout = batch_size or cfg.data.batch_size, cfg.data.num_workers, cfg.data.worker_timeout
+    if isinstance(data, Manifest):
+        if cfg.data.decode == "gpu" and device.type != "cuda":
+            raise ConfigError("data.decode=gpu: nvJPEG needs a CUDA device and this run has none; set data.decode=cpu")
+        raw = cfg.data.decode == "gpu"
+        finish = (lambda images, dev: decode_jpeg_batch(images, load_size, dev)) if raw else None
+        common = dict(load_size=load_size, world=world, rank=rank, num_workers=workers, raw=raw)
+        train_set = ShardDataset(data, "train", bs, train=True, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+        valid_set = ShardDataset(data, "valid", bs * 2, train=False, **common)
+        return (
+            DeviceLoader(make_loader(train_set, workers, pin, timeout=timeout), train_set, bs, device, finish, name="train"),
+            DeviceLoader(make_loader(valid_set, workers, pin, timeout=timeout), valid_set, bs * 2, device, finish, name="valid"),
+        )
+    if len(data.train) < world:
+        raise DataError(f"{data.train.dir}: {len(data.train)} training images cannot be shared by {world} ranks")
+    train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True)
+    train = make_loader(FolderDataset(data.train, load_size), workers, pin, train_sampler, timeout)
+    return (DeviceLoader(train, train_sampler, bs, device, name="train"),
+            eval_loader(cfg, data.valid, accelerator, load_size, bs * 2, name="valid"))
+
+
+def eval_loader(cfg: Config, split, accelerator: Accelerator, load_size: int, batch_size: int, name: str) -> DeviceLoader:
+    """This rank's share of a folder split, in order, every image once across ranks (validation,
+    and the precompute pass over the training images); `name` says which in a LoaderStalled error."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    sampler = RankBatchSampler(len(split), batch_size, world, rank, shuffle=False, drop_empty=True)
+    loader = make_loader(FolderDataset(split, load_size), cfg.data.num_workers, device.type == "cuda", sampler, cfg.data.worker_timeout)
+    return DeviceLoader(loader, sampler, batch_size, device, name=name)
+
+
+def build_augment(cfg: Config, accelerator: Accelerator, mean: list[float] | None = None, std: list[float] | None = None) -> DeviceAugment:
+    return DeviceAugment(
+        cfg.augment,
+        cfg.data.image_size,
+        seed=rank_seed(cfg.run.seed, accelerator.process_index),
+        channels_last=cfg.model.channels_last,
+        mean=mean,
+        std=std,
+    )

@@ -1,0 +1,200 @@
+"""`disttrain evaluate`: exact evaluation of a model.pt on any labelled folder, on however many
+processes run it.
+
+The folder is `<class>/<images>`, or holds valid/, val/ or test/ (`--split` picks one; by default
+valid, else val, else test); without `--data`, `data.root`'s (`data.valid_dir`'s) folder, as a
+training run validates. Only that folder is listed (once, on the main process) and decoded: no
+train/ is needed. Labels come from the class folder names, mapped to model.pt's classes. The
+images go through the same global batches, decoding and forward pass as `disttrain predict`
+(disttrain/inputs.py), so the accuracy counted from predict's CSV is evaluate's exactly. Metrics
+are sums reduced once across ranks (disttrain/metrics.py): loss, accuracy, top-5 (5 classes or
+more), per-class accuracy and the confusion matrix (row = true class), plain and with TTA.
+
+`data.format=shards` (or `--data` naming a folder `disttrain prepare` wrote) evaluates the shards'
+validation split through the training loaders.
+
+Nothing is written anywhere unless asked: `--out FILE.json` (the result), `--out-dir DIR`
+(`confusion_matrix.png` and `.csv`). Files that do not decode are listed on stderr and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from disttrain.data.decode import IMAGE_EXTENSIONS
+from disttrain.data.folder import DataError
+from disttrain.data.loader import watched
+from disttrain.inference import batch_outputs, eval_view, read_model_file
+from disttrain.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
+from disttrain.jobgroup import JobGroup
+from disttrain.metrics import EvalResult, EvalSums, per_class
+from disttrain.models import WeightsError
+from disttrain.tracking import write_confusion
+
+
+@dataclass
+class EvaluateOptions:
+    weights: str
+    data: str | None = None
+    """The labelled folder; None: data.root (and data.valid_dir) of the config."""
+    split: str | None = None
+    out: str | None = None
+    """JSON result file."""
+    out_dir: str | None = None
+    """Folder for confusion_matrix.png and .csv."""
+    tta_n: int = 0
+    tta_beta: float = 0.25
+    tta_max: bool = False
+    batch_size: int = 32
+    """Images per batch (each batch on one process), as predict's --batch-size."""
+    extensions: frozenset[str] | None = IMAGE_EXTENSIONS
+
+
+def _sized(cfg, state: dict):
+    """The config with model.pt's image size and presize (the config's only for an older model.pt)."""
+    data = dataclasses.replace(cfg.data, image_size=state.get("image_size", cfg.data.image_size),
+                               load_size=state.get("load_size", cfg.data.load_size))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _model(state: dict, cfg, device: torch.device):
+    from disttrain.config import ModelConfig
+    from disttrain.models import build_model, normalization
+
+    model = build_model(ModelConfig(name=state["arch"]), num_classes=len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
+    mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
+    return model, eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last)
+
+
+def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, num_classes: int, load_size: int, workers: int,
+                   worker_timeout: float, options: EvaluateOptions, progress: bool = True) -> tuple[EvalResult, list[tuple[str, str]]]:
+    """This rank's batches of a labelled listing, the sums reduced across ranks once (on `group`,
+    which waits for the slowest rank): (result, every rank's undecodable files with the reason)."""
+    from tqdm import tqdm
+
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    labels = torch.tensor(inputs.labels)
+    batches = rank_batches(len(inputs.paths), options.batch_size, world, rank)
+    loader = batch_loader(inputs.paths, batches, options.batch_size, load_size, workers, worker_timeout, pin_memory=device.type == "cuda")
+    sums = EvalSums(num_classes, device, tta=options.tta_n > 0)
+    bad: list[tuple[str, str]] = []
+    total = len(inputs.paths)
+    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not (progress and accelerator.is_main_process), file=sys.stderr)
+    with torch.no_grad():
+        for index, images, failed in watched(loader, "evaluate"):
+            bad.extend((inputs.paths[i], reason) for i, reason in failed)
+            if images is not None:
+                logits, _, tta = batch_outputs(model, view, images.to(device, non_blocking=True), accelerator.autocast,
+                                               options.tta_n, options.tta_beta, options.tta_max)
+                sums.add(logits, labels[index].to(device), tta)
+            bar.update(min((len(index) + len(failed)) * world, bar.total - bar.n))  # an estimate of all ranks
+    bar.close()
+    result = sums.result(group.sum, skipped=len(bad))
+    return result, [item for part in group.gather(bad) for item in part]
+
+
+def evaluate_shards(cfg, accelerator, group: JobGroup, model, view, classes: list[str], weights: str, options: EvaluateOptions) -> EvalResult:
+    """data.format=shards: the manifest's validation split through the training loaders."""
+    from disttrain.data.setup import build_loaders, load_data
+    from disttrain.tracking import ConsoleReporter
+    from disttrain.trainer import evaluate as validate
+
+    data = load_data(cfg, group, ConsoleReporter(accelerator.is_main_process, progress=False))
+    if data.classes != classes:
+        raise WeightsError(f"{weights}: trained on classes {classes}, but the shards in {cfg.data.root} have {data.classes}")
+    _, valid_loader = build_loaders(cfg, data, accelerator)
+    return validate(accelerator, model, valid_loader, view, len(classes), options.tta_n, options.tta_beta, options.tta_max)
+
+
+def summary_lines(result: EvalResult, classes: list[str], options: EvaluateOptions) -> list[str]:
+    """The printed summary: loss and accuracy (and top-5), with TTA, per-class accuracy."""
+    top5 = f"  top-5 {result.top5:.6f}" if result.top5 is not None else ""
+    lines = [f"loss {result.loss:.6f}  accuracy {result.accuracy:.6f} ({result.correct}/{result.count}){top5}"]
+    if options.tta_n:
+        how = "max" if options.tta_max else f"beta {options.tta_beta}"
+        lines.append(f"with TTA ({options.tta_n} views, {how}): loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f} "
+                     f"({result.tta_correct}/{result.count})")
+    if result.confusion is not None:
+        table = per_class(result.confusion, classes)
+        shown = [(name, row) for name, row in table.items() if row["count"]]
+        note = ""
+        if len(shown) > 20:  # the 10 lowest; all of them are in --out's JSON
+            shown = sorted(shown, key=lambda item: (item[1]["accuracy"], item[0]))[:10]
+            note = f" (the 10 lowest of {len(table)} classes; all in --out)"
+        cells = "  ".join(f"{name} {row['accuracy']:.3f} ({row['correct']}/{row['count']})" for name, row in shown)
+        lines.append(f"per-class accuracy{note}: {cells}")
+    return lines
+
+
+def to_json(result: EvalResult, classes: list[str], world: int, where: str, options: EvaluateOptions) -> dict:
+    summary = {key: value for key, value in vars(result).items() if key != "confusion"}
+    summary.update(world_size=world, weights=options.weights, data=where, classes=classes)
+    if options.tta_n:
+        summary["tta"] = {"views": options.tta_n, "beta": options.tta_beta, "max": options.tta_max}
+    if result.confusion is not None:
+        summary["per_class"] = per_class(result.confusion, classes)
+        summary["confusion"] = result.confusion.tolist()
+    return summary
+
+
+def _write_json(summary: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg, options: EvaluateOptions) -> dict:
+    """The whole job, on every rank (the arguments are checked by the CLI before this); returns the
+    JSON summary."""
+    from disttrain.runtime import build_accelerator
+
+    state = read_model_file(options.weights, need_inference_keys=False)
+    cfg = _sized(cfg, state)
+    classes = list(state["classes"])
+    accelerator = build_accelerator(cfg)
+    group = JobGroup(accelerator.num_processes)
+    model, view = _model(state, cfg, accelerator.device)
+    bad: list[tuple[str, str]] = []
+    if options.data is not None and (Path(options.data).expanduser() / "manifest.json").is_file():  # shards written by prepare
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="shards", root=options.data))
+        options = dataclasses.replace(options, data=None)
+    if cfg.data.format == "shards" and options.data is None:
+        where = str(Path(cfg.data.root).expanduser())
+        result = evaluate_shards(cfg, accelerator, group, model, view, classes, options.weights, options)
+    else:
+        root = options.data if options.data is not None else cfg.data.root
+        split = options.split or (cfg.data.valid_dir if options.data is None and cfg.data.valid_dir != "auto" else None)
+        inputs = group.from_main(lambda: list_labelled(choose_split(root, split), classes, options.weights, options.extensions))
+        where = inputs.folder
+        if accelerator.is_main_process:
+            print(f"evaluating {where}: {len(inputs.paths)} image file(s) in {len(set(inputs.labels))} class folder(s) (model.pt has "
+                  f"{len(classes)} classes) on {accelerator.num_processes} process(es)", flush=True)
+        result, bad = evaluate_files(accelerator, group, model, view, inputs, len(classes), cfg.data.load_size, cfg.data.num_workers,
+                                     cfg.data.worker_timeout, options)
+    if accelerator.is_main_process:
+        for path, reason in bad:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        if result.skipped:
+            print(f"{result.skipped} file(s) skipped (not decodable)", file=sys.stderr, flush=True)
+    if result.count == 0:
+        raise DataError(f"{where}: none of its {result.skipped} image file(s) could be decoded (each is listed above with the reason)")
+    summary = to_json(result, classes, accelerator.num_processes, where, options)
+    if accelerator.is_main_process:
+        for line in summary_lines(result, classes, options):
+            print(line, flush=True)
+        if options.out:
+            _write_json(summary, Path(options.out))
+        if options.out_dir and result.confusion is not None:
+            write_confusion(summary["confusion"], classes, Path(options.out_dir))
+    accelerator.end_training()
+    return summary
