@@ -13,11 +13,12 @@ Overrides are `section.key=value`; the resolved config is written to <output_dir
 
 import sys
 
-from disttrain.cli import parse_with_overrides, run_user_errors, train, train_parser
-from disttrain.config import load_config
-
 
 def main(argv=None) -> int:
+    # imported here, not at the top: loader workers import this script again, and need none of it
+    from disttrain.cli import parse_with_overrides, run_user_errors, train, train_parser
+    from disttrain.config import load_config
+
     args = parse_with_overrides(train_parser(), argv)
     return run_user_errors(lambda: train(load_config(args.config, args.overrides), find_lr_only=args.find_lr))
 

@@ -10,21 +10,26 @@ and forks each worker from itself; the loader's dataset reaches the worker pickl
 tensors and semaphores travel as file descriptors).
 
 A script that starts loader workers must keep its top level import-safe (`if __name__ ==
-"__main__":`), as Python's multiprocessing asks: each worker imports it once (as `__mp_main__`).
+"__main__":`), as Python's multiprocessing asks, and light: each worker imports it once more (as
+`__mp_main__`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from multiprocessing.context import BaseContext
 
 import torch
 
 PRELOAD = ["torch", "numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "simplejpeg",
-           "disttrain.data.decode", "disttrain.data.loader", "disttrain.data.shards", "disttrain.cli"]
-"""Imported once by the fork server, so a worker starts without importing them again (not
-`__main__`: the fork server must not run the training script's top level)."""
+           "disttrain.data.decode", "disttrain.data.loader", "disttrain.data.shards", "disttrain.tracking", "disttrain.cli"]
+"""Imported once by the fork server, so a worker starts without importing them again. Each worker
+also imports the main script or module once more (as `__mp_main__`): the `disttrain` command and
+`python -m disttrain.cli` import disttrain.cli, preloaded here (as is any other `python -m` module);
+`launch/train.py` imports nothing at its top level. Not `__main__` itself: the server must not run a
+script's top level."""
 
 
 def worker_context() -> BaseContext:
@@ -32,7 +37,8 @@ def worker_context() -> BaseContext:
     pools, epoch counters). Starts the fork server, once per process, so its imports overlap the
     caller's work."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    module = getattr(sys.modules["__main__"].__spec__, "name", None)  # `python -m disttrain.cli ...`
+    ctx.set_forkserver_preload(PRELOAD + ([module] if module else []))
     from multiprocessing import forkserver
 
     forkserver.ensure_running()

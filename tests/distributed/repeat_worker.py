@@ -11,13 +11,13 @@ The main process prints one `run <i>: exit <code>` line per run.
 import os
 import sys
 
-from accelerate import Accelerator
+if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py): keep it light
+    from accelerate import Accelerator
 
-from disttrain.cli import run_user_errors
-from disttrain.config import load_config
-from disttrain.run import train
+    from disttrain.cli import run_user_errors
+    from disttrain.config import load_config
+    from disttrain.run import train
 
-if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
     count, config, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     end_training = Accelerator.end_training
     Accelerator.end_training = lambda self: None  # the process group lives on for the next run
