@@ -218,7 +218,8 @@ def command_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class")
     pred.add_argument("--topk", type=int, help="instead of the CSV: the K most probable classes of each image, tab-separated "
                                                "path, rank, class, probability")
-    pred.add_argument("--workers", type=int, default=1, help="decoding workers per process (default 1; 0 decodes in the process)")
+    pred.add_argument("--workers", type=int, default=1,
+                      help="decoding workers per process (default 1; 0, or a share under 1,000 images, decodes in the process)")
     pred.add_argument("--precision", default="auto", help="as train.precision (default auto)")
     _inference_args(pred)
     prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")

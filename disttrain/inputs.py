@@ -209,10 +209,18 @@ class _BatchIndices:
         return len(self.batches)
 
 
+WORKERS_PAY_OFF = 1000
+"""Images a rank must have before its decoding workers pay off: starting one (a fork server that
+imports torch and the decoders, disttrain/data/workers.py) costs about 2-3 s on a 2-core machine,
+what decoding about 1,000 photos costs; a smaller share is decoded by the rank itself."""
+
+
 def batch_loader(paths: list[str], batches: range, batch_size: int, load_size: int, workers: int, timeout: float,
-                 pin_memory: bool = False) -> DataLoader:
-    """This rank's batches (`rank_batches`), decoded and presized by `workers` processes (0: here),
-    which deliver a batch within `timeout` seconds (data.worker_timeout) or the job stops (iterate
-    it through `disttrain.data.loader.watched`)."""
-    return make_loader(FileImages(paths, load_size), workers, pin_memory, _BatchIndices(batches, batch_size, len(paths)), timeout,
-                       collate_fn=collate)
+                 pin_memory: bool = False, pay_off: int = WORKERS_PAY_OFF) -> DataLoader:
+    """This rank's batches (`rank_batches`), decoded and presized by `workers` processes (0, or a
+    share under `pay_off` images: here), which deliver a batch within `timeout` seconds
+    (data.worker_timeout) or the job stops (iterate it through `disttrain.data.loader.watched`)."""
+    sampler = _BatchIndices(batches, batch_size, len(paths))
+    if sum(len(batch) for batch in sampler) < pay_off:
+        workers = 0
+    return make_loader(FileImages(paths, load_size), workers, pin_memory, sampler, timeout, collate_fn=collate)

@@ -32,13 +32,11 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
     stages (sweeping the LR where a stage asks, or only the first stage's sweep with
     `find_lr_only`); save `model.pt` and `results.json` in the run dir; track in metrics.jsonl and W&B."""
     from disttrain.build import build_trainer
+    from disttrain.data.workers import start_worker_server
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import setup_logging
 
-    if cfg.data.num_workers > 0:  # the loader workers' fork server imports while this process sets up
-        from disttrain.data.workers import worker_context
-
-        worker_context()
+    start_worker_server(cfg.data.num_workers)
     flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.process_index, accelerator.is_main_process)

@@ -107,7 +107,7 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
             eval_loader(cfg, data.valid, acc, stage.load_size, bs * 2, name="precompute valid"),
             bs, steps, cfg.run.seed,
         )
-        dtype = str(features.dtype).removeprefix("torch.").replace("float16", "fp16").replace("bfloat16", "bf16")
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[features.dtype]
         trainer.reporter.line(
             f"{plan.name}: precomputed the frozen body's output for {len(data.train)} train + {len(data.valid)} valid images in "
             f"{features.seconds:.1f} s ({'x'.join(map(str, features.shape))} per image, each rank keeps its own share as {dtype}); "

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 from multiprocessing.context import BaseContext
 
 import torch
 
 PRELOAD = ["torch", "numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "simplejpeg",
-           "disttrain.data.decode", "disttrain.data.loader", "disttrain.data.shards", "disttrain.tracking", "disttrain.cli"]
+           "disttrain.data.decode", "disttrain.data.loader", "disttrain.data.shards", "disttrain.tracking",
+           "disttrain.checkpoint", "disttrain.lr_sweep", "disttrain.models"]
 """Imported once by the fork server, so a worker starts without importing them again. Each worker
-also imports the main script or module once more (as `__mp_main__`): the `disttrain` command and
-`python -m disttrain.cli` import disttrain.cli, preloaded here (as is any other `python -m` module);
-`launch/train.py` imports nothing at its top level. Not `__main__` itself: the server must not run a
-script's top level."""
+also imports the main script or module once more (as `__mp_main__`): `launch/train.py` imports
+nothing at its top level; the `disttrain` command and `python -m disttrain.cli` import disttrain.cli,
+whose own imports are these (disttrain.cli itself is not preloaded: `-m` runs it afresh, and runpy
+warns when it finds it imported already). Not `__main__` either: the server must not run a script's
+top level."""
 
 
 def worker_context() -> BaseContext:
@@ -37,12 +38,18 @@ def worker_context() -> BaseContext:
     pools, epoch counters). Starts the fork server, once per process, so its imports overlap the
     caller's work."""
     ctx = multiprocessing.get_context("forkserver")
-    module = getattr(sys.modules["__main__"].__spec__, "name", None)  # `python -m disttrain.cli ...`
-    ctx.set_forkserver_preload(PRELOAD + ([module] if module else []))
+    ctx.set_forkserver_preload(PRELOAD)
     from multiprocessing import forkserver
 
     forkserver.ensure_running()
     return ctx
+
+
+def start_worker_server(workers: int) -> None:
+    """Start the fork server now when loaders will have workers: its imports then overlap the
+    caller's own setup (accelerator, data scan, model) instead of delaying the first batch."""
+    if workers > 0:
+        worker_context()
 
 
 def worker_init(_: int) -> None:
