@@ -31,7 +31,7 @@ import torch
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
-from disttrain.inference import batch_outputs, eval_view, read_model_file
+from disttrain.inference import batch_outputs, eval_view, read_model_file, saved_network
 from disttrain.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
 from disttrain.jobgroup import JobGroup
 from disttrain.metrics import EvalResult, EvalSums, per_class
@@ -65,12 +65,11 @@ def _sized(cfg, state: dict):
 
 
 def _model(state: dict, cfg, device: torch.device):
-    from disttrain.config import ModelConfig
-    from disttrain.models import build_model, normalization
+    """The model and its eval view; the normalization from model.pt, or (an older model.pt without
+    it) what the config resolves to."""
+    from disttrain.models import normalization
 
-    model = build_model(ModelConfig(name=state["arch"]), num_classes=len(state["classes"]))
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
+    model = saved_network(state, device)
     saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
     mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
     return model, eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last)

@@ -80,14 +80,18 @@ def read_model_file(path: str | Path, need_inference_keys: bool = True) -> dict:
     return state
 
 
-def load_saved_model(path: str | Path, device: torch.device) -> SavedModel:
-    state = read_model_file(path)
+def saved_network(state: dict, device: torch.device) -> nn.Module:
+    """The model of a model.pt's contents (`read_model_file`), on `device`, in eval mode."""
     model = build_model(ModelConfig(name=state["arch"]), num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])
-    model.to(device).eval()
+    return model.to(device).eval()
+
+
+def load_saved_model(path: str | Path, device: torch.device) -> SavedModel:
+    state = read_model_file(path)
     norm = state["normalize"]
-    return SavedModel(model, list(state["classes"]), state["arch"], int(state["image_size"]), int(state["load_size"]),
-                      list(norm["mean"]), list(norm["std"]), state.get("precision"))
+    return SavedModel(saved_network(state, device), list(state["classes"]), state["arch"], int(state["image_size"]),
+                      int(state["load_size"]), list(norm["mean"]), list(norm["std"]), state.get("precision"))
 
 
 def eval_view(image_size: int, mean: list[float], std: list[float], channels_last: bool = True) -> DeviceAugment:
@@ -117,34 +121,28 @@ def tta_view(x: torch.Tensor, index: int) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def predict_probs(model: nn.Module, x: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
-                  use_max: bool = False, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(plain probabilities, TTA probabilities or None when `tta_n` is 0), float32: views 0 to
-    `tta_n` - 1. `logits`: the plain pass's, when the caller has them already."""
-    if logits is None:
-        with autocast():
-            logits = model(x)
-    plain = logits.float().softmax(dim=1)
+def outputs(model: nn.Module, x: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
+            use_max: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A model input batch -> (float32 logits of the plain pass, its probabilities, the TTA
+    probabilities of views 0 to `tta_n` - 1 or None when `tta_n` is 0): what a run's validation
+    counts, `evaluate` counts and `predict` writes, computed the same way for all three."""
+    with autocast():
+        logits = model(x)
+    logits = logits.float()
+    plain = logits.softmax(dim=1)
     if tta_n == 0:
-        return plain, None
+        return logits, plain, None
     views = []
     for index in range(tta_n):
         with autocast():
             views.append(model(tta_view(x, index)).float().softmax(dim=1))
     stacked = torch.stack(views)
     if use_max:
-        return plain, torch.maximum(stacked.max(dim=0).values, plain)
-    return plain, torch.lerp(stacked.mean(dim=0), plain, beta)
+        return logits, plain, torch.maximum(stacked.max(dim=0).values, plain)
+    return logits, plain, torch.lerp(stacked.mean(dim=0), plain, beta)
 
 
 def batch_outputs(model: nn.Module, view: DeviceAugment, images: torch.Tensor, autocast, tta_n: int = 0, beta: float = 0.25,
                   use_max: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A uint8 (B, S, S, 3) batch on the device -> (float32 logits of the plain pass, its
-    probabilities, the TTA probabilities or None): what `predict` writes and `evaluate` counts,
-    computed the same way for both."""
-    x = view(images.permute(0, 3, 1, 2), train=False)
-    with autocast():
-        logits = model(x)
-    logits = logits.float()
-    plain, tta = predict_probs(model, x, autocast, tta_n, beta, use_max, logits=logits)
-    return logits, plain, tta
+    """`outputs` of a uint8 (B, S, S, 3) batch on the device, through the eval `view`."""
+    return outputs(model, view(images.permute(0, 3, 1, 2), train=False), autocast, tta_n, beta, use_max)

@@ -116,65 +116,69 @@ def _pick(rule: str, index: int, n: int, what: str = "answered") -> tuple[int | 
     return index, None
 
 
-def rule_answers(lrs: np.ndarray, losses: np.ndarray) -> dict[str, tuple[float | None, str | None]]:
-    """Every rule's (LR, None), or (None, why not), on a curve `useful_part` kept (at least 1 point)."""
-    n = len(losses)
-    out: dict[str, tuple[float | None, str | None]] = {}
+Answer = tuple[float | None, str | None]
+"""A rule's (LR, None), or (None, why it has no answer)."""
 
-    i, why = _pick("valley", _valley_index(losses), n)
-    out["valley"] = (None if i is None else float(lrs[i]), why)
 
+def _lr_at(rule: str, index: int, lrs: np.ndarray, what: str = "answered", divisor: float = 1.0) -> Answer:
+    i, why = _pick(rule, index, len(lrs), what)
+    return (None, why) if i is None else (float(lrs[i]) / divisor, None)
+
+
+def _valley(lrs: np.ndarray, losses: np.ndarray) -> Answer:
+    return _lr_at("valley", _valley_index(losses), lrs)
+
+
+def _steep(lrs: np.ndarray, losses: np.ndarray) -> Answer:
+    """fastai's forward-difference slope per log LR, but only up to the lowest smoothed loss
+    (disttrain's own: past it the loss diverges, and a dip after a spike there is no place to train)."""
     lowest = int(np.argmin(losses))  # the first one, on ties
-    # steep: fastai's forward-difference slope per log LR, but only up to the lowest smoothed loss
-    # (disttrain's own: past it the loss diverges, and a dip after a spike there is no place to train)
     if lowest == 0:
-        out["steep"] = (None, "steep found no descent before the lowest loss")
-    else:
-        slope = np.diff(losses[: lowest + 1]) / np.diff(np.log(lrs[: lowest + 1]))
-        i, why = _pick("steep", int(np.argmin(slope)), n)
-        out["steep"] = (None if i is None else float(lrs[i]), why)
+        return None, "steep found no descent before the lowest loss"
+    slope = np.diff(losses[: lowest + 1]) / np.diff(np.log(lrs[: lowest + 1]))
+    return _lr_at("steep", int(np.argmin(slope)), lrs)
 
-    i, why = _pick("minimum", lowest, n, what="found the lowest loss at")
-    out["minimum"] = (None if i is None else float(lrs[i]) / 10, why)
 
-    if n <= SLIDE_WINDOW:
-        out["slide"] = (None, f"slide needs more than {SLIDE_WINDOW} points, the curve has {n}")
-    else:
-        i, why = _pick("slide", _slide_index(losses, SLIDE_WINDOW, SLIDE_THRESHOLD), n)
-        out["slide"] = (None if i is None else float(lrs[i]), why)
-    return out
+def _minimum(lrs: np.ndarray, losses: np.ndarray) -> Answer:
+    return _lr_at("minimum", int(np.argmin(losses)), lrs, what="found the lowest loss at", divisor=10)
+
+
+def _slide(lrs: np.ndarray, losses: np.ndarray) -> Answer:
+    if len(losses) <= SLIDE_WINDOW:
+        return None, f"slide needs more than {SLIDE_WINDOW} points, the curve has {len(losses)}"
+    return _lr_at("slide", _slide_index(losses, SLIDE_WINDOW, SLIDE_THRESHOLD), lrs)
+
+
+_RULES = {"valley": _valley, "steep": _steep, "minimum": _minimum, "slide": _slide}
+
+
+def rule_answers(lrs: np.ndarray, losses: np.ndarray) -> dict[str, Answer]:
+    """Every rule's answer on a curve `useful_part` kept (at least 1 point)."""
+    return {rule: _RULES[rule](lrs, losses) for rule in RULES}
 
 
 def valley(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     """fastai's valley: the LR a little past the first third of the longest strictly descending
     run of points (see `_valley_index`); None at the curve's first or last point."""
-    return rule_answers(lrs, losses)["valley"][0] if len(losses) else None
+    return _valley(lrs, losses)[0] if len(losses) else None
 
 
 def steep(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     """fastai's steep (the left point of the steepest fall, slope = forward difference of the loss
     per log LR), searched only up to the lowest loss (disttrain's own); None at the first point."""
-    return rule_answers(lrs, losses)["steep"][0] if len(losses) else None
+    return _steep(lrs, losses)[0] if len(losses) else None
 
 
 def minimum(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     """fastai's minimum: a tenth of the LR at the lowest loss (the first, on ties); None when that
     is the curve's first or last point."""
-    return rule_answers(lrs, losses)["minimum"][0] if len(losses) else None
+    return _minimum(lrs, losses)[0] if len(losses) else None
 
 
 def slide(lrs: np.ndarray, losses: np.ndarray) -> float | None:
     """fastai's slide (window 15, threshold 0.005 on the per-index gradient, see `_slide_index`);
     None on a curve of 15 points or fewer, or when it walks to the first point."""
-    return rule_answers(lrs, losses)["slide"][0] if len(losses) else None
-
-
-RULE_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
-    "valley": valley,
-    "steep": steep,
-    "minimum": minimum,
-    "slide": slide,
-}
+    return _slide(lrs, losses)[0] if len(losses) else None
 
 
 @dataclass

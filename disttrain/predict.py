@@ -99,16 +99,17 @@ def write_rows(writer, paths: list[str], probs: torch.Tensor, classes: list[str]
 
 def _make_parts(out: str | None) -> str:
     """The parts folder (made empty) on the main process: `<out>.parts`, or a temporary one here."""
-    folder = Path(f"{out}.parts") if out else Path(".disttrain-predict-*")
+    where = f"{out}.parts" if out else "a .disttrain-predict-* folder here"
     try:
         if out:
+            folder = Path(f"{out}.parts")
             if folder.is_dir():  # left by a killed run
                 shutil.rmtree(folder)
             folder.mkdir()
         else:
             folder = Path(tempfile.mkdtemp(prefix=".disttrain-predict-", dir="."))
     except OSError as err:
-        raise DataError(f"{folder}: cannot make the folder for the ranks' parts ({err.strerror or err}); "
+        raise DataError(f"{where}: cannot make the folder for the ranks' parts ({err.strerror or err}); "
                         "give --out in a folder you can write") from None
     return str(folder.resolve())
 

@@ -429,17 +429,13 @@ def evaluate(
     `tta_n` > 0 also the TTA loss and accuracy (the table's figures stay the plain pass's).
 
     Leaves the model in eval mode."""
-    from disttrain.inference import predict_probs
+    from disttrain.inference import outputs
 
     model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
     model.eval()
     _sync_buffers(accelerator, model)
     sums = EvalSums(num_classes, accelerator.device, tta=tta_n > 0)
     for images, labels in loader:
-        x = augment(images, train=False)
-        with accelerator.autocast():
-            logits = model(x)
-        logits = logits.float()
-        tta = predict_probs(model, x, accelerator.autocast, tta_n, tta_beta, tta_max, logits=logits)[1] if tta_n else None
+        logits, _, tta = outputs(model, augment(images, train=False), accelerator.autocast, tta_n, tta_beta, tta_max)
         sums.add(logits, labels, tta)
     return sums.result(lambda totals: accelerator.reduce(totals, reduction="sum"), skipped=loader.take_skipped())

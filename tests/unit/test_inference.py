@@ -13,7 +13,7 @@ from disttrain.checkpoint import save_weights
 from disttrain.config import ConfigError, build_config
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
-from disttrain.inference import MAX_TTA_VIEWS, check_tta, predict_probs, read_model_file, tta_view
+from disttrain.inference import MAX_TTA_VIEWS, check_tta, outputs, read_model_file, tta_view
 from disttrain.inputs import batch_loader, choose_split, list_inputs, list_labelled, parse_extensions, rank_batches
 from disttrain.models import WeightsError
 
@@ -58,13 +58,13 @@ def test_tta_blend_is_fastais_lerp_toward_the_plain_pass_and_max_is_elementwise(
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     x = torch.randn(6, 3, 8, 8)
-    plain, none = predict_probs(model, x, torch.no_grad, tta_n=0)
+    _, plain, none = outputs(model, x, torch.no_grad, tta_n=0)
     assert none is None and torch.allclose(plain.sum(1), torch.ones(6))
-    _, blended = predict_probs(model, x, torch.no_grad, tta_n=3, beta=0.25)
+    _, _, blended = outputs(model, x, torch.no_grad, tta_n=3, beta=0.25)
     views = torch.stack([model(tta_view(x, i)).softmax(1) for i in range(3)])
     assert torch.allclose(blended, 0.25 * plain + 0.75 * views.mean(0), atol=1e-6)
     assert (blended >= 0).all() and torch.allclose(blended.sum(1), torch.ones(6))
-    _, biggest = predict_probs(model, x, torch.no_grad, tta_n=3, use_max=True)
+    _, _, biggest = outputs(model, x, torch.no_grad, tta_n=3, use_max=True)
     assert torch.equal(biggest, torch.maximum(views.max(0).values, plain))
 
 
