@@ -75,7 +75,7 @@ def main() -> None:
         results[label] = timed(step_of(model, x), device, steps)
 
     head_name = groups[-1].blocks[0]
-    head = getattr(model, head_name)
+    head = model.get_submodule(head_name)
     features = {}
     hook = head.register_forward_pre_hook(lambda module, inp: features.__setitem__("x", inp[0].detach()))
     model.eval()

@@ -14,7 +14,9 @@ from disttrain.data.setup import build_augment, load_data
 from disttrain.jobgroup import JobGroup
 from disttrain.data.shards import Manifest
 from disttrain.finetune import layer_groups_header, split_layer_groups
-from disttrain.models import build_model, fetch_imagenet_weights, normalization
+from disttrain import zoo
+from disttrain.config import TIMM
+from disttrain.models import build_model, fetch_imagenet_weights, interpolation, normalization
 from disttrain.precision import resolve_precision
 from disttrain.runtime import rank_seed, seed_everything
 from disttrain.stage import enter_stage, plan_stages
@@ -42,9 +44,14 @@ def build_trainer(
     if cfg.model.pretrained == IMAGENET:  # downloaded by the main process when missing; the others wait
         path = group.from_main(lambda: fetch_imagenet_weights(cfg.model.name, progress=cfg.log.progress))
         reporter.line(f"pretrained: torchvision's ImageNet weights of {cfg.model.name} from {path}")
+    elif cfg.model.pretrained == TIMM:
+        reporter.line(f"pretrained: timm's weights of {zoo.timm_name(cfg.model.name)} from {zoo.cached_weights(cfg.model.name)}")
     mean, std, source = normalization(cfg.model, cfg.augment)
+    resample, resample_source = interpolation(cfg.model, cfg.augment)
     if cfg.model.pretrained is not None or cfg.augment.mean is None:
         reporter.line(f"normalization: mean {_fmt(mean)}, std {_fmt(std)} ({source})")
+    if zoo.is_timm(cfg.model.name) or cfg.augment.interpolation != "auto":
+        reporter.line(f"input: {cfg.data.image_size} px from a {cfg.data.load_size} px presize, {resample} resampling ({resample_source})")
 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, num_classes=len(data.classes)).to(accelerator.device)
@@ -59,7 +66,7 @@ def build_trainer(
     trainer = Trainer(
         accelerator,
         model,
-        augment=build_augment(cfg, accelerator, mean, std),
+        augment=build_augment(cfg, accelerator, mean, std, resample),
         reporter=reporter,
         total_epochs=plans[-1].end_epoch,
         grad_accum=cfg.train.grad_accum,

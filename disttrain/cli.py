@@ -1,13 +1,16 @@
-"""`disttrain train | find-lr | evaluate | predict | prepare | demo-data | launch`.
+"""`disttrain train | find-lr | evaluate | predict | export | prepare | demo-data | launch`.
 
     disttrain launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
     accelerate launch launch/train.py --config configs/demo.yaml --find-lr
     disttrain find-lr --config configs/demo.yaml
     accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ [--tta] [--out result.json]
+    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ --interpret look/   # top losses, grids
     accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt data.root=...   # its valid/ or val/
     accelerate launch -m disttrain.cli predict --weights runs/demo/model.pt --out predictions.csv new_images/ [--tta]
     disttrain predict --weights runs/demo/model.pt --topk 3 photo.jpg
+    disttrain export --weights runs/demo/model.pt --format onnx --out model.onnx   # or --format torchscript --out model.ts
+    disttrain predict --weights model.onnx --out predictions.csv new_images/        # the exported file, under onnxruntime
     disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
     disttrain demo-data ~/.cache/disttrain/mnist
 """
@@ -104,10 +107,13 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     _check_inference_args(args, "result.json")
     _check_out_dir(args.out_dir)
+    _check_out_dir(args.interpret, "--interpret")
+    if args.interpret_k < 1:
+        raise ConfigError(f"--interpret-k: must be at least 1 (images per grid), got {args.interpret_k}")
     extensions = parse_extensions(args.ext)
     cfg = load_config(args.config, args.overrides)
     options = EvaluateOptions(args.weights, args.data, args.split, args.out, args.out_dir, args.tta_n if args.tta else 0, args.tta_beta,
-                              args.tta_max, args.batch_size, extensions)
+                              args.tta_max, args.batch_size, extensions, interpret=args.interpret, interpret_k=args.interpret_k)
     return run(cfg, options)
 
 
@@ -124,6 +130,14 @@ def predict(args: argparse.Namespace):
     options = PredictOptions(args.weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
                              args.batch_size, args.workers, args.precision, parse_extensions(args.ext))
     return run(options)
+
+
+def export(args: argparse.Namespace):
+    """A model.pt as a verified ONNX or TorchScript file (disttrain/export.py)."""
+    from disttrain.export import export as write
+
+    _check_out_file(args.out, "model.onnx" if args.format == "onnx" else "model.ts")
+    return write(args.weights, args.format, args.out, args.dynamic_batch, args.batch_size)
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -211,10 +225,14 @@ def command_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="the sub-folder of DIR to evaluate (default: valid, else val, else test)")
     ev.add_argument("--out", help="write the result as JSON here (nothing is written without it)")
     ev.add_argument("--out-dir", help="write confusion_matrix.png and confusion_matrix.csv here")
+    ev.add_argument("--interpret", metavar="OUT_DIR", help="write the lesson's look at the results here: top_losses.png/.csv, "
+                                                           "most_confused.csv, per_class.csv, the confusion matrix and image grids")
+    ev.add_argument("--interpret-k", type=int, default=9, metavar="K", help="images per --interpret grid (default 9)")
     _inference_args(ev)
     pred = sub.add_parser("predict", help="class probabilities for new images (files and folders) from a model.pt")
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
-    pred.add_argument("--weights", required=True, help="model.pt written by a training run")
+    pred.add_argument("--weights", required=True, help="model.pt written by a training run, or a .onnx file written by "
+                                                       "disttrain export (run with onnxruntime on the CPU; no --tta)")
     pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class")
     pred.add_argument("--topk", type=int, help="instead of the CSV: the K most probable classes of each image, tab-separated "
                                                "path, rank, class, probability")
@@ -222,6 +240,13 @@ def command_parser() -> argparse.ArgumentParser:
                       help="decoding workers per process (default 1; 0, or a share under 1,000 images, decodes in the process)")
     pred.add_argument("--precision", default="auto", help="as train.precision (default auto)")
     _inference_args(pred)
+    exp = sub.add_parser("export", help="a model.pt as one ONNX or TorchScript file: uint8 NHWC images in, class probabilities out")
+    exp.add_argument("--weights", required=True, help="model.pt written by a training run")
+    exp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="onnx (default) or torchscript")
+    exp.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.ts); written only once verified")
+    exp.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
+                     help="any batch size (default); --no-dynamic-batch: exactly --batch-size images (ONNX only)")
+    exp.add_argument("--batch-size", type=int, default=1, help="the fixed batch size with --no-dynamic-batch (default 1)")
     prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
     prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*")
     prep.add_argument("dst", help="output folder for the shards and manifest.json")
@@ -263,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_user_errors(lambda: evaluate(args))
     if args.command == "prepare":
         return run_user_errors(lambda: prepare(args))
+    if args.command == "export":
+        return run_user_errors(lambda: export(args))
     from disttrain.demo_data import write_demo_data
 
     def demo_data() -> None:

@@ -20,6 +20,7 @@ import yaml
 
 
 IMAGENET = "imagenet"  # model.pretrained: torchvision's default weights for model.name
+TIMM = "timm"  # model.pretrained: timm's pretrained weights for a timm/<name> model, from the local Hugging Face cache
 
 
 class ConfigError(ValueError):
@@ -70,9 +71,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Shards: samples each loader worker holds to shuffle the stream (undecoded bytes, ~20 KB each)."""
     load_size: int = 256
-    """CPU presize: shorter side resized to this, then a centre square crop (uint8 on the wire)."""
+    """CPU presize: shorter side resized to this, then a centre square crop (uint8 on the wire). Not
+    given, for a timm model: image_size / its pretrained_cfg's crop_pct."""
     image_size: int = 224
-    """Size of the square the model sees; produced on the device from the presized square."""
+    """Size of the square the model sees; produced on the device from the presized square. Not
+    given, for a timm model: its pretrained_cfg's input size."""
     batch_size: int = 64
     """Images per rank per step (global batch = batch_size x world size x train.grad_accum)."""
     num_workers: int = 2
@@ -128,14 +131,19 @@ class AugmentConfig:
     """Probability that a sample gets the lighting changes."""
     erase_p: float = 0.0
     """Random erasing: probability that a sample gets one rectangle (2-33% of the area) set to the mean."""
+    interpolation: Literal["auto", "bilinear", "bicubic"] = "auto"
+    """The device resample to the model's size (training and evaluation views): `auto` is a timm
+    model's pretrained_cfg's (bicubic for most), bilinear for torchvision models."""
     mean: Optional[list[float]] = None
     """Per-channel mean subtracted after scaling pixels to [0, 1]; null: the pretrained weights' own
-    (ImageNet's for torchvision weights), and ImageNet's (0.485, 0.456, 0.406) when training from scratch."""
+    (ImageNet's for torchvision weights; a timm model's pretrained_cfg's, pretrained or not), and
+    ImageNet's (0.485, 0.456, 0.406) when training a torchvision model from scratch."""
     std: Optional[list[float]] = None
     """Per-channel standard deviation divided out after subtracting `mean`; null: as for `mean`
     (ImageNet's 0.229, 0.224, 0.225 by default)."""
 
     def __post_init__(self) -> None:
+        _choice("augment.interpolation", self.interpolation, ("auto", "bilinear", "bicubic"))
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) != 3:
@@ -159,18 +167,26 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
-    """torchvision classification model name (e.g. resnet18, resnet50, convnext_tiny)."""
+    """torchvision classification model name (e.g. resnet18, resnet50, convnext_tiny), or a timm model
+    as `timm/<name>` (e.g. timm/convnext_tiny, timm/efficientnet_b0, timm/resnet50.a1_in1k)."""
     pretrained: Optional[str] = None
     """Starting weights: `imagenet` (torchvision's default weights for `name`, read from torch's hub
-    cache `$TORCH_HOME/hub/checkpoints/`, downloaded there by the main process when missing), or the
-    path of a local state dict (.pt/.pth, or a disttrain model.pt). The classifier is sized to the
-    data's classes: a head of another size starts fresh."""
+    cache `$TORCH_HOME/hub/checkpoints/`, downloaded there by the main process when missing), `timm`
+    (timm's pretrained weights for a timm model, read from the local Hugging Face cache only, never
+    downloaded), or the path of a local state dict (.pt/.pth, .safetensors, or a disttrain model.pt).
+    The classifier is sized to the data's classes: a head of another size starts fresh."""
     channels_last: bool = True
     """Keep weights and activations in channels_last memory format (faster convs with AMP)."""
 
     def __post_init__(self) -> None:
+        if self.name.startswith("timm/"):
+            self._check_timm()
+            return
         import torchvision
 
+        if self.pretrained == TIMM:
+            raise ConfigError(f"model.pretrained: `{TIMM}` is for timm models (model.name: timm/<name>); for torchvision's "
+                              f"{self.name} use `{IMAGENET}` or a state dict's path")
         names = torchvision.models.list_models(module=torchvision.models)
         if self.name not in names:
             close = difflib.get_close_matches(self.name, names, n=3)
@@ -187,6 +203,21 @@ class ModelConfig:
             raise ConfigError(
                 f"model.pretrained: {self.pretrained!r} is not a file; give the path of a local state "
                 f"dict, `{IMAGENET}` for torchvision's weights, or set model.pretrained=null"
+            )
+
+    def _check_timm(self) -> None:
+        from disttrain import zoo
+
+        zoo.check_name(self.name)
+        if self.pretrained == IMAGENET:
+            raise ConfigError(f"model.pretrained: `{IMAGENET}` is torchvision's weights; for {self.name} use `{TIMM}` "
+                              "(timm's weights from the local Hugging Face cache) or a weights file's path")
+        if self.pretrained == TIMM:
+            zoo.cached_weights(self.name)  # ZooError (a ConfigError) naming the file looked for and how to fetch it
+        elif self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
+            raise ConfigError(
+                f"model.pretrained: {self.pretrained!r} is not a file; give the path of a state dict or safetensors file, "
+                f"`{TIMM}` for timm's weights, or set model.pretrained=null"
             )
 
 
@@ -355,6 +386,13 @@ class TrainConfig:
     """Weight of the plain pass in the TTA blend (fastai's beta), in [0, 1]: beta x plain + (1 - beta) x views."""
     tta_max: bool = False
     """Combine the plain pass and the views by their element-wise maximum instead of the blend."""
+    interpret: bool = False
+    """After model.pt is written, the lesson's look at the results on the validation folder, into
+    <run dir>/interpret/ (as `disttrain evaluate --interpret`: top losses, most confused, per-class
+    scores, the confusion matrix and image grids); with W&B, the grids and a Table of the top losses.
+    Needs data.format=folder."""
+    interpret_k: int = 9
+    """Images per train.interpret grid (and rows of top_losses.csv)."""
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
@@ -369,6 +407,7 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None:
             _positive("train.max_steps_per_epoch", self.max_steps_per_epoch)
         _positive("train.collective_timeout", self.collective_timeout)
+        _positive("train.interpret_k", self.interpret_k)
 
 
 @dataclass
@@ -833,14 +872,37 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
         if key not in leaves:
             raise _unknown(key, list(leaves))
         flat[key] = value
+    _model_sizes(flat)
     cfg = _build(Config, "", flat)
     cfg.stages = _build_stages(raw_stages, stage_overrides, flat, cfg)
     cfg.run_stages()  # the implicit stage of a run without stages is checked too (e.g. sgdr epochs)
+    if cfg.train.interpret and cfg.data.format != "folder":
+        raise ConfigError("train.interpret: needs data.format=folder (it shows images by their paths; shards hold none); "
+                          "set train.interpret=false and run `disttrain evaluate --interpret DIR --data <image folder>`")
     if cfg.stages:  # finetune.groups against model.name, built on the meta device (no weights, no memory)
         from disttrain.finetune import check_groups
 
         check_groups(cfg.model.name, cfg.finetune.groups)
     return cfg
+
+
+def _model_sizes(flat: dict[str, Any]) -> None:
+    """A timm model's input size and presize from its pretrained_cfg, where data.image_size /
+    data.load_size are not given (set in `flat` before the sections are built and checked)."""
+    name = flat.get("model.name")
+    if not isinstance(name, str) or not name.startswith("timm/") or {"data.image_size", "data.load_size"} <= set(flat):
+        return
+    from disttrain import zoo
+
+    zoo.check_name(name)
+    own = zoo.preprocess(name)
+    flat.setdefault("data.image_size", own.image_size)
+    if "data.load_size" not in flat:
+        try:
+            size = int(flat["data.image_size"])
+        except (TypeError, ValueError):
+            return  # not a number: building data.image_size says so
+        flat["data.load_size"] = zoo.default_load_size(size, own.crop_pct)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:

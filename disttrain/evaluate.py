@@ -14,7 +14,9 @@ more), per-class accuracy and the confusion matrix (row = true class), plain and
 validation split through the training loaders.
 
 Nothing is written anywhere unless asked: `--out FILE.json` (the result), `--out-dir DIR`
-(`confusion_matrix.png` and `.csv`). Files that do not decode are listed on stderr and counted.
+(`confusion_matrix.png` and `.csv`), `--interpret DIR` (top losses, most confused, per-class scores
+and the lesson's grids: disttrain/interpret.py; folders only). Files that do not decode are listed
+on stderr and counted.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
 from disttrain.inference import batch_outputs, eval_view, read_model_file, saved_network
 from disttrain.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
+from disttrain.interpret import DEFAULT_K, SampleRecorder, write_interpretation
 from disttrain.jobgroup import JobGroup
 from disttrain.metrics import EvalResult, EvalSums, per_class
 from disttrain.models import WeightsError
@@ -55,6 +59,10 @@ class EvaluateOptions:
     batch_size: int = 32
     """Images per batch (each batch on one process), as predict's --batch-size."""
     extensions: frozenset[str] | None = IMAGE_EXTENSIONS
+    interpret: str | None = None
+    """Folder for the interpretation files (disttrain/interpret.py)."""
+    interpret_k: int = DEFAULT_K
+    """Images per interpretation grid (and rows of top_losses.csv)."""
 
 
 def _sized(cfg, state: dict):
@@ -72,13 +80,15 @@ def _model(state: dict, cfg, device: torch.device):
     model = saved_network(state, device)
     saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
     mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
-    return model, eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last)
+    return model, eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last, state.get("interpolation", "bilinear"))
 
 
 def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, num_classes: int, load_size: int, workers: int,
-                   worker_timeout: float, options: EvaluateOptions, progress: bool = True) -> tuple[EvalResult, list[tuple[str, str]]]:
+                   worker_timeout: float, options: EvaluateOptions, progress: bool = True,
+                   recorder: SampleRecorder | None = None) -> tuple[EvalResult, list[tuple[str, str]]]:
     """This rank's batches of a labelled listing, the sums reduced across ranks once (on `group`,
-    which waits for the slowest rank): (result, every rank's undecodable files with the reason)."""
+    which waits for the slowest rank): (result, every rank's undecodable files with the reason).
+    `recorder` also keeps each image's scalars of the same forward pass (its `gather` is the caller's)."""
     from tqdm import tqdm
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -96,6 +106,8 @@ def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, nu
                 logits, _, tta = batch_outputs(model, view, images.to(device, non_blocking=True), accelerator.autocast,
                                                options.tta_n, options.tta_beta, options.tta_max)
                 sums.add(logits, labels[index].to(device), tta)
+                if recorder is not None:
+                    recorder.add(index, logits, labels[index].to(device))
             bar.update(min((len(index) + len(failed)) * world, bar.total - bar.n))  # an estimate of all ranks
     bar.close()
     result = sums.result(group.sum, skipped=len(bad))
@@ -113,6 +125,16 @@ def evaluate_shards(cfg, accelerator, group: JobGroup, model, view, classes: lis
         raise WeightsError(f"{weights}: trained on classes {classes}, but the shards in {cfg.data.root} have {data.classes}")
     _, valid_loader = build_loaders(cfg, data, accelerator)
     return validate(accelerator, model, valid_loader, view, len(classes), options.tta_n, options.tta_beta, options.tta_max)
+
+
+def check_interpret(cfg, options: EvaluateOptions) -> None:
+    """`--interpret` shows images by their paths: a folder of images, not shards (ConfigError)."""
+    if options.interpret is None:
+        return
+    prepared = options.data is not None and (Path(options.data).expanduser() / "manifest.json").is_file()
+    if prepared or (cfg.data.format == "shards" and options.data is None):
+        raise ConfigError("--interpret: needs a folder of images (DIR/<class>/<images>), not shards (they hold no file paths "
+                          "to show); give --data the image folder `disttrain prepare` read")
 
 
 def summary_lines(result: EvalResult, classes: list[str], options: EvaluateOptions) -> list[str]:
@@ -157,6 +179,7 @@ def run(cfg, options: EvaluateOptions) -> dict:
     JSON summary."""
     from disttrain.runtime import build_accelerator
 
+    check_interpret(cfg, options)
     state = read_model_file(options.weights, need_inference_keys=False)
     cfg = _sized(cfg, state)
     classes = list(state["classes"])
@@ -164,6 +187,7 @@ def run(cfg, options: EvaluateOptions) -> dict:
     group = JobGroup(accelerator.num_processes)
     model, view = _model(state, cfg, accelerator.device)
     bad: list[tuple[str, str]] = []
+    records = None
     if options.data is not None and (Path(options.data).expanduser() / "manifest.json").is_file():  # shards written by prepare
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="shards", root=options.data))
         options = dataclasses.replace(options, data=None)
@@ -178,8 +202,10 @@ def run(cfg, options: EvaluateOptions) -> dict:
         if accelerator.is_main_process:
             print(f"evaluating {where}: {len(inputs.paths)} image file(s) in {len(set(inputs.labels))} class folder(s) (model.pt has "
                   f"{len(classes)} classes) on {accelerator.num_processes} process(es)", flush=True)
+        recorder = SampleRecorder() if options.interpret else None
         result, bad = evaluate_files(accelerator, group, model, view, inputs, len(classes), cfg.data.load_size, cfg.data.num_workers,
-                                     cfg.data.worker_timeout, options)
+                                     cfg.data.worker_timeout, options, recorder=recorder)
+        records = recorder.gather(group) if recorder is not None else None
     if accelerator.is_main_process:
         for path, reason in bad:
             print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -195,5 +221,10 @@ def run(cfg, options: EvaluateOptions) -> dict:
             _write_json(summary, Path(options.out))
         if options.out_dir and result.confusion is not None:
             write_confusion(summary["confusion"], classes, Path(options.out_dir))
+        if records is not None:
+            written = write_interpretation(records, inputs.paths, classes, Path(options.interpret), options.interpret_k,
+                                           cfg.data.load_size, view)
+            for line in written.lines(classes):
+                print(line, flush=True)
     accelerator.end_training()
     return summary

@@ -9,7 +9,10 @@ is at stride 16 (fastai's resnet and densenet splits; its vgg16_bn split too), V
 halved, and the head (the classifier: `fc`, `classifier`, `heads`, `head`) is the last group. The
 tests measure the strides of every variant in torchvision's list of each family. With 2 groups the
 body is one group; with more than 3 the units are cut into body groups of about equal parameter
-counts, never inside a unit. Models without a family (alexnet, googlenet, inception, squeezenet,
+counts, never inside a unit. timm models (`timm/<name>`) are one family: their units are timm's own
+coarse `group_matcher` groups (the stem, then each stage; disttrain/zoo.py), the head is their
+`pretrained_cfg`'s classifier, and group 1 starts after the last stage at stride <= 8 by their
+`feature_info` (an isotropic model, ViT's, is halved after its stem). Models without a family (alexnet, googlenet, inception, squeezenet,
 shufflenet, mnasnet, maxvit) are cut at block boundaries into groups of about equal parameter
 counts, blocks being the children of `nn.Sequential` / `nn.ModuleList` containers, a module too
 large for one group split into its children. The printed header says which rule made the split.
@@ -28,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from disttrain import zoo
 from disttrain.config import ConfigError
 from disttrain.models import decay_groups
 
@@ -175,13 +179,25 @@ def _families() -> dict[type, Family]:
     }
 
 
+TIMM_FAMILY = Family(
+    "timm", lambda model: zoo.units(model, zoo.classifier_name(model)), zoo.first_stride_16_unit,
+    "timm's group_matcher stages, cut by its feature_info",
+)
+
+
 def family_of(model: nn.Module) -> Family | None:
-    """The model's family entry (by exact class: a subclass may be built otherwise), or None."""
+    """The model's family entry (by exact class: a subclass may be built otherwise; every timm model
+    is the timm family), or None."""
+    if zoo.is_timm_model(model):
+        return TIMM_FAMILY
     return _families().get(type(model))
 
 
 def head_name(model: nn.Module) -> str:
-    """The last top-level child holding parameters: the classifier the data's classes size."""
+    """The classifier the data's classes size: a timm model's `pretrained_cfg` names it (`head.fc`,
+    ...); otherwise the last top-level child holding parameters."""
+    if zoo.is_timm_model(model):
+        return zoo.classifier_name(model)
     with_params = [name for name, child in model.named_children() if _size(child) > 0]
     if not with_params:
         raise SplitError(f"model.name: {type(model).__name__} has no top-level module with parameters to use as the head")
@@ -228,7 +244,7 @@ def _units(model: nn.Module, head: str, groups: int) -> tuple[list[Unit], Family
     family = family_of(model)
     if family is not None:
         return family.units(model), family
-    body = _size(model) - _size(getattr(model, head))
+    body = _size(model) - _size(model.get_submodule(head))
     blocks = _blocks(model, head, body / max(1, groups - 1))
     if len(blocks) < groups - 1:
         blocks = _blocks(model, head, 0)  # the finest cut: every module with children split
@@ -260,7 +276,7 @@ def split_layer_groups(model: nn.Module, groups: int, name: str | None = None) -
         pairs = [pair for part in named[start:end] for pair in part]
         blocks = [member for unit in units[start:end] for member in unit if _named(model, member)]
         out.append(LayerGroup(g, blocks, [p for _, p in pairs], names=[n for n, _ in pairs]))
-    head_pairs = list(getattr(model, head).named_parameters(prefix=head))
+    head_pairs = list(model.get_submodule(head).named_parameters(prefix=head))
     out.append(LayerGroup(groups - 1, [head], [p for _, p in head_pairs], head=True, names=[n for n, _ in head_pairs]))
     seen = [id(p) for group in out for p in group.params]
     if len(seen) != len(set(seen)) or set(seen) != {id(p) for p in model.parameters()}:
@@ -277,7 +293,8 @@ def layer_groups_header(name: str, model: nn.Module, groups: int) -> str:
         rule = "the body | the head"
     elif family is not None and groups == 3:
         source = family.source or f"disttrain's stated split for {name}"
-        rule = f"{family.layout} | head, {source}"
+        layout = "the stem and the first half of the blocks | the second half" if family is TIMM_FAMILY and zoo.isotropic(model) else family.layout
+        rule = f"{layout} | head, {source}"
     elif family is not None:
         units = len(family.units(model))
         rule = f"{family.name}'s {units} units in {groups - 1} body groups balanced by parameter count | head"
@@ -303,9 +320,12 @@ def _balanced_cuts(sizes: list[int], parts: int) -> list[int]:
 
 
 def empty_model(name: str, num_classes: int = 2) -> nn.Module:
-    """torchvision's `name` on the meta device: shapes only, no memory, no initialization cost."""
+    """Model `name` (torchvision's, or timm's `timm/<name>`) on the meta device: shapes only, no
+    memory, no initialization cost."""
     import torchvision
 
+    if zoo.is_timm(name):
+        return zoo.empty(name, num_classes)
     try:
         with torch.device("meta"):
             return torchvision.models.get_model(name, num_classes=num_classes)

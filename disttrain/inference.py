@@ -51,6 +51,7 @@ class SavedModel:
     mean: list[float]
     std: list[float]
     precision: str | None
+    interpolation: str = "bilinear"
 
 
 def read_model_file(path: str | Path, need_inference_keys: bool = True) -> dict:
@@ -91,12 +92,14 @@ def load_saved_model(path: str | Path, device: torch.device) -> SavedModel:
     state = read_model_file(path)
     norm = state["normalize"]
     return SavedModel(saved_network(state, device), list(state["classes"]), state["arch"], int(state["image_size"]),
-                      int(state["load_size"]), list(norm["mean"]), list(norm["std"]), state.get("precision"))
+                      int(state["load_size"]), list(norm["mean"]), list(norm["std"]), state.get("precision"),
+                      state.get("interpolation", "bilinear"))
 
 
-def eval_view(image_size: int, mean: list[float], std: list[float], channels_last: bool = True) -> DeviceAugment:
-    """The validation view (center `image_size` of the presized square, normalized): `view(x, train=False)`."""
-    return DeviceAugment(AugmentConfig(), image_size, channels_last=channels_last, mean=mean, std=std)
+def eval_view(image_size: int, mean: list[float], std: list[float], channels_last: bool = True,
+              interpolation: str = "bilinear") -> DeviceAugment:
+    """The validation view (the presized square resampled to `image_size`, normalized): `view(x, train=False)`."""
+    return DeviceAugment(AugmentConfig(), image_size, channels_last=channels_last, mean=mean, std=std, interpolation=interpolation)
 
 
 def check_tta(tta_n: int, beta: float, n_key: str = "--tta-n", beta_key: str = "--tta-beta") -> None:

@@ -1,6 +1,7 @@
-"""torchvision classification models by name, a head sized to the data, pretrained weights (a local
-state dict, or torchvision's ImageNet weights from torch's hub cache), the normalization they
-expect, and the optimizer (no weight decay on biases, norm weights, tokens, position embeddings and
+"""Classification models by name (torchvision's, and timm's as `timm/<name>`: disttrain/zoo.py), a
+head sized to the data, pretrained weights (a local state dict or safetensors file, torchvision's
+ImageNet weights from torch's hub cache, timm's from the Hugging Face cache), the preprocessing
+they expect, and the optimizer (no weight decay on biases, norm weights, tokens, position embeddings and
 layer scales)."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from disttrain.config import IMAGENET, AugmentConfig, ModelConfig, OptimConfig
+from disttrain import zoo
+from disttrain.config import IMAGENET, TIMM, AugmentConfig, ModelConfig, OptimConfig
 from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as failed
@@ -25,10 +27,16 @@ class WeightsError(ValueError):
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """`cfg.name` with a head for `num_classes`, from `cfg.pretrained` (for `imagenet` the hub file
-    must be there already: `fetch_imagenet_weights`)."""
-    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
-    if cfg.pretrained is not None:
-        load_pretrained(model, pretrained_file(cfg))
+    must be there already: `fetch_imagenet_weights`; for `timm` the Hugging Face cache's file)."""
+    if zoo.is_timm(cfg.name):
+        model = zoo.create(cfg.name, num_classes, zoo.cached_weights(cfg.name) if cfg.pretrained == TIMM else None)
+    else:
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
+    if cfg.pretrained not in (None, TIMM):
+        skipped = load_pretrained(model, pretrained_file(cfg))
+        if zoo.is_timm(cfg.name) and any(name.startswith(zoo.classifier_name(model) + ".") for name in skipped):
+            model.reset_classifier(num_classes)  # a fresh head as timm makes one for pretrained weights (its from-scratch
+            # init of some families, EfficientNet's and MobileNet's, is scaled for 1000 classes: large logits for 2)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -75,9 +83,12 @@ def fetch_imagenet_weights(name: str, progress: bool = True) -> Path:
 
 def normalization(model: ModelConfig, augment: AugmentConfig) -> tuple[list[float], list[float], str]:
     """(mean, std, where they come from): augment.mean/std when set, else the pretrained weights'
-    own (a disttrain model.pt keeps its own; torchvision's weights and plain state dicts follow the
-    ImageNet convention), else ImageNet's."""
+    own (a disttrain model.pt keeps its own; a timm model's are its `pretrained_cfg`'s, pretrained
+    or not; torchvision's weights and plain state dicts follow the ImageNet convention), else ImageNet's."""
     mean, std, source = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
+    if zoo.is_timm(model.name):
+        own = zoo.preprocess(model.name)
+        mean, std, source = own.mean, own.std, f"timm's pretrained_cfg of {zoo.timm_name(model.name)}"
     if model.pretrained == IMAGENET:
         transforms = imagenet_weights(model.name).transforms()
         mean, std, source = list(transforms.mean), list(transforms.std), f"the ImageNet weights' own ({model.name})"
@@ -86,12 +97,22 @@ def normalization(model: ModelConfig, augment: AugmentConfig) -> tuple[list[floa
         if saved is not None:
             mean, std = saved
             source = f"{model.pretrained}'s own"
-        else:
+        elif not zoo.is_timm(model.name):
             source = f"ImageNet's, the convention of torchvision state dicts like {Path(model.pretrained).name}"
     if augment.mean is not None or augment.std is not None:
         mean, std = augment.mean or mean, augment.std or std
         source = "augment.mean/std"
     return mean, std, source
+
+
+def interpolation(model: ModelConfig, augment: AugmentConfig) -> tuple[str, str]:
+    """(the device resample's interpolation, where it comes from): augment.interpolation when set,
+    else a timm model's `pretrained_cfg`'s, else bilinear (torchvision's weights' own)."""
+    if augment.interpolation != "auto":
+        return augment.interpolation, "augment.interpolation"
+    if zoo.is_timm(model.name):
+        return zoo.preprocess(model.name).interpolation, f"timm's pretrained_cfg of {zoo.timm_name(model.name)}"
+    return "bilinear", "torchvision's weights' own"
 
 
 def _saved_normalization(path: Path) -> tuple[list[float], list[float]] | None:
@@ -107,17 +128,32 @@ def _saved_normalization(path: Path) -> tuple[list[float], list[float]] | None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a bare state dict, or one of our checkpoints (`{"model": ...}`)."""
+    """A state dict from a file: a safetensors file, a bare state dict, or one of our checkpoints
+    (`{"model": ...}`)."""
     path = Path(path).expanduser()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if _is_safetensors(path):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"{path}: not a loadable state dict ({err})") from err
+        raise WeightsError(f"{path}: not a loadable state dict or safetensors file ({err})") from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a dict of tensors (a state dict)")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:

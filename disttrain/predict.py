@@ -17,6 +17,11 @@ number of processes, so the output is byte-identical on 1, 2 or 3 processes.
 
 Output: CSV `path,label,score,<one probability column per class>`; with `--topk K`, tab-separated
 `path, rank, class, probability`, K rows per image. Both have a header line.
+
+`--weights model.onnx` (a file `disttrain export` wrote; by its suffix) runs it with onnxruntime on
+the CPU, one session per rank, through the same listing, batches, decoding and part files
+(disttrain/exported.py `OnnxModel`): the presized squares go into the file as they are, which
+resamples them as the eval view does. No TTA (the file holds the plain pass).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from pathlib import Path
 
 import torch
 
+from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
+from disttrain.exported import OnnxModel, is_onnx_file
 from disttrain.inference import SavedModel, batch_outputs, eval_view, load_saved_model
 from disttrain.inputs import Inputs, batch_loader, list_inputs, rank_batches
 from disttrain.jobgroup import JobGroup
@@ -122,7 +129,23 @@ def _skipped(parts: Path, rank: int) -> Path:
     return parts / f"skipped-{rank:05d}.tsv"
 
 
-def predict_share(accelerator, saved: SavedModel, inputs: Inputs, parts: Path, options: PredictOptions,
+def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions):
+    """The probabilities written for a presized uint8 (B, S, S, 3) batch, on the CPU: an exported
+    ONNX file's under onnxruntime, or the model.pt's forward (plain or TTA) on the device."""
+    if isinstance(saved, OnnxModel):
+        return saved.probabilities
+    device = accelerator.device
+    view = eval_view(saved.image_size, saved.mean, saved.std, interpolation=saved.interpolation)
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
+        _, plain, tta = batch_outputs(saved.model, view, images.to(device, non_blocking=True), accelerator.autocast,
+                                      options.tta_n, options.tta_beta, options.tta_max)
+        return (tta if tta is not None else plain).cpu()
+
+    return probabilities
+
+
+def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, parts: Path, options: PredictOptions,
                   worker_timeout: float) -> tuple[int, int]:
     """This rank's batches -> its part files; returns (images predicted, files skipped)."""
     from tqdm import tqdm
@@ -132,7 +155,7 @@ def predict_share(accelerator, saved: SavedModel, inputs: Inputs, parts: Path, o
     batches = rank_batches(len(paths), options.batch_size, world, rank)
     loader = batch_loader(paths, batches, options.batch_size, saved.load_size, options.workers, worker_timeout,
                           pin_memory=device.type == "cuda")
-    view = eval_view(saved.image_size, saved.mean, saved.std)
+    probabilities = _forward(accelerator, saved, options)
     done = skipped = 0
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (options.progress and accelerator.is_main_process), file=sys.stderr)
     with open(_part(parts, rank, options.topk), "w", newline="") as rows, open(_skipped(parts, rank), "w", newline="") as bad:
@@ -142,9 +165,7 @@ def predict_share(accelerator, saved: SavedModel, inputs: Inputs, parts: Path, o
                 bad_writer.writerows([paths[i], reason] for i, reason in failed)
                 skipped += len(failed)
                 if images is not None:
-                    _, plain, tta = batch_outputs(saved.model, view, images.to(device, non_blocking=True), accelerator.autocast,
-                                                  options.tta_n, options.tta_beta, options.tta_max)
-                    write_rows(row_writer, [paths[i] for i in index], (tta if tta is not None else plain).cpu(), saved.classes, options.topk)
+                    write_rows(row_writer, [paths[i] for i in index], probabilities(images), saved.classes, options.topk)
                     done += len(index)
                 rows.flush()
                 bad.flush()
@@ -191,10 +212,14 @@ def run(options: PredictOptions) -> PredictSummary:
     from disttrain.config import build_config
     from disttrain.runtime import build_accelerator
 
-    cfg = build_config({"train": {"precision": options.precision}})
+    onnx = is_onnx_file(options.weights)
+    if onnx and options.tta_n:
+        raise ConfigError(f"--tta: not with an exported ONNX file ({options.weights} computes the plain pass only); "
+                          "predict with the model.pt for TTA")
+    cfg = build_config({"train": {"precision": "no" if onnx else options.precision}})  # an ONNX file computes in fp32
     accelerator = build_accelerator(cfg)
     group = JobGroup(accelerator.num_processes)
-    saved = load_saved_model(options.weights, accelerator.device)
+    saved = OnnxModel(options.weights) if onnx else load_saved_model(options.weights, accelerator.device)
     inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))
     parts = Path(parts)
     start = time.perf_counter()
@@ -213,7 +238,7 @@ def run(options: PredictOptions) -> PredictSummary:
     if accelerator.is_main_process:
         where = f" -> {options.out}" if options.out else ""
         left = f", {inputs.left_out} left out by their suffix (--ext)" if inputs.left_out else ""
-        tta = f", TTA {options.tta_n} views" if options.tta_n else ""
+        tta = f", TTA {options.tta_n} views" if options.tta_n else ", onnxruntime (CPU)" if onnx else ""
         print(f"predicted {images} image(s){where}, {skipped} skipped (not decodable){left}{tta}; "
               f"{images / max(seconds, 1e-9):.1f} images/s on {world} process(es)", file=sys.stderr, flush=True)
     accelerator.end_training()

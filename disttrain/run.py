@@ -119,6 +119,10 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
     if cfg.train.tta:
         _tta(cfg, trainer, data, plans[-1])
     _save(cfg, trainer, data, plans)
+    if cfg.train.interpret:  # the lesson's look at the results, once model.pt is written
+        from disttrain.interpret import interpret_run
+
+        interpret_run(cfg, trainer, data, plans[-1].cfg)
     return trainer.history
 
 
@@ -143,7 +147,8 @@ def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
 
     train, acc = cfg.train, trainer.accelerator
     if plan.cfg.precompute:
-        view = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last)
+        view = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last,
+                         trainer.augment.interpolation)
         loader = eval_loader(cfg, data.valid, acc, plan.cfg.load_size, plan.cfg.batch_size * 2, name="valid (TTA)")
         result = evaluate(acc, trainer.module, loader, view, len(trainer.classes), train.tta_n, train.tta_beta, train.tta_max)
     else:
@@ -165,6 +170,7 @@ def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
             cfg.run.dir / "model.pt", trainer.module.state_dict(), data.classes, cfg.model.name,
             normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
             image_size=last.image_size, load_size=last.load_size, precision=acc.mixed_precision,
+            interpolation=trainer.augment.interpolation, family="timm" if cfg.model.name.startswith("timm/") else "torchvision",
         )
         results = {
             "world_size": acc.num_processes,

@@ -98,7 +98,7 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
         from disttrain.precompute import precompute
 
         head_name = groups[-1].blocks[0]
-        target = getattr(module, head_name)
+        target = module.get_submodule(head_name)
         bs, world = stage.batch_size, acc.num_processes
         steps = -(-len(data.train) // (world * bs))  # as the image path's RankBatchSampler: equal on every rank
         features = precompute(

@@ -226,6 +226,18 @@ class Tracker:
             plot = wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes, title="validation")
             self.wandb_run.log({"valid/confusion_matrix": plot}, step=step)
 
+    def log_interpretation(self, grids: dict[str, Path], top_losses: list[tuple], step: int) -> None:
+        """train.interpret (disttrain/interpret.py), to W&B only: each grid PNG as `interpret/<name>`
+        and the top losses as the Table `interpret/top_losses_table` (image: what the model saw,
+        actual, predicted, loss, probability_actual)."""
+        wandb = self.wandb
+        if not self.is_main or wandb is None:
+            return
+        media = {f"interpret/{name}": wandb.Image(str(path)) for name, path in grids.items()}
+        rows = [[wandb.Image(image), actual, predicted, loss, p] for image, actual, predicted, loss, p in top_losses]
+        media["interpret/top_losses_table"] = wandb.Table(columns=["image", "actual", "predicted", "loss", "probability_actual"], data=rows)
+        self.wandb_run.log(media, step=step)
+
     def finish(self, failed: bool = False) -> None:
         """Close metrics.jsonl and end the W&B run (marked failed when the run raised)."""
         if self._metrics is not None:

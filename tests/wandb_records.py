@@ -77,3 +77,10 @@ def config(records) -> dict:
         if r.WhichOneof("record_type") == "config":
             out.update({_key(i): json.loads(i.value_json) for i in r.config.update if _key(i)})
     return {k: v["value"] if isinstance(v, dict) and "value" in v and set(v) <= {"value", "desc"} else v for k, v in out.items()}
+
+
+def artifact_files(records) -> dict[str, str]:
+    """The files of the run's logged artifacts (a Table with images is one): {path in the artifact:
+    the local file W&B staged it in}."""
+    return {entry.path: entry.local_path for r in records if r.WhichOneof("record_type") == "artifact"
+            for entry in r.artifact.manifest.contents}

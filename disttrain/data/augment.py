@@ -38,13 +38,17 @@ class DeviceAugment:
 
     def __init__(
         self, cfg: AugmentConfig, image_size: int, seed: int = 0, channels_last: bool = True,
-        mean: list[float] | None = None, std: list[float] | None = None,
+        mean: list[float] | None = None, std: list[float] | None = None, interpolation: str = "bilinear",
     ):
-        """`mean` / `std`: the normalization (default: cfg's, else ImageNet's). `image_size` may be
-        changed between epochs (progressive resizing)."""
+        """`mean` / `std`: the normalization (default: cfg's, else ImageNet's). `interpolation`:
+        the resample's, `bilinear` or `bicubic` (resolved from cfg's `auto` by the caller).
+        `image_size` may be changed between epochs (progressive resizing)."""
         self.cfg = cfg
         self.image_size = image_size
         self.channels_last = channels_last
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"DeviceAugment: interpolation must be bilinear or bicubic, got {interpolation!r}")
+        self.interpolation = interpolation
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = list(mean or cfg.mean or IMAGENET_MEAN)
         self.std = list(std or cfg.std or IMAGENET_STD)
@@ -109,7 +113,8 @@ class DeviceAugment:
                 return x
             theta = torch.eye(2, 3).expand(n, 2, 3)
         grid = F.affine_grid(theta.to(x.device, x.dtype), [n, c, size, size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        x = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="reflection", align_corners=False)
+        return x.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else x  # bicubic overshoots [0, 1]
 
     def _lighting(self, x: torch.Tensor) -> torch.Tensor:
         brightness, contrast, saturation = (t.to(x.device).view(-1, 1, 1, 1) for t in self.lighting_params(len(x)))

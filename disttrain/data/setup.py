@@ -90,7 +90,8 @@ def eval_loader(cfg: Config, split, accelerator: Accelerator, load_size: int, ba
     return DeviceLoader(loader, sampler, batch_size, device, name=name)
 
 
-def build_augment(cfg: Config, accelerator: Accelerator, mean: list[float] | None = None, std: list[float] | None = None) -> DeviceAugment:
+def build_augment(cfg: Config, accelerator: Accelerator, mean: list[float] | None = None, std: list[float] | None = None,
+                  interpolation: str = "bilinear") -> DeviceAugment:
     return DeviceAugment(
         cfg.augment,
         cfg.data.image_size,
@@ -98,4 +99,5 @@ def build_augment(cfg: Config, accelerator: Accelerator, mean: list[float] | Non
         channels_last=cfg.model.channels_last,
         mean=mean,
         std=std,
+        interpolation=interpolation,
     )

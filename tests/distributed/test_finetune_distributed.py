@@ -6,6 +6,8 @@ uninterrupted once on 2 processes. It is the reference of:
 - ranks: after every stage's last training step, before anything syncs them, every rank's
   parameters and optimizer state are bitwise identical (DDP is rebuilt per stage, so the weights
   unfrozen later are all-reduced too); frozen weights stay the pretrained file's bitwise;
+- the same on a timm model (timm/test_resnet, its weights in a Hugging Face cache made here, the
+  layer groups from timm's group_matcher), on 2 and on 3 processes;
 - resume: the same run killed (by a hook, at fixed checkpoints) at a stage boundary, inside the
   precompute stage and right after the last stage's sweep, and resumed each time, writes bitwise the
   same checkpoints, weights and epoch table.
@@ -13,6 +15,7 @@ uninterrupted once on 2 processes. It is the reference of:
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -27,6 +30,33 @@ from conftest import launch
 pytestmark = pytest.mark.dist
 
 WORKER = "tests/distributed/run_worker.py"
+
+
+@pytest.fixture(scope="module")
+def timm_home(tmp_path_factory) -> Path:
+    """An HF_HOME whose hub cache holds timm/test_resnet.r160_in1k's model.safetensors as
+    huggingface_hub lays it out (refs/main -> a snapshot), with seeded weights and timm's
+    1000-class head: `model.pretrained=timm` finds it there, as it would timm's real file."""
+    import timm
+    from safetensors.torch import save_file
+
+    home = tmp_path_factory.mktemp("hf")
+    repo = home / "hub" / "models--timm--test_resnet.r160_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(321)
+    save_file(timm.create_model("test_resnet").state_dict(), str(snapshot / "model.safetensors"))
+    return home
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -144,17 +174,60 @@ def test_three_stages_on_2_ranks_every_rank_computes_bitwise_the_same_weights(re
     assert {k for r in rows if r.get("stage") == 2 for k in r if k.startswith("train/lr/group")} == {f"train/lr/group{g}" for g in range(3)}
 
 
-def test_frozen_then_unfrozen_on_3_ranks_without_train_bn_keeps_every_statistic(tmp_path, mnist_small, pretrained):
+def test_a_timm_model_in_three_stages_on_2_ranks_every_rank_computes_bitwise_the_same_weights(tmp_path, mnist_small, timm_home):
+    """The 3 stages on timm/test_resnet, pretrained=timm from the Hugging Face cache (HF_HOME): the
+    groups are timm's stages cut after stride 8; every rank's parameters and optimizer state are
+    bitwise equal after each stage; the frozen body is the cached file's, the head trains on
+    precomputed activations, then everything moves."""
+    file = _read(next((timm_home / "hub").rglob("model.safetensors")))
+    config = _config(tmp_path, mnist_small, None, THREE_STAGES, model="timm/test_resnet")
+    stdout = launch([WORKER, str(config), "--dump", str(tmp_path), "model.pretrained=timm", "checkpoint.every_n_steps=null"], nproc=2,
+                    env={"HF_HOME": str(timm_home)}).stdout
+    assert re.search(r"pretrained: timm's weights of test_resnet from \S+/models--timm--test_resnet\.r160_in1k/snapshots/0+/model\.safetensors",
+                     stdout), stdout
+    assert "normalization: mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5) (timm's pretrained_cfg of test_resnet)" in stdout, stdout
+    assert "layer groups of timm/test_resnet (finetune.groups=3: stride <= 8 | stride 16 and 32 | head, timm's group_matcher stages" in stdout
+    assert re.search(r"group 0: conv1 \.\. layer2 .*\n.*group 1: layer3 \.\. layer4 .*\n.*group 2 \(head\): fc ", stdout), stdout
+    assert re.search(r"head: precomputed the frozen body's output for 300 train \+ 110 valid images", stdout), stdout
+    stages = [_states(tmp_path, stage, 2) for stage in range(3)]
+    for stage, (rank0, rank1) in enumerate(stages):
+        _equal({k: rank0[k] for k in ("params", "optimizer", "lrs", "trainable")},
+               {k: rank1[k] for k in ("params", "optimizer", "lrs", "trainable")}, f"stage {stage}, rank 1 vs 0:")
+    params, trainable = stages[0][0]["params"], set(stages[0][0]["trainable"])
+    frozen = [k for k in params if k not in trainable]
+    assert "conv1.0.weight" in frozen and "layer4.0.conv1.weight" in frozen and {"fc.weight", "bn1.weight", "layer3.0.bn2.bias"} <= trainable
+    assert all(torch.equal(params[k], file[k]) for k in frozen)
+    assert stages[1][0]["trainable"] == ["fc.bias", "fc.weight"]
+    assert all(torch.equal(stages[1][0]["params"][k], params[k]) for k in params if not k.startswith("fc."))
+    last = stages[2][0]["params"]
+    assert len(stages[2][0]["trainable"]) == len(last) and not torch.equal(last["conv1.0.weight"], file["conv1.0.weight"])
+    # model.pt alone rebuilds the timm model: evaluate with TTA, and predict's CSV counts evaluate's correct images exactly
+    from disttrain.cli import main
+
+    weights, result = str(tmp_path / "ft" / "model.pt"), tmp_path / "eval.json"
+    assert main(["evaluate", "--weights", weights, "--data", str(mnist_small), "--tta", "--tta-n", "3", "--out", str(result)]) == 0
+    evaluated = json.loads(result.read_text())
+    assert evaluated["count"] == 110 and evaluated["tta_accuracy"] is not None
+    assert main(["predict", "--weights", weights, "--out", str(tmp_path / "p.csv"), str(mnist_small / "valid")]) == 0
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 110 and sum(Path(r["path"]).parent.name == r["label"] for r in rows) == evaluated["correct"]
+
+
+@pytest.mark.parametrize("model", ["resnet18", "timm/test_resnet"])
+def test_frozen_then_unfrozen_on_3_ranks_without_train_bn_keeps_every_statistic(tmp_path, mnist_small, pretrained, timm_home, model):
     """train_bn false: frozen groups' norms and statistics are the file's; freeze_bn_stats keeps every
     running statistic through the unfrozen stage too, on every rank (no sync can have made it so:
-    no rank's statistics ever moved)."""
+    no rank's statistics ever moved). For timm, the weights are a local safetensors file."""
+    if model.startswith("timm/"):
+        pretrained = next((timm_home / "hub").rglob("model.safetensors"))
     stages = [{"name": "head", "epochs": 1, "freeze_to": -1, "lr": 1.0e-2},
               {"name": "all", "epochs": 1, "freeze_to": 0, "lr": 2.0e-3, "lr_ratio": 10}]
-    config = _config(tmp_path, mnist_small, pretrained, stages, train_bn=False, bn_stats=True)
+    config = _config(tmp_path, mnist_small, pretrained, stages, train_bn=False, bn_stats=True, model=model)
     stdout = launch([WORKER, str(config), "--dump", str(tmp_path), "checkpoint.every_n_steps=null"], nproc=3).stdout
     assert re.search(r"all \(2/2\): epoch 1, nothing frozen, BatchNorm running statistics kept, peak LR 2\.00e-04 / "
                      r"6\.32e-04 / 2\.00e-03 \(group 0 \.\. head\), one-cycle", stdout), stdout
-    file = torch.load(pretrained, weights_only=True)
+    file = _read(pretrained)
+    conv = "conv1.0.weight" if model.startswith("timm/") else "conv1.weight"
     for stage in (0, 1):
         states = _states(tmp_path, stage, 3)
         for rank, other in enumerate(states[1:], 1):
@@ -167,7 +240,7 @@ def test_frozen_then_unfrozen_on_3_ranks_without_train_bn_keeps_every_statistic(
             assert states[0]["trainable"] == ["fc.bias", "fc.weight"]
             assert all(torch.equal(params[k], file[k]) for k in params if not k.startswith("fc."))
         else:
-            assert not torch.equal(params["conv1.weight"], file["conv1.weight"])
+            assert not torch.equal(params[conv], file[conv])
 
 
 def _checkpoint(path: Path) -> dict:

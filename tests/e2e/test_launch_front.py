@@ -120,3 +120,17 @@ def test_a_preempted_run_exits_75_with_one_line(tmp_path, mnist_small):
     latest = (tmp_path / "p" / "checkpoints" / "latest").read_text().strip()
     assert latest in lines[0] and "Traceback" not in err
     assert json.loads((tmp_path / "p" / "checkpoints" / latest / "meta.json").read_text())["precision"] == "no"
+
+
+def test_timm_weights_missing_from_the_cache_are_one_line_naming_the_file_and_the_fetch(tmp_path):
+    """model.pretrained=timm never downloads: with an empty Hugging Face cache the launch stops
+    before any worker, with one line naming the model, the file looked for and how to fetch it."""
+    proc = launch(["launch/train.py", "model.name=timm/test_resnet", "model.pretrained=timm", f"run.output_dir={tmp_path / 'runs'}"],
+                  launcher="disttrain", check=False, timeout=120, env={"HF_HOME": str(tmp_path / "hf")})
+    line = _one_error(proc)
+    assert line == (f"disttrain: error: model.pretrained=timm: timm's weights of test_resnet are not in the local cache (looked for "
+                    f"{tmp_path}/hf/hub/models--timm--test_resnet.r160_in1k/snapshots/*/model.safetensors and {tmp_path}/hf/hub/"
+                    "models--timm--test_resnet.r160_in1k/snapshots/*/pytorch_model.bin); on a machine with network run "
+                    "`hf download timm/test_resnet.r160_in1k` and copy the cache folder here (HF_HOME), or give the "
+                    "weights file's path")
+    assert proc.stdout == "" and not (tmp_path / "runs").exists(), "no worker started"

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import yaml
 from PIL import Image
 
 from conftest import BIN, REPO, free_port, kill_job, launch, run_env
-from wandb_records import config, history, media, read_records, run_record, summary
+from wandb_records import artifact_files, config, history, media, read_records, run_record, summary
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,8 @@ def offline_run(tmp_path_factory, mnist_small):
     out = tmp_path_factory.mktemp("wandb")
     args = ["--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={out}", "run.name=w",
             "optim.lr=auto", "sweep.num_iter=20", "train.epochs=2", "data.batch_size=16", "train.clip_grad=1.0",
-            "log.every_n_steps=3", "log.progress=false", "log.wandb.tags=[ci,demo]", "train.precision=no"]
+            "log.every_n_steps=3", "log.progress=false", "log.wandb.tags=[ci,demo]", "train.precision=no", "train.interpret=true",
+            "train.interpret_k=4"]
     proc = launch(["launch/train.py", *args], env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_PROJECT": "from-env"})
     run_dir = out / "w"
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -124,6 +126,42 @@ def test_the_sweep_table_and_plot_are_logged(offline_run):
     assert hashlib.sha256(png.read_bytes()).hexdigest() == plot["sha256"]
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (plot["width"], plot["height"]) and min(image.size) > 100
+
+
+def test_train_interpret_writes_the_files_and_logs_the_grids_and_the_top_losses_table(offline_run, mnist_small):
+    """train.interpret on 2 processes: <run dir>/interpret/ once model.pt is written, and in W&B each
+    grid (the PNG of the run dir, byte for byte) and the Table of the top losses, whose rows are
+    top_losses.csv's with the 28 px digit the model saw."""
+    proc, run_dir, runs = offline_run
+    folder = run_dir / "interpret"
+    with open(folder / "top_losses.csv", newline="") as fh:
+        top = list(csv.DictReader(fh))
+    assert len(top) == 4 and all(Path(row["path"]).parent.parent == mnist_small / "valid" for row in top)
+    assert [float(r["loss"]) for r in top] == sorted((float(r["loss"]) for r in top), reverse=True)
+    with open(folder / "confusion_matrix.csv", newline="") as fh:  # the 110 valid digits, once across the 2 ranks
+        assert sum(sum(map(int, row[1:])) for row in list(csv.reader(fh))[1:]) == 110
+    assert f"interpret: {len(list(folder.iterdir()))} file(s) in {folder}: top_losses.csv, " in proc.stdout
+
+    records = read_records(next(runs[0].glob("run-*.wandb")))
+    row = next(r for r in history(records) if any(k.startswith("interpret/top_losses_table") for k in r))
+    table = media(row, "interpret/top_losses_table")
+    assert table["_type"] == "table-file" and table["nrows"] == 4
+    assert json.loads((runs[0] / "files" / table["path"]).read_text())["columns"] == ["image", "actual", "predicted", "loss",
+                                                                                      "probability_actual"]
+    staged = artifact_files(records)  # the Table with its images: the run's table artifact
+    stored = json.loads(Path(staged["interpret/top_losses_table.table.json"]).read_text())
+    for (image, actual, predicted, loss, p), want in zip(stored["data"], top, strict=True):
+        assert (actual, predicted) == (want["actual"], want["predicted"])
+        assert (loss, p) == (pytest.approx(float(want["loss"]), abs=1e-6), pytest.approx(float(want["probability_actual"]), abs=1e-6))
+        assert image["_type"] == "image-file" and (image["width"], image["height"]) == (28, 28)
+        with Image.open(staged[image["path"]]) as digit:
+            assert digit.size == (28, 28)
+    grids = sorted(p.name for p in folder.glob("*.png") if p.name != "confusion_matrix.png")
+    assert "top_losses.png" in grids and "most_correct_0.png" in grids
+    for name in grids:
+        logged = media(row, f"interpret/{name[:-4]}")
+        assert logged["_type"] == "image-file", name
+        assert (runs[0] / "files" / logged["path"]).read_bytes() == (folder / name).read_bytes(), name
 
 
 GROUP_LRS_RUN = """

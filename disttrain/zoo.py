@@ -1,0 +1,213 @@
+"""timm's model zoo behind `model.name: timm/<name>`: the names, building a model with the data's
+classes, timm's pretrained weights from the local Hugging Face cache only, the model's own
+preprocessing (`pretrained_cfg`), and its layer units as timm's `group_matcher` states them.
+
+timm is imported here alone, and only for a timm model: it costs seconds to import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from disttrain.config import ConfigError
+
+PREFIX = "timm/"
+"""`model.name` of a timm model: `timm/<timm name>`, e.g. `timm/convnext_tiny`, `timm/resnet50.a1_in1k`."""
+
+CACHE_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The weights files of a timm repository on the Hugging Face hub, in the order timm prefers them."""
+
+
+class ZooError(ConfigError):
+    """A timm model name or weights that cannot be had; the message names them and the fix (exit 2)."""
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def timm_name(name: str) -> str:
+    """`timm/resnet50.a1_in1k` -> `resnet50.a1_in1k` (timm's own name, with its pretrained tag if any)."""
+    return name[len(PREFIX):]
+
+
+def check_name(name: str) -> None:
+    """ZooError unless `name` (model.name) is a timm model, with the closest names as a hint."""
+    import timm
+
+    own = timm_name(name)
+    if not timm.is_model(own):
+        close = difflib.get_close_matches(own.split(".")[0], timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(PREFIX + c for c in close)}?)" if close else ""
+        raise ZooError(f"model.name: {own!r} is not a timm model{hint}; `timm.list_models('*pattern*')` lists them")
+
+
+def pretrained_cfg(name: str) -> dict:
+    """timm's `pretrained_cfg` of `name` (its default tag when the name has none): input size,
+    interpolation, crop_pct, mean, std, classifier, hf_hub_id, url."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name(name))
+    if cfg is None:
+        raise ZooError(f"model.name: timm has no pretrained config for {timm_name(name)!r}")
+    return cfg.to_dict()
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the model's pretrained weights were trained to see."""
+
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    interpolation: str
+    """`bilinear` or `bicubic` (the device resample supports these two; timm's `bicubic` and
+    `bilinear` map to themselves, anything else to `bilinear`)."""
+    crop_pct: float
+
+
+def preprocess(name: str) -> Preprocess:
+    cfg = pretrained_cfg(name)
+    interpolation = cfg.get("interpolation") or "bilinear"
+    return Preprocess(list(cfg["mean"]), list(cfg["std"]), int(cfg["input_size"][-1]),
+                      interpolation if interpolation in ("bilinear", "bicubic") else "bilinear", float(cfg.get("crop_pct") or 0.875))
+
+
+def cached_weights(name: str) -> Path:
+    """The file of `name`'s timm weights in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE), or
+    in torch's hub cache for weights timm fetches by URL. Never downloads: ZooError naming the model,
+    where it looked and how to fetch the file on a machine with network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = pretrained_cfg(name)
+    own = timm_name(name)
+    repo = cfg.get("hf_hub_id")
+    looked: list[str] = []
+    if repo:
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else list(CACHE_FILES)
+        for filename in names:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str):
+                return Path(found)
+        folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots" / "*"
+        looked += [str(folder / filename) for filename in names]
+    if cfg.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / cfg["url"].rsplit("/", 1)[-1]
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    if not looked:
+        raise ZooError(f"model.pretrained=timm: timm publishes no pretrained weights for {own}; "
+                       "pick a tagged name from `timm.list_pretrained()` or give a state dict file")
+    fetch = f"hf download {repo}" if repo else f"python -c \"import timm; timm.create_model('{own}', pretrained=True)\""
+    raise ZooError(
+        f"model.pretrained=timm: timm's weights of {own} are not in the local cache (looked for {' and '.join(looked)}); "
+        f"on a machine with network run `{fetch}` and copy the cache folder here (HF_HOME), or give the weights file's path"
+    )
+
+
+def create(name: str, num_classes: int, weights: Path | None = None) -> nn.Module:
+    """timm's `name` with a classifier for `num_classes`. `weights`: timm's own pretrained file
+    (`cached_weights`), loaded the timm way (its checkpoint filter, strict), then the classifier
+    reset for the data's classes (`reset_classifier`)."""
+    import timm
+
+    if weights is None:
+        return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes)
+    model = timm.create_model(timm_name(name), pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.") and hasattr(model, "group_matcher")
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The classifier module the data's classes size (`pretrained_cfg['classifier']`: `fc`,
+    `head.fc`, `classifier`, `head`)."""
+    name = model.pretrained_cfg.get("classifier")
+    if not isinstance(name, str):
+        raise ZooError(f"model.name: {type(model).__name__} has {len(name or ())} classifiers {name!r}; "
+                       "layer groups need one (pick a model without a distillation head)")
+    return name
+
+
+def units(model: nn.Module, head: str) -> list[tuple[str, ...]]:
+    """The body's units in forward order from timm's coarse `group_matcher` (the stem, then each
+    stage): each unit the smallest modules holding exactly its parameters. What the matcher leaves
+    after the last stage besides the classifier (a final norm, `conv_head`) joins the last unit."""
+    from timm.models import group_parameters
+
+    groups = [names for names in group_parameters(model, model.group_matcher(coarse=True)).values()]
+    head_params = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()}
+    out: list[list[str]] = []
+    for names in groups:
+        rest = [n for n in names if n not in head_params]
+        if not rest:
+            continue
+        if len(rest) < len(names) and out:  # the group the head was left in: after the last stage
+            out[-1] += rest
+        else:
+            out.append(rest)
+    return [_modules(model, names) for names in out]
+
+
+def _modules(model: nn.Module, names: list[str]) -> tuple[str, ...]:
+    """Parameter names -> the shortest module (or parameter) names whose parameters are all in `names`, in order."""
+    wanted = set(names)
+    members: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            candidate = ".".join(parts[:depth])
+            if depth == len(parts):
+                member = candidate  # a parameter held directly
+                break
+            module = model.get_submodule(candidate)
+            if all(f"{candidate}.{n}" in wanted for n, _ in module.named_parameters()):
+                member = candidate
+                break
+        if not members or members[-1] != member:
+            members.append(member)
+    seen: set[str] = set()
+    return tuple(m for m in members if not (m in seen or seen.add(m)))
+
+
+def first_stride_16_unit(model: nn.Module, units_: list[tuple[str, ...]]) -> int:
+    """The unit that starts group 1 of the default 3: the one after the last feature stage at
+    stride <= 8 (timm's `feature_info`); for an isotropic model (every stage at stride 16 or more,
+    ViT's) after the stem and half of the blocks."""
+    last_fine = [info["module"] for info in getattr(model, "feature_info", []) if info.get("reduction", 32) <= 8]
+    if isotropic(model) or not last_fine:
+        return 1 + (len(units_) - 1) // 2
+    module = last_fine[-1]
+    for index, unit in enumerate(units_):
+        if any(m == module or m.startswith(module + ".") or module.startswith(m + ".") for m in unit):
+            return min(index + 1, len(units_) - 1)
+    return 1 + (len(units_) - 1) // 2
+
+
+def isotropic(model: nn.Module) -> bool:
+    """Every feature stage at stride 16 or more (a ViT's blocks): no stage at stride <= 8 to cut after."""
+    return not any(info.get("reduction", 32) <= 8 for info in getattr(model, "feature_info", []))
+
+
+def empty(name: str, num_classes: int = 2) -> nn.Module:
+    """The timm model on the meta device: shapes only."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes)
+
+
+def default_load_size(image_size: int, crop_pct: float) -> int:
+    """The presize for `image_size` by the model's crop_pct (timm's eval resize: image_size / crop_pct)."""
+    return max(image_size, math.floor(image_size / crop_pct))
