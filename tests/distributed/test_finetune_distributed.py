@@ -202,13 +202,14 @@ def test_a_timm_model_in_three_stages_on_2_ranks_every_rank_computes_bitwise_the
     last = stages[2][0]["params"]
     assert len(stages[2][0]["trainable"]) == len(last) and not torch.equal(last["conv1.0.weight"], file["conv1.0.weight"])
     # model.pt alone rebuilds the timm model: evaluate with TTA, and predict's CSV counts evaluate's correct images exactly
-    from disttrain.cli import main
-
+    # (each its own process, as a user runs them: this process's Accelerator state is other tests' to set)
     weights, result = str(tmp_path / "ft" / "model.pt"), tmp_path / "eval.json"
-    assert main(["evaluate", "--weights", weights, "--data", str(mnist_small), "--tta", "--tta-n", "3", "--out", str(result)]) == 0
+    launch(["-m", "disttrain.cli", "evaluate", "--weights", weights, "--data", str(mnist_small), "--tta", "--tta-n", "3", "--out", str(result)],
+           launcher="python")
     evaluated = json.loads(result.read_text())
     assert evaluated["count"] == 110 and evaluated["tta_accuracy"] is not None
-    assert main(["predict", "--weights", weights, "--out", str(tmp_path / "p.csv"), str(mnist_small / "valid")]) == 0
+    launch(["-m", "disttrain.cli", "predict", "--weights", weights, "--out", str(tmp_path / "p.csv"),
+            str(mnist_small / "valid")], launcher="python")
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(rows) == 110 and sum(Path(r["path"]).parent.name == r["label"] for r in rows) == evaluated["correct"]
 
