@@ -121,7 +121,6 @@ class OnnxModel:
         self.classes: list[str] = list(self.meta["classes"])
         self.image_size: int = self.meta["image_size"]
         self.load_size: int = self.meta["load_size"]
-        self.interpolation: str = self.meta.get("interpolation", "bilinear")
         self.input_name = self.session.get_inputs()[0].name
         batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch: int | None = batch if isinstance(batch, int) else None

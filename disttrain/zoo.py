@@ -163,7 +163,7 @@ def units(model: nn.Module, head: str) -> list[tuple[str, ...]]:
 def _modules(model: nn.Module, names: list[str]) -> tuple[str, ...]:
     """Parameter names -> the shortest module (or parameter) names whose parameters are all in `names`, in order."""
     wanted = set(names)
-    members: list[str] = []
+    members: dict[str, None] = {}  # ordered, each once
     for name in names:
         parts = name.split(".")
         for depth in range(1, len(parts) + 1):
@@ -175,20 +175,18 @@ def _modules(model: nn.Module, names: list[str]) -> tuple[str, ...]:
             if all(f"{candidate}.{n}" in wanted for n, _ in module.named_parameters()):
                 member = candidate
                 break
-        if not members or members[-1] != member:
-            members.append(member)
-    seen: set[str] = set()
-    return tuple(m for m in members if not (m in seen or seen.add(m)))
+        members[member] = None
+    return tuple(members)
 
 
 def first_stride_16_unit(model: nn.Module, units_: list[tuple[str, ...]]) -> int:
     """The unit that starts group 1 of the default 3: the one after the last feature stage at
     stride <= 8 (timm's `feature_info`); for an isotropic model (every stage at stride 16 or more,
     ViT's) after the stem and half of the blocks."""
-    last_fine = [info["module"] for info in getattr(model, "feature_info", []) if info.get("reduction", 32) <= 8]
-    if isotropic(model) or not last_fine:
+    fine = _fine_stages(model)
+    if not fine:  # isotropic
         return 1 + (len(units_) - 1) // 2
-    module = last_fine[-1]
+    module = fine[-1]
     for index, unit in enumerate(units_):
         if any(m == module or m.startswith(module + ".") or module.startswith(m + ".") for m in unit):
             return min(index + 1, len(units_) - 1)
@@ -197,7 +195,12 @@ def first_stride_16_unit(model: nn.Module, units_: list[tuple[str, ...]]) -> int
 
 def isotropic(model: nn.Module) -> bool:
     """Every feature stage at stride 16 or more (a ViT's blocks): no stage at stride <= 8 to cut after."""
-    return not any(info.get("reduction", 32) <= 8 for info in getattr(model, "feature_info", []))
+    return not _fine_stages(model)
+
+
+def _fine_stages(model: nn.Module) -> list[str]:
+    """The modules of `feature_info`'s stages at stride <= 8, in forward order."""
+    return [info["module"] for info in getattr(model, "feature_info", []) if info.get("reduction", 32) <= 8]
 
 
 def empty(name: str, num_classes: int = 2) -> nn.Module:
