@@ -78,8 +78,14 @@ class DataConfig:
     given, for a timm model: its pretrained_cfg's input size."""
     batch_size: int = 64
     """Images per rank per step (global batch = batch_size x world size x train.grad_accum)."""
-    num_workers: int = 2
-    """CPU data-loader worker processes per rank (0 decodes in the training process)."""
+    num_workers: Union[int, Literal["auto"]] = "auto"
+    """CPU data-loader worker processes per rank (0 decodes in the training process), or `auto`:
+    chosen from the cores this rank may use (disttrain/cores.py; the "training on" line says)."""
+    cache: Literal["auto", "on", "off"] = "auto"
+    """Keep each decoded, presized image of a folder in this rank's memory after its first decode,
+    so later epochs decode nothing: `auto` where a stage's train + valid pixels for every rank of
+    the node fit in a quarter of the available memory (and half of /dev/shm's free space), `on`,
+    or `off`. Shards are never cached (they are for data larger than memory)."""
     bad_files: Literal["skip", "error"] = "skip"
     """Undecodable files found at scan time: `skip` (counted, listed in bad_files.txt) or `error`."""
     worker_timeout: float = 120.0
@@ -94,9 +100,11 @@ class DataConfig:
             raise ConfigError("data.decode=gpu decodes the JPEG bytes of shards: set data.format=shards (see `disttrain prepare`)")
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _choice("data.bad_files", self.bad_files, ("skip", "error"))
+        _choice("data.cache", self.cache, ("auto", "on", "off"))
         for key in ("load_size", "image_size", "batch_size"):
             _positive(f"data.{key}", getattr(self, key))
-        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.num_workers != "auto":
+            _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.worker_timeout", self.worker_timeout)
         if self.image_size > self.load_size:
             raise ConfigError(
@@ -373,6 +381,12 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss."""
     max_steps_per_epoch: Optional[int] = None
     """Cap the optimizer steps of each epoch (quick smoke runs); null trains on all the data."""
+    threads: Union[int, Literal["auto"]] = "auto"
+    """torch intra-op threads per rank, or `auto`: this rank's share of the node's cores less its
+    loader workers' (disttrain/cores.py), whatever OMP_NUM_THREADS the launcher set."""
+    compile: bool = False
+    """torch.compile the model (inductor; the first steps compile, once per stage shape: freezing,
+    unfreezing and a new image size compile again, and the run says so)."""
     collective_timeout: float = 300.0
     """Seconds a collective may wait for another rank before the run fails (a dead or stuck rank
     then ends the job instead of hanging it; torch's default is 30 minutes)."""
@@ -396,6 +410,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
+        if self.threads != "auto":
+            _positive("train.threads", self.threads)
         if not 1 <= self.tta_n <= 10:  # disttrain.inference.MAX_TTA_VIEWS (not imported: inference imports config)
             raise ConfigError(f"train.tta_n: must be 1 to 10 (the flips of the whole image and of its four corners), got {self.tta_n!r}")
         if not 0 <= self.tta_beta <= 1:

@@ -36,9 +36,9 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import setup_logging
 
-    start_worker_server(cfg.data.num_workers)
     flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(cfg)  # resolves data.num_workers=auto
+    start_worker_server(cfg.data.num_workers)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
     resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
     # every rank refuses another world size the same way, before building

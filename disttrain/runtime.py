@@ -13,13 +13,16 @@ import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
+from disttrain import cores
 from disttrain.config import Config
 from disttrain.precision import resolve_precision
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for this machine: CPU (gloo) when CUDA is absent, precision from the config
-    (`resolve_precision`, decided once this rank's device is set, from that device's facts).
+    (`resolve_precision`, decided once this rank's device is set, from that device's facts), this
+    rank's cores split between its threads and its loader workers (disttrain/cores.py; `auto`
+    values of train.threads and data.num_workers are resolved in `cfg`).
 
     Works under `accelerate launch`, `torchrun` and plain `python` (one process). Gradient
     accumulation (`train.grad_accum`) is done by the Trainer with `no_sync` over exactly the
@@ -30,6 +33,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
     timeout = timedelta(seconds=cfg.train.collective_timeout)
     _init_after_restart(cuda, timeout)
     state = PartialState(cpu=not cuda, timeout=timeout)  # the process group, and this rank's own device set
+    split = cores.plan_here(state.device.type, cfg.train.threads, cfg.data.num_workers)
+    cores.apply(split)  # this rank's threads on its own cores; its loaders' workers on theirs
+    cfg.data.num_workers = split.workers  # `auto` resolved: every loader of this process reads it
     precision = resolve_precision(cfg.train.precision, state.device)  # reads that device only
     return Accelerator(cpu=not cuda, mixed_precision=precision.mode, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 

@@ -63,7 +63,7 @@ def _release(trainer: Trainer) -> None:
     if trainer.model is not None:
         bare = acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         bare.__dict__.pop("_is_accelerate_prepared", None)
-    trainer.model = trainer.optimizer = trainer.schedule = None
+    trainer.model = trainer.optimizer = trainer.schedule = trainer.compiled = None
     acc.free_memory()
     gc.collect()  # the old DDP reducer removes its autograd hooks when it is destroyed
 
@@ -121,13 +121,15 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
         transform = view
         inputs = "augmented" if stage.augment else "no augmentation"
     model, optimizer = acc.prepare(target, optimizer)
+    compiled = torch.compile(model) if cfg.train.compile else None  # a new wrapper per stage: dynamo's guards
+    # (requires_grad, shapes) decide what compiles again; the trainer reports each compile
     steps = epoch_steps(len(train_loader), trainer.grad_accum, trainer.max_steps_per_epoch)
     return StageSetup(
         model=model, optimizer=optimizer,
         schedule=Schedule(optimizer, stage.schedule, total_steps=stage.epochs * steps, steps_per_epoch=steps),
         train_loader=train_loader, valid_loader=valid_loader, transform=transform,
         first_epoch=plan.first_epoch, end_epoch=plan.end_epoch, index=plan.index if plan.staged else None,
-        fixed_norms=fixed_norms, lr_owner=lr_owner, images=not stage.precompute, inputs=inputs,
+        fixed_norms=fixed_norms, lr_owner=lr_owner, images=not stage.precompute, inputs=inputs, compiled=compiled,
     )
 
 

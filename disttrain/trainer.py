@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from disttrain import cores
 from disttrain.checkpoint import Checkpointer, Preempted
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.loader import DeviceLoader
@@ -81,6 +82,8 @@ class StageSetup:
     """The model's input is an image batch (shown once in W&B as train/samples)."""
     inputs: str = "augmented"
     """What the model is fed, for the stage's line (augmented, no augmentation, precomputed activations ...)."""
+    compiled: nn.Module | None = None
+    """`torch.compile(model)` (train.compile): what the training steps call; evaluation runs `model` unwrapped, eagerly."""
 
 
 class Trainer:
@@ -136,6 +139,8 @@ class Trainer:
         self.lr_owner: list[int] | None = None
         self.images = True
         self.inputs = ""
+        self.compiled: nn.Module | None = None
+        self.compile_seconds = 0.0  # the steps that compiled (train.compile), all stages
 
     def use(self, setup: StageSetup) -> None:
         """Train `setup`'s stage from its first epoch on."""
@@ -143,6 +148,7 @@ class Trainer:
         self.train_loader, self.valid_loader, self.transform = setup.train_loader, setup.valid_loader, setup.transform
         self.start, self.epochs, self.stage = (setup.first_epoch, 0), setup.end_epoch, setup.index
         self.fixed_norms, self.lr_owner, self.images, self.inputs = setup.fixed_norms, setup.lr_owner, setup.images, setup.inputs
+        self.compiled = setup.compiled
         self.train_mode()
 
     def train_mode(self) -> None:
@@ -165,15 +171,8 @@ class Trainer:
         return epoch_steps(len(self.train_loader), self.grad_accum, self.max_steps_per_epoch)
 
     def fit(self) -> list[EpochResult]:
-        acc = self.accelerator
-        world = acc.num_processes
-        per_rank = self.train_loader.batch_size
-        self.reporter.line(
-            f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision"
-            f"{'; ' + self.precision_reason if self.precision_reason else ''}): "
-            f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
-            f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
-        )
+        world = self.accelerator.num_processes
+        self.reporter.line(self.training_line())
         images_total, train_seconds = 0, 0.0
         if self.checkpointer is not None:
             self.checkpointer.flag.install()  # from here on SIGUSR1/SIGTERM mean "checkpoint, then stop"
@@ -209,21 +208,43 @@ class Trainer:
         )
         return self.history
 
+    def training_line(self) -> str:
+        """The "training on" line: processes, device, precision, each rank's cores, the batch."""
+        acc = self.accelerator
+        world, per_rank = acc.num_processes, self.train_loader.batch_size
+        split = cores.current()
+        where = f"; per rank {split.describe()}" if split is not None else ""
+        cached = sum(getattr(getattr(getattr(loader, "loader", None), "dataset", None), "cache_bytes", 0)
+                     for loader in (self.train_loader, self.valid_loader))
+        if cached:
+            where += f"; images decoded once, then read from memory ({cached / 2**20:.0f} MB per rank: data.cache)"
+        return (
+            f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision"
+            f"{'; ' + self.precision_reason if self.precision_reason else ''}{where}): "
+            f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
+            f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
+        )
+
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
         """One optimizer step over the micro-batches (uint8 images and labels already on the device,
         as the DeviceLoader delivers them) of an accumulation group: forward and backward
         each (gradients all-reduced only on the last), clip, step. Returns this rank's loss sum (a
         device tensor: no device sync) and sample count. The schedule is the caller's business."""
         acc, model = self.accelerator, self.model
+        forward = model if self.compiled is None else self.compiled
+        if self.compiled is not None:
+            graphs, t0 = compiled_graphs(), time.perf_counter()
         for j, (images, labels) in enumerate(batches):
             x = self.transform(images, train=True)
+            if self.compiled is not None:  # batches differ in size by one (the sampler): one graph for both
+                torch._dynamo.maybe_mark_dynamic(x, 0)
             if not self._samples_logged and self.tracker is not None and self.images:
                 self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.mean, self.augment.std, step=self.global_step)
                 self._samples_logged = True
             last = j == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
-                    logits = model(x)
+                    logits = forward(x)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
                 acc.backward(loss / len(batches))
             batch_loss = loss.detach().double() * len(labels)
@@ -232,7 +253,18 @@ class Trainer:
             self.last_grad_norm = acc.clip_grad_norm_(model.parameters(), self.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.compiled is not None and compiled_graphs() != graphs:
+            self._compiled(compiled_graphs() - graphs, time.perf_counter() - t0, batches[0][0].shape)
         return loss_sum, sum(len(labels) for _, labels in batches)
+
+    def _compiled(self, graphs: int, seconds: float, shape) -> None:
+        """One line per step that compiled (the first of a stage, a new batch shape): train.compile's cost."""
+        self.compile_seconds += seconds
+        where = f" ({self.inputs}, stage {self.stage})" if self.stage is not None else ""
+        self.reporter.line(
+            f"torch.compile: {graphs} graph(s) compiled for input {'x'.join(map(str, shape))}{where} in a step of {seconds:.1f} s "
+            f"(compiling so far: {self.compile_seconds:.1f} s)"
+        )
 
     def groups(self, loader_iter, n_batches: int):
         """Cut `n_batches` micro-batches from `loader_iter` into accumulation groups of grad_accum
@@ -374,6 +406,13 @@ class Trainer:
         count = int(count)
         if count:
             self.reporter.line(template.format(count))
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:

@@ -11,6 +11,7 @@ at each step is a contiguous run of the permutation, so 1 rank x batch 2B and 2 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, Iterator, Protocol
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from disttrain.cores import worker_cores
 from disttrain.data.decode import load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
@@ -26,22 +28,39 @@ from disttrain.data.workers import worker_context, worker_init
 
 
 class FolderDataset(Dataset):
-    """Map-style dataset over a scanned split: index -> (uint8 (S, S, 3) presized image, label)."""
+    """Map-style dataset over a scanned split: index -> (uint8 (S, S, 3) presized image, label).
 
-    def __init__(self, split: Split, load_size: int):
+    With `cache`, each image is decoded once: its pixels go into a shared-memory array that this
+    rank's loader workers (and the process itself) read from then on, so later epochs decode nothing
+    (`data.cache`). The array is shared with the workers when they start; a worker that fills a
+    slot marks it filled after writing it."""
+
+    def __init__(self, split: Split, load_size: int, cache: bool = False):
         self.paths = split.paths
         self.labels = split.labels
         self.load_size = load_size
+        self.pixels = self.filled = None
+        if cache:
+            self.pixels = torch.empty((len(self.paths), load_size, load_size, 3), dtype=torch.uint8).share_memory_()
+            self.filled = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def cache_bytes(self) -> int:
+        return 0 if self.pixels is None else self.pixels.numel()
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.filled is not None and self.filled[index]:
+            return self.pixels[index], self.labels[index]
         path = self.paths[index]
         try:
-            image = torch.from_numpy(load_presized(path, self.load_size))
+            image = torch.from_numpy(load_presized(path, self.load_size, None if self.pixels is None else self.pixels[index].numpy()))
         except Exception as err:
             raise DataError(f"{path}: could not be decoded during training ({err}); was it changed after the scan?") from err
+        if self.filled is not None:
+            self.filled[index] = True
         return image, self.labels[index]
 
 
@@ -153,7 +172,7 @@ def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: S
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
-        worker_init_fn=worker_init,
+        worker_init_fn=functools.partial(worker_init, cores=worker_cores()),
         timeout=timeout if num_workers > 0 else 0.0,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
     )

@@ -6,6 +6,8 @@ build.py (the trainer) and stage.py (a stage's loaders) both use this module; it
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -76,18 +78,47 @@ def build_loaders(
     if len(data.train) < world:
         raise DataError(f"{data.train.dir}: {len(data.train)} training images cannot be shared by {world} ranks")
     train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True)
-    train = make_loader(FolderDataset(data.train, load_size), workers, pin, train_sampler, timeout)
+    cache = use_cache(cfg.data.cache, (len(data.train) + len(data.valid)) * load_size**2 * 3)
+    train = make_loader(FolderDataset(data.train, load_size, cache), workers, pin, train_sampler, timeout)
     return (DeviceLoader(train, train_sampler, bs, device, name="train"),
-            eval_loader(cfg, data.valid, accelerator, load_size, bs * 2, name="valid"))
+            eval_loader(cfg, data.valid, accelerator, load_size, bs * 2, name="valid", cache=cache))
 
 
-def eval_loader(cfg: Config, split, accelerator: Accelerator, load_size: int, batch_size: int, name: str) -> DeviceLoader:
+def eval_loader(cfg: Config, split, accelerator: Accelerator, load_size: int, batch_size: int, name: str,
+                cache: bool = False) -> DeviceLoader:
     """This rank's share of a folder split, in order, every image once across ranks (validation,
-    and the precompute pass over the training images); `name` says which in a LoaderStalled error."""
+    and the precompute pass over the training images); `name` says which in a LoaderStalled error;
+    `cache`: keep the decoded images (validation every epoch)."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     sampler = RankBatchSampler(len(split), batch_size, world, rank, shuffle=False, drop_empty=True)
-    loader = make_loader(FolderDataset(split, load_size), cfg.data.num_workers, device.type == "cuda", sampler, cfg.data.worker_timeout)
+    dataset = FolderDataset(split, load_size, cache)
+    loader = make_loader(dataset, cfg.data.num_workers, device.type == "cuda", sampler, cfg.data.worker_timeout)
     return DeviceLoader(loader, sampler, batch_size, device, name=name)
+
+
+def use_cache(setting: str, pixels: int) -> bool:
+    """data.cache: whether a stage's decoded images (`pixels` bytes for this rank) stay in memory.
+    `auto`: when every rank of this node can hold its copy in a quarter of the available memory
+    and half of /dev/shm's free space (where the shared array lives)."""
+    if setting != "auto":
+        return setting == "on"
+    need = pixels * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        shm_free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return False
+    return need <= min(_available_memory() / 4, shm_free / 2)
+
+
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); 0 where there is none (no cache then)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def build_augment(cfg: Config, accelerator: Accelerator, mean: list[float] | None = None, std: list[float] | None = None,

@@ -45,19 +45,23 @@ def worker_context() -> BaseContext:
     return ctx
 
 
-def start_worker_server(workers: int) -> None:
-    """Start the fork server now when loaders will have workers: its imports then overlap the
-    caller's own setup (accelerator, data scan, model) instead of delaying the first batch."""
-    if workers > 0:
+def start_worker_server(workers: int | str) -> None:
+    """Start the fork server now when loaders will have workers (`auto` always has one): its
+    imports then overlap the caller's own setup (accelerator, data scan, model) instead of delaying
+    the first batch."""
+    if workers == "auto" or workers > 0:
         worker_context()
 
 
-def worker_init(_: int) -> None:
-    """In each worker: decoding is its work, so torch ops there must not fight the training process
+def worker_init(_: int, cores: tuple[int, ...] = ()) -> None:
+    """In each worker: it moves to `cores` (the loader workers' share of the rank's cores:
+    disttrain/cores.py); decoding is its work, so torch ops there must not fight the training process
     for cores; its warnings (a corrupt shard sample) carry the rank, as the training process's do;
     and it lets go of the fork server's "alive" pipe (see `_release_fork_server`)."""
+    from disttrain.cores import pin_worker
     from disttrain.tracking import setup_logging
 
+    pin_worker(cores)
     torch.set_num_threads(1)
     setup_logging(int(os.environ.get("RANK", "0")), is_main=False)
     _release_fork_server()

@@ -1,0 +1,273 @@
+"""disttrain's training loop against a bare DDP loop on in-memory tensors, in one run.
+
+    python benchmarks/overhead.py [--case demo|finetune|all] [--nproc 2] [--epochs 4] [--compile]
+    python benchmarks/overhead.py --case resnet50 --nproc 1 --folder DIR --shards DIR   # the GPU check
+
+Each case runs one launched job (`accelerate launch`, `--nproc` processes) per input (the image
+folder, webdataset shards). In the job's processes disttrain's real Trainer and a bare DDP loop take
+turns, epoch by epoch, so both see the same threads, cores and moment of the machine. The bare loop
+is the ceiling of the same code path: the same model (built by disttrain), batch, optimizer,
+precision, memory format, BatchNorm mode and world size, DDP over gloo/NCCL, on one random batch
+already on the device per rank (no decode, no augmentation, no logging, no schedule). disttrain runs
+train_epoch: its loaders, DeviceAugment, the schedule, train/* logging (metrics.jsonl; W&B as the
+config or WANDB_MODE says), no checkpoints, no evaluation.
+
+Cases: `demo` is configs/demo.yaml (resnet18, 28 px, 64 per rank, AdamW); `finetune` is the
+unfrozen stage of configs/finetune.yaml (mobilenet_v2 from ../shared's ImageNet weights, 224 px
+from 256, 16 per rank, augmentation, three LR groups, BatchNorm statistics fixed) on ../shared's
+ants/bees photos at its swept LR; `resnet50` (for GPUs) is ResNet-50 at 224 px, 256 per rank, bf16.
+
+Printed per job: images/s of each loop over the steady state (the epochs after the first: disttrain's
+first epoch decodes every image, later ones read them from memory where data.cache allows) and over
+the first epoch, the step time distribution (p50, p90, max) so stalls show, and the ratio disttrain /
+bare. With --compile each case also runs with train.compile=true (torch.compile in the bare loop):
+disttrain's compile time and the speed-up over eager. Every step's time is taken at its end (on CUDA
+after a synchronize, in both loops alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CASES = {
+    # config, overrides, the stage measured, its peak LR (None: the config's), classes
+    "demo": {"config": "configs/demo.yaml", "overrides": [], "stage": 0, "lr": None},
+    "finetune": {"config": "configs/finetune.yaml", "overrides": [], "stage": 1, "lr": 4.9e-4},  # the unfrozen stage, its swept LR
+    # the GPU check's (benchmarks/gpu_check.sh): ResNet-50 at 224 from a 256 presize, default augmentation, bf16, channels_last
+    "resnet50": {"config": None, "overrides": ["model.name=resnet50", "data.batch_size=256", "train.precision=bf16"],
+                 "stage": 0, "lr": None},
+}
+
+
+# -- the launched jobs ------------------------------------------------------------------------
+
+
+def _config(case: str, data: str, source: str, extra: list[str]):
+    from disttrain.config import load_config
+
+    overrides = [f"data.root={data}", f"data.format={source}", "log.progress=false", "checkpoint.every_n_steps=null",
+                 "run.output_dir=" + tempfile.mkdtemp(prefix="overhead-"), *CASES[case]["overrides"], *extra]
+    if source == "shards" and case == "finetune":
+        overrides.append("stages.0.precompute=false")  # precompute indexes a folder's images; stage 0 is not measured
+    config = CASES[case]["config"]
+    return load_config(str(REPO / config) if config else None, overrides)
+
+
+def _stamp(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class BareLoop:
+    """DDP over one in-memory batch per rank: forward, loss, backward, step, zero_grad; nothing else.
+    The same model (disttrain's build_model), batch, optimizer (make_optimizer), precision, memory
+    format and BatchNorm mode as the measured stage."""
+
+    def __init__(self, cfg, acc, stage, classes: int, norms_fixed: bool, compiled: bool):
+        import torch
+        from torch import nn
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from disttrain.models import build_model, decay_groups, make_optimizer
+
+        self.device, self.torch = acc.device, torch
+        model = build_model(cfg.model, num_classes=classes).to(self.device)
+        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if acc.num_processes > 1 else model
+        self.model = torch.compile(ddp) if compiled else ddp
+        self.optimizer = make_optimizer(cfg.optim, decay_groups(model.named_parameters(), cfg.optim.weight_decay), 1e-4)
+        memory = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.x = torch.randn(stage.batch_size, 3, stage.image_size, stage.image_size, device=self.device).contiguous(memory_format=memory)
+        self.y = torch.randint(0, classes, (stage.batch_size,), device=self.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if norms_fixed else []
+
+    def run(self, steps: int) -> list[float]:
+        torch = self.torch
+        self.model.train()
+        for module in self.norms:
+            module.eval()
+        times, last = [], _stamp(self.device)
+        for _ in range(steps):
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                logits = self.model(self.x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), self.y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            now = _stamp(self.device)
+            times.append(now - last)
+            last = now
+        return times
+
+
+def run_job(args) -> dict:
+    """disttrain's Trainer (train_epoch: its loaders, DeviceAugment, schedule, train/* logging; no
+    evaluation, no checkpoints) and the bare loop, alternating epoch by epoch in the same processes
+    (same threads and cores, same moment of the machine), each step's end stamped."""
+    import torch
+
+    from disttrain.build import build_trainer
+    from disttrain.runtime import build_accelerator
+
+    case = CASES[args.case]
+    cfg = _config(args.case, args.data, args.source, args.overrides)
+    acc = build_accelerator(cfg)
+    trainer, data = build_trainer(cfg, acc, stage=case["stage"])
+    if case["lr"] is not None:
+        trainer.schedule.set_peak_lr(case["lr"])
+    stage = cfg.run_stages()[case["stage"]]
+    bare = BareLoop(cfg, acc, stage, len(data.classes), bool(trainer.fixed_norms), args.compile)
+    ours: list[float] = []
+    clock = [0.0]
+    step = trainer.step
+
+    def stamped(group):
+        out = step(group)
+        now = _stamp(acc.device)
+        ours.append(now - clock[0])
+        clock[0] = now
+        return out
+
+    trainer.step = stamped
+    per_epoch = trainer.optimizer_steps_per_epoch
+    result = {"bare": [], "disttrain": []}
+    for epoch in range(args.epochs):
+        result["bare"].append(bare.run(per_epoch))
+        ours.clear()
+        clock[0] = _stamp(acc.device)  # an epoch's first step waits for its first batch: counted
+        trainer.train_epoch(epoch)
+        result["disttrain"].append(list(ours))
+    global_batch = stage.batch_size * acc.num_processes
+    return {
+        "global_batch": global_batch, "world": acc.num_processes, "device": str(acc.device), "precision": acc.mixed_precision,
+        "threads": torch.get_num_threads(), "line": trainer.training_line(), "compile_seconds": trainer.compile_seconds,
+        "epochs": result,
+    }
+
+
+def job(args) -> None:
+    result = run_job(args)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(args.json).write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- the parent: launches, collects, prints -----------------------------------------------------
+
+
+def launch(nproc: int, case: str, data: str, source: str, compiled: bool, epochs: int, overrides: list[str]) -> dict:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        gpus = torch.cuda.device_count()
+        where = ["--multi_gpu"] if nproc > 1 else ([] if gpus else ["--cpu"])
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               __file__, "--job", "--case", case, "--data", data, "--source", source, "--epochs", str(epochs), "--json", str(out)]
+        cmd += (["--compile", "train.compile=true"] if compiled else []) + overrides
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            sys.exit(f"{case} ({source}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+
+def stats(epochs: list[list[float]], global_batch: int) -> dict:
+    times = sorted(t for epoch in epochs for t in epoch)
+    return {"images_per_sec": global_batch * len(times) / sum(times), "p50": times[len(times) // 2],
+            "p90": times[min(len(times) - 1, int(0.9 * len(times)))], "max": times[-1], "steps": len(times)}
+
+
+def row(name: str, r: dict, bare: dict | None = None) -> str:
+    ratio = f"   ratio {r['images_per_sec'] / bare['images_per_sec']:.3f}" if bare else ""
+    return (f"  {name:<34} {r['images_per_sec']:7.1f} img/s   step p50 {r['p50'] * 1e3:7.1f} ms  p90 {r['p90'] * 1e3:7.1f} ms"
+            f"  max {r['max'] * 1e3:7.1f} ms  ({r['steps']} steps){ratio}")
+
+
+def prepare_data(case: str, cache: Path, folder: str | None, shards: str | None) -> tuple[str, str]:
+    """(the case's image folder, its shards: written once into `cache` unless given)."""
+    from disttrain.demo_data import write_demo_data
+
+    if folder:
+        pass
+    elif case == "demo":
+        folder = str(Path("~/.cache/disttrain/mnist").expanduser())
+        write_demo_data(folder)
+    else:
+        folder = str(SHARED / "data" / "hymenoptera")
+        if not Path(folder).is_dir():
+            sys.exit(f"the {case} case needs {folder} (../shared's ants/bees photos) or --folder")
+    if shards is None:
+        shards = str(cache / f"{case}-shards")
+        if not (Path(shards) / "manifest.json").exists():
+            presize = 28 if case == "demo" else 256
+            subprocess.run([sys.executable, "-m", "disttrain.cli", "prepare", folder, shards, "--presize", str(presize),
+                            "--quality", "95", "--no-progress"], check=True, cwd=REPO, capture_output=True)
+    return folder, shards
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=[*CASES, "all"], default="all", help="all: demo and finetune")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per job (default 2)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each loop, alternating; the first is reported apart")
+    parser.add_argument("--sources", default="folder,shards", help="disttrain's inputs to measure: folder, shards or both")
+    parser.add_argument("--compile", action="store_true", help="also measure train.compile=true / torch.compile")
+    parser.add_argument("--folder", help="the image folder to train from (default: the case's own)")
+    parser.add_argument("--shards", help="its shards from `disttrain prepare` (default: written once into --cache)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "disttrain-overhead"), help="where shards are written once")
+    parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)  # one launched job (what the parent runs)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--source", default="folder", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides for every job (key=value)")
+    args = parser.parse_intermixed_args()
+    if args.job:
+        return job(args)
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for case in ["demo", "finetune"] if args.case == "all" else [args.case]:
+        folder, shards = prepare_data(case, cache, args.folder, args.shards)
+        print(f"\n== {case}: {CASES[case]['config'] or 'defaults'} {' '.join(CASES[case]['overrides'])}"
+              f"{' (the unfrozen stage)' if CASES[case]['stage'] else ''}, {args.nproc} process(es), {args.epochs} epochs of each"
+              " loop alternating; steady state = after the first epoch", flush=True)
+        eager = {}
+        for compiled in ([False, True] if args.compile else [False]):
+            tag = "compiled " if compiled else ""
+            for source in args.sources.split(","):
+                r = launch(args.nproc, case, folder if source == "folder" else shards, source, compiled, args.epochs, args.overrides)
+                batch = r["global_batch"]
+                bare, ours = stats(r["epochs"]["bare"][1:], batch), stats(r["epochs"]["disttrain"][1:], batch)
+                first_bare, first = stats(r["epochs"]["bare"][:1], batch), stats(r["epochs"]["disttrain"][:1], batch)
+                print(f"  {r['line']}")
+                print(row(f"{tag}bare DDP loop", bare), flush=True)
+                print(row(f"{tag}disttrain ({source})", ours, bare), flush=True)
+                print(row(f"  first epoch: bare", first_bare), flush=True)
+                print(row(f"  first epoch: disttrain ({source})", first, first_bare), flush=True)
+                if compiled:
+                    print(f"    compiling (disttrain, in its steps): {r['compile_seconds']:.1f} s; compiled/eager images/s: bare "
+                          f"{bare['images_per_sec'] / eager[source][0]['images_per_sec']:.2f}x, disttrain "
+                          f"{ours['images_per_sec'] / eager[source][1]['images_per_sec']:.2f}x", flush=True)
+                else:
+                    eager[source] = (bare, ours)
+        print(f"  ({r['device']}, {r['precision']} precision, {r['threads']} intra-op thread(s) per rank)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
