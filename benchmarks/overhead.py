@@ -258,7 +258,7 @@ def main() -> None:
                 print(f"  {r['line']}")
                 print(row(f"{tag}bare DDP loop", bare), flush=True)
                 print(row(f"{tag}disttrain ({source})", ours, bare), flush=True)
-                print(row(f"  first epoch: bare", first_bare), flush=True)
+                print(row("  first epoch: bare", first_bare), flush=True)
                 print(row(f"  first epoch: disttrain ({source})", first, first_bare), flush=True)
                 if compiled:
                     print(f"    compiling (disttrain, in its steps): {r['compile_seconds']:.1f} s; compiled/eager images/s: bare "

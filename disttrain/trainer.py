@@ -254,11 +254,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.compiled is not None and compiled_graphs() != graphs:
-            self._compiled(compiled_graphs() - graphs, time.perf_counter() - t0, batches[0][0].shape)
+            self._compiled(compiled_graphs() - graphs, time.perf_counter() - t0, x.shape)
         return loss_sum, sum(len(labels) for _, labels in batches)
 
     def _compiled(self, graphs: int, seconds: float, shape) -> None:
-        """One line per step that compiled (the first of a stage, a new batch shape): train.compile's cost."""
+        """One line per step that compiled (the first of a stage, a new input shape): train.compile's cost."""
         self.compile_seconds += seconds
         where = f" ({self.inputs}, stage {self.stage})" if self.stage is not None else ""
         self.reporter.line(

@@ -11,8 +11,8 @@ stall_rank: int | None = None  # set by run_worker.py --stall RANK, in the train
 
 
 class StallingFolderDataset(FolderDataset):
-    def __init__(self, split, load_size: int):
-        super().__init__(split, load_size)
+    def __init__(self, split, load_size: int, cache: bool = False):
+        super().__init__(split, load_size, cache)
         # decided in the training process (where RANK is this rank's) and pickled to the worker
         self.stall = split.name == "valid" and stall_rank is not None and int(os.environ.get("RANK", "0")) == stall_rank
 

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.dist
 
 def test_two_machines_on_loopback_train_and_agree(tmp_path, mnist_small):
     run = ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", "train.epochs=1",
-           "data.batch_size=16", "data.num_workers=0", "log.progress=false", "checkpoint.every_n_steps=4", "train.precision=no"]
+           "data.batch_size=16", "data.num_workers=0", "log.progress=false", "checkpoint.every_n_steps=4", "train.precision=no",
+           "train.threads=1"]  # each "machine" would take both cores (one rank per machine): the same threads as the 2-process run
     port = str(free_port())
     machines = [
         subprocess.Popen(

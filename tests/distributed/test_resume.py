@@ -161,52 +161,14 @@ def _logged_steps(run_dir: Path) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def mnist_shards(tmp_path_factory, mnist_small):
-    out = tmp_path_factory.mktemp("shards") / "mnist"
-    subprocess.run([str(BIN / "disttrain"), "prepare", str(mnist_small), str(out), "--presize", "28", "--samples-per-shard", "100",
-                    "--workers", "1", "--no-progress"], env=run_env(), check=True, capture_output=True)
-    return out
-
-
-def _data(fmt, request) -> list[str]:
-    if fmt == "folder":
-        return []
-    return [f"data.root={request.getfixturevalue('mnist_shards')}", "data.format=shards", "data.num_workers=2"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, mnist_small, request):
-    """fmt -> the run dir of an uninterrupted run of `_args` (made once per module and format)."""
-    runs = {}
-
-    def run(fmt: str) -> Path:
-        if fmt not in runs:
-            out = tmp_path_factory.mktemp(f"uninterrupted-{fmt}")
-            launch(_args(mnist_small, out, "a", *_data(fmt, request)), nproc=2)
-            runs[fmt] = out / "a"
-        return runs[fmt]
-
-    return run
-
-
-# shards only: a folder run killed mid-epoch and resumed is the kill-during-save tests' (resumed from step 3,
-# mid-epoch, against the same uninterrupted run) and the staged kill chain's (tests/distributed/test_finetune_distributed.py)
-@pytest.mark.parametrize("fmt", ["shards"])
-def test_killed_and_resumed_equals_uninterrupted(tmp_path, mnist_small, fmt, request, uninterrupted):
-    data = _data(fmt, request)
-    reference = uninterrupted(fmt)
-    args = _args(mnist_small, tmp_path, "b", *data)
-    # every rank SIGKILLs itself once step 6's checkpoint is complete: mid-epoch 0 (10 steps per epoch)
-    killed = launch(["tests/distributed/run_worker.py", args[2], "--kill-after", "step-00000006", *args[3:]], nproc=2, check=False)
-    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists()
-    resumed = launch(args, nproc=2)
-    assert f"resuming from {tmp_path / 'b' / 'checkpoints' / 'step-00000006'}: epoch 0, 6 step(s) into it" in resumed.stdout, resumed.stdout
-    assert "LR sweep" not in resumed.stdout
-    _assert_same_run(reference, tmp_path / "b")
-    assert _logged_steps(tmp_path / "b") == (list(range(2, 21, 2)), [1, 2])  # every log point once
-    kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*"))
-    assert kept == ["step-00000018", "step-00000020"]  # keep_last=2: the last mid-epoch one and the final epoch end
-    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-00000020"
+def uninterrupted(tmp_path_factory, mnist_small):
+    """The run dir of an uninterrupted run of `_args` (made once per module). A run killed mid-epoch
+    and resumed is compared with it by the kill-during-save tests (resumed from step 3); shards
+    resume their exact stream in tests/unit/test_shards.py; the staged kill chain is in
+    tests/distributed/test_finetune_distributed.py."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    launch(_args(mnist_small, out, "a"), nproc=2)
+    return out / "a"
 
 
 @pytest.mark.parametrize("where", ["files", "rename"])
@@ -238,7 +200,7 @@ def test_a_job_killed_during_a_save_keeps_the_previous_checkpoint_and_resumes_ex
 
     resumed = launch(args, nproc=2)  # the plain launch/train.py, no hook
     assert f"resuming from {root / 'step-00000003'}: epoch 0, 3 step(s) into it" in resumed.stdout, resumed.stdout
-    _assert_same_run(uninterrupted("folder"), tmp_path / "b")
+    _assert_same_run(uninterrupted, tmp_path / "b")
     assert _logged_steps(tmp_path / "b") == (list(range(2, 21, 2)), [1, 2])
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000018", "step-00000020"]  # the leftover is gone
 
@@ -284,7 +246,7 @@ def test_preemption_signal_saves_and_exits_75_then_resume_finishes(tmp_path, mni
     assert f"resuming from {root / 'step-00000004'}: epoch 0, 4 step(s) into it, global step 4" in done.stdout, done.stdout
     assert len(json.loads((tmp_path / "p" / "results.json").read_text())["epochs"]) == 2
     assert _logged_steps(tmp_path / "p") == (list(range(2, 21, 2)), [1, 2])  # every log point once
-    _assert_same_run(uninterrupted("folder"), tmp_path / "p")  # checkpoints of its own or not, the same training
+    _assert_same_run(uninterrupted, tmp_path / "p")  # checkpoints of its own or not, the same training
 
 
 def _fault_args(mnist, out, mode, at, markers):

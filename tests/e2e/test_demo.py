@@ -2,12 +2,14 @@
 
 import json
 import math
+import os
 import re
 
 import pytest
 import yaml
 
 from conftest import REPO, launch
+from disttrain import cores
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +32,9 @@ def test_demo_config_two_processes_prints_the_table(tmp_path, mnist_small):
     # epoch's loss is about a third of the first's), and well above chance (0.10) at the end
     assert train_losses[2] < 0.6 * train_losses[0], proc.stdout
     assert all(math.isfinite(float(r.group(3))) for r in rows) and float(rows[2].group(4)) > 0.25, proc.stdout
-    assert "training on 2 process(es) (cpu, no precision): global batch 32 = 16 per rank x 2 rank(s)" in proc.stdout
+    split = cores.plan(sorted(os.sched_getaffinity(0)), 0, 2, "cpu")  # rank 0's: it runs where this test runs
+    assert f"training on 2 process(es) (cpu, no precision; per rank {split.describe()}; images decoded once" in proc.stdout
+    assert " MB per rank: data.cache)): global batch 32 = 16 per rank x 2 rank(s)" in proc.stdout
     assert re.search(r"^900 training images in [\d.]+ s of training: [\d.]+ images/s \(world size 2", proc.stdout, re.M)
     assert proc.stdout.count(HEADER) == 1, "only the main process prints"
 
@@ -54,12 +58,12 @@ def test_demo_config_precision_auto_says_what_it_chose(tmp_path, mnist_small):
     auto = launch(common + [f"run.output_dir={tmp_path}", "run.name=auto"], launcher="python")
     chosen = resolve_precision("auto", "cpu")
     assert chosen.mode == ("bf16" if cpu_has_native_bf16() else "no")
-    assert f"training on 1 process(es) (cpu, {chosen.mode} precision; {chosen.reason}):" in auto.stdout
+    assert f"training on 1 process(es) (cpu, {chosen.mode} precision; {chosen.reason}; per rank " in auto.stdout
     meta = json.loads(next((tmp_path / "auto" / "checkpoints").glob("step-*/meta.json")).read_text())
     assert meta["precision"] == chosen.mode
 
     bf16 = launch(common + [f"run.output_dir={tmp_path}", "run.name=bf16", "train.precision=bf16"], launcher="python")
-    assert "training on 1 process(es) (cpu, bf16 precision):" in bf16.stdout
+    assert "training on 1 process(es) (cpu, bf16 precision; per rank " in bf16.stdout
     warned = [line for line in bf16.stdout.splitlines() if line.startswith("warning: train.precision=bf16 on CPU (")]
     assert len(warned) == (0 if cpu_has_native_bf16() else 1)
     row = next(ROW.match(line) for line in bf16.stdout.splitlines() if ROW.match(line))
