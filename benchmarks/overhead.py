@@ -203,12 +203,10 @@ def prepare_data(case: str, cache: Path, folder: str | None, shards: str | None)
     """(the case's image folder, its shards: written once into `cache` unless given)."""
     from disttrain.demo_data import write_demo_data
 
-    if folder:
-        pass
-    elif case == "demo":
+    if folder is None and case == "demo":
         folder = str(Path("~/.cache/disttrain/mnist").expanduser())
         write_demo_data(folder)
-    else:
+    elif folder is None:
         folder = str(SHARED / "data" / "hymenoptera")
         if not Path(folder).is_dir():
             sys.exit(f"the {case} case needs {folder} (../shared's ants/bees photos) or --folder")

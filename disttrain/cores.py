@@ -64,17 +64,16 @@ def plan(available: list[int], local_rank: int, local_world: int, device_type: s
         cores = tuple(available[local_rank * per_rank:(local_rank + 1) * per_rank])
     else:  # more ranks than cores: every rank shares all of them
         cores = tuple(available)
-    k = len(cores) if pinned else max(1, len(cores) // local_world)
+    k = len(cores) if pinned else max(1, len(cores) // local_world)  # this rank's share
+    cuda = device_type == "cuda"
     if workers == AUTO:  # one core per rank computing on the CPU: decoding in the process beats a worker on that core
-        workers = max(1, k - 1) if device_type == "cuda" else (0 if k == 1 else max(1, k // 4))
-    spare = k - (1 if device_type == "cuda" else workers)  # cores left to compute beside the workers
+        workers = max(1, k - 1) if cuda else 0 if k == 1 else 1 if k < 4 else k // 4
+    # workers on cores of their own: a GPU rank's all but one; a CPU rank's last ones when it has 4+ and room
+    separate = pinned and workers > 0 and (k >= 2 if cuda else 4 <= k and workers < k)
+    compute = (1 if cuda else k - workers) if separate else k
     if threads == AUTO:
-        threads = 1 if device_type == "cuda" else (spare if spare >= 1 and workers and k >= 4 else k)
-    if pinned and workers and k >= 2 and (device_type == "cuda" or k >= 4):
-        compute_cores = cores[:max(1, k - workers)] if device_type != "cuda" else cores[:1]
-        worker_cores = cores[len(compute_cores):]
-    else:
-        compute_cores = worker_cores = cores
+        threads = 1 if cuda else compute
+    compute_cores, worker_cores = (cores[:compute], cores[compute:]) if separate else (cores, cores)
     return CoreSplit(cores, int(threads), int(workers), compute_cores, worker_cores, pinned)
 
 

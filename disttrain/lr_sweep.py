@@ -315,49 +315,37 @@ def packed_copy(tree):
     tensor) left the allocator so that every training step of the sweep ran 1.2-1.3x slower than the
     same step without them (ResNet-18 on the CPU, benchmarks/sweep_cost.py); one buffer per dtype
     does not."""
-    tensors: list[torch.Tensor] = []
+    tensors: dict[int, torch.Tensor] = {}  # by id: a tensor met twice is copied once
+    _tree_map(tree, lambda tensor: tensors.setdefault(id(tensor), tensor))
 
-    def collect(node) -> None:
-        if isinstance(node, torch.Tensor):
-            tensors.append(node)
-        elif isinstance(node, dict):
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                collect(value)
-
-    collect(tree)
     def span(tensor: torch.Tensor) -> int:  # its elements, rounded up so every copy starts 64-byte aligned
         step = max(1, 64 // tensor.element_size())
         return -(-tensor.numel() // step) * step
 
     sizes: dict[torch.dtype, int] = {}
-    for tensor in tensors:
+    for tensor in tensors.values():
         sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + span(tensor)
     buffers = {dtype: torch.empty(n, dtype=dtype) for dtype, n in sizes.items()}
     offsets = dict.fromkeys(sizes, 0)
     copies: dict[int, torch.Tensor] = {}
-    for tensor in tensors:
-        if id(tensor) in copies:
-            continue
-        start, n = offsets[tensor.dtype], tensor.numel()
+    for key, tensor in tensors.items():
+        start, flat = offsets[tensor.dtype], buffers[tensor.dtype]
         offsets[tensor.dtype] += span(tensor)
         dense = tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
-        flat = buffers[tensor.dtype]
-        view = flat.as_strided(tensor.shape, tensor.stride(), start) if dense else flat[start:start + n].view(tensor.shape)
-        copies[id(tensor)] = view.copy_(tensor.detach())
+        view = flat.as_strided(tensor.shape, tensor.stride(), start) if dense else flat[start:start + tensor.numel()].view(tensor.shape)
+        copies[key] = view.copy_(tensor.detach())
+    return _tree_map(tree, lambda tensor: copies[id(tensor)])
 
-    def rebuild(node):
-        if isinstance(node, torch.Tensor):
-            return copies[id(node)]
-        if isinstance(node, dict):
-            return {key: rebuild(value) for key, value in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(rebuild(value) for value in node)
-        return copy.deepcopy(node)
 
-    return rebuild(tree)
+def _tree_map(node, fn):
+    """`node` rebuilt (dicts, lists, tuples) with `fn(tensor)` for each tensor and copies of the other values."""
+    if isinstance(node, torch.Tensor):
+        return fn(node)
+    if isinstance(node, dict):
+        return {key: _tree_map(value, fn) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_tree_map(value, fn) for value in node)
+    return copy.deepcopy(node)
 
 
 def restore(trainer, state: dict) -> None:

@@ -214,8 +214,7 @@ class Trainer:
         world, per_rank = acc.num_processes, self.train_loader.batch_size
         split = cores.current()
         where = f"; per rank {split.describe()}" if split is not None else ""
-        cached = sum(getattr(getattr(getattr(loader, "loader", None), "dataset", None), "cache_bytes", 0)
-                     for loader in (self.train_loader, self.valid_loader))
+        cached = sum(getattr(loader, "cache_bytes", 0) for loader in (self.train_loader, self.valid_loader))  # 0: precomputed
         if cached:
             where += f"; images decoded once, then read from memory ({cached / 2**20:.0f} MB per rank: data.cache)"
         return (

@@ -255,6 +255,11 @@ class DeviceLoader:
     def epoch(self) -> int:
         return self.source.epoch
 
+    @property
+    def cache_bytes(self) -> int:
+        """Decoded pixels this loader keeps in memory (data.cache; 0 for shards and uncached folders)."""
+        return getattr(self.loader.dataset, "cache_bytes", 0)
+
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next `iter()` runs `epoch`, without its first `skip` batches (resuming mid-epoch)."""
         self.source.set_epoch(epoch, skip)

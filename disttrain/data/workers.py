@@ -45,11 +45,10 @@ def worker_context() -> BaseContext:
     return ctx
 
 
-def start_worker_server(workers: int | str) -> None:
-    """Start the fork server now when loaders will have workers (`auto` always has one): its
-    imports then overlap the caller's own setup (accelerator, data scan, model) instead of delaying
-    the first batch."""
-    if workers == "auto" or workers > 0:
+def start_worker_server(workers: int) -> None:
+    """Start the fork server now when loaders will have workers: its imports then overlap the
+    caller's own setup (accelerator, data scan, model) instead of delaying the first batch."""
+    if workers > 0:
         worker_context()
 
 

@@ -31,6 +31,8 @@ def test_a_cpu_rank_with_room_keeps_its_workers_off_the_compute_cores():
     assert (split.threads, split.workers) == (6, 2)
     assert split.compute_cores == tuple(range(8, 14)) and split.worker_cores == (14, 15)
     assert split.describe() == "cores 8-15: 6 thread(s), 2 loader worker(s) on cores 14-15"
+    crowded = cores.plan(list(range(16)), 1, 2, "cpu", workers=8)  # no room left: all share the slice
+    assert crowded.threads == 8 and crowded.compute_cores == crowded.worker_cores == tuple(range(8, 16))
 
 
 def test_a_gpu_rank_gives_all_but_one_core_to_decoding():
