@@ -167,7 +167,8 @@ def run_user_errors(fn) -> int:
         _leave_process_group()
         return 1
     except Preempted as stop:
-        line = f"{stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and resumed"
+        then = "start again" if stop.checkpoint is None else "resumed"
+        line = f"{stop}; exiting with {PREEMPTED_EXIT} so the job can be requeued and {then}"
         if not report_to_front("preempted", line):
             print(f"disttrain: {line}", file=sys.stderr, flush=True)
         _ignore_stop_signals()
@@ -224,7 +225,8 @@ def command_parser() -> argparse.ArgumentParser:
                                                   "(default: data.root's validation folder)")
     ev.add_argument("--split", help="the sub-folder of DIR to evaluate (default: valid, else val, else test)")
     ev.add_argument("--out", help="write the result as JSON here (nothing is written without it)")
-    ev.add_argument("--out-dir", help="write confusion_matrix.png and confusion_matrix.csv here")
+    ev.add_argument("--out-dir", help="write confusion_matrix.png and .csv here (beyond 50 classes: confusion_cells.csv "
+                                         "and confusion_summary.png)")
     ev.add_argument("--interpret", metavar="OUT_DIR", help="write the lesson's look at the results here: top_losses.png/.csv, "
                                                            "most_confused.csv, per_class.csv, the confusion matrix and image grids")
     ev.add_argument("--interpret-k", type=int, default=9, metavar="K", help="images per --interpret grid (default 9)")

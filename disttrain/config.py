@@ -83,15 +83,19 @@ class DataConfig:
     chosen from the cores this rank may use (disttrain/cores.py; the "training on" line says)."""
     cache: Literal["auto", "on", "off"] = "auto"
     """Keep each decoded, presized image of a folder in this rank's memory after its first decode,
-    so later epochs decode nothing: `auto` where a stage's train + valid pixels for every rank of
-    the node fit in a quarter of the available memory (and half of /dev/shm's free space), `on`,
-    or `off`. Shards are never cached (they are for data larger than memory)."""
+    so later epochs decode nothing (the training split whole, of the validation split only the
+    rank's own share): `auto` where those pixels for every rank of the node fit in a quarter of the
+    available memory (and half of /dev/shm's free space), `on`, or `off`. Shards are never cached
+    (they are for data larger than memory)."""
     bad_files: Literal["skip", "error"] = "skip"
     """Undecodable files found at scan time: `skip` (counted, listed in bad_files.txt) or `error`."""
     worker_timeout: float = 120.0
     """Seconds a loader may deliver no batch before the run fails, with one line naming the rank, the
     loader and its worker (instead of the other ranks waiting in a collective until
-    train.collective_timeout). Must cover decoding one batch on a busy machine."""
+    train.collective_timeout). It bounds every wait on the workers: their start (with the fork
+    server's imports, where the first batch is asked for before they are done), each batch, and an
+    epoch's `iter()` (after an epoch cut short, it first takes the abandoned rest's prefetches).
+    Must cover decoding one batch on a busy machine."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("folder", "shards"))
@@ -384,6 +388,18 @@ class TrainConfig:
     threads: Union[int, Literal["auto"]] = "auto"
     """torch intra-op threads per rank, or `auto`: this rank's share of the node's cores less its
     loader workers' (disttrain/cores.py), whatever OMP_NUM_THREADS the launcher set."""
+    pin_cores: Literal["auto", "on", "off"] = "auto"
+    """Keep each rank's threads on its own slice of the node's cores (and its loader workers on the
+    slice's last cores): `auto` only where the job owns the cores it would pin (a scheduler's
+    allocation: the process's CPU affinity is narrower than the machine, as SLURM's binding, a
+    cgroup cpuset or `taskset` sets it, or SLURM allocated the job every core of the node), `on`
+    wherever each rank has a core (the job owns the node), `off` never. Unpinned, threads and
+    workers are still sized from the rank's share of the cores. The "training on" line says which and why."""
+    deterministic: bool = False
+    """CUDA: cuDNN's deterministic algorithms only, none picked by timing (torch.backends.cudnn
+    deterministic on, benchmark off). A run resumed from a checkpoint on GPUs repeats the
+    uninterrupted run bitwise only with this on (cuDNN's default choices may add in another order
+    each run); it costs some speed. The CPU path is deterministic without it."""
     compile: bool = False
     """torch.compile the model (inductor; the first steps compile, once per stage shape: freezing,
     unfreezing and a new image size compile again, and the run says so)."""
@@ -412,6 +428,7 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
         if self.threads != "auto":
             _positive("train.threads", self.threads)
+        _choice("train.pin_cores", self.pin_cores, ("auto", "on", "off"))
         if not 1 <= self.tta_n <= 10:  # disttrain.inference.MAX_TTA_VIEWS (not imported: inference imports config)
             raise ConfigError(f"train.tta_n: must be 1 to 10 (the flips of the whole image and of its four corners), got {self.tta_n!r}")
         if not 0 <= self.tta_beta <= 1:
@@ -603,6 +620,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise bad
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads a bare on/off as a boolean
+            value = "on" if value else "off"
         text = str(value).strip() if not isinstance(value, bool) else value
         for choice in choices:
             if text == choice or str(text) == str(choice):

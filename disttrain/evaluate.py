@@ -9,12 +9,15 @@ images go through the same global batches, decoding and forward pass as `disttra
 (disttrain/inputs.py), so the accuracy counted from predict's CSV is evaluate's exactly. Metrics
 are sums reduced once across ranks (disttrain/metrics.py): loss, accuracy, top-5 (5 classes or
 more), per-class accuracy and the confusion matrix (row = true class), plain and with TTA.
+The JSON holds the whole matrix (`confusion`) up to disttrain.tracking.MATRIX_CLASSES classes, and
+always the most confused pairs (`most_confused`, 100); `--out-dir` writes every nonzero cell.
 
 `data.format=shards` (or `--data` naming a folder `disttrain prepare` wrote) evaluates the shards'
 validation split through the training loaders.
 
 Nothing is written anywhere unless asked: `--out FILE.json` (the result), `--out-dir DIR`
-(`confusion_matrix.png` and `.csv`), `--interpret DIR` (top losses, most confused, per-class scores
+(`confusion_matrix.png` and `.csv`; with more classes, `confusion_cells.csv` and
+`confusion_summary.png`: disttrain/tracking.py), `--interpret DIR` (top losses, most confused, per-class scores
 and the lesson's grids: disttrain/interpret.py; folders only). Files that do not decode are listed
 on stderr and counted.
 """
@@ -38,9 +41,9 @@ from disttrain.inference import batch_outputs, eval_view, read_model_file, saved
 from disttrain.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
 from disttrain.interpret import DEFAULT_K, SampleRecorder, write_interpretation
 from disttrain.jobgroup import JobGroup
-from disttrain.metrics import EvalResult, EvalSums, per_class
+from disttrain.metrics import EvalResult, EvalSums, most_confused, per_class
 from disttrain.models import WeightsError
-from disttrain.tracking import write_confusion
+from disttrain.tracking import MATRIX_CLASSES, MOST_CONFUSED, write_confusion
 
 
 @dataclass
@@ -52,7 +55,7 @@ class EvaluateOptions:
     out: str | None = None
     """JSON result file."""
     out_dir: str | None = None
-    """Folder for confusion_matrix.png and .csv."""
+    """Folder for the confusion files (disttrain/tracking.py's write_confusion)."""
     tta_n: int = 0
     tta_beta: float = 0.25
     tta_max: bool = False
@@ -110,7 +113,7 @@ def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, nu
                     recorder.add(index, logits, labels[index].to(device))
             bar.update(min((len(index) + len(failed)) * world, bar.total - bar.n))  # an estimate of all ranks
     bar.close()
-    result = sums.result(group.sum, skipped=len(bad))
+    result = sums.result(group.sum, skipped=len(bad), gather=group.gather)
     return result, [item for part in group.gather(bad) for item in part]
 
 
@@ -164,7 +167,9 @@ def to_json(result: EvalResult, classes: list[str], world: int, where: str, opti
         summary["tta"] = {"views": options.tta_n, "beta": options.tta_beta, "max": options.tta_max}
     if result.confusion is not None:
         summary["per_class"] = per_class(result.confusion, classes)
-        summary["confusion"] = result.confusion.tolist()
+        summary["most_confused"] = [list(cell) for cell in most_confused(result.confusion, classes, MOST_CONFUSED)]
+        if result.confusion.classes <= MATRIX_CLASSES:  # beyond, C x C is too many cells: --out-dir has every nonzero one
+            summary["confusion"] = result.confusion.dense().tolist()
     return summary
 
 
@@ -220,7 +225,7 @@ def run(cfg, options: EvaluateOptions) -> dict:
         if options.out:
             _write_json(summary, Path(options.out))
         if options.out_dir and result.confusion is not None:
-            write_confusion(summary["confusion"], classes, Path(options.out_dir))
+            write_confusion(result.confusion, classes, Path(options.out_dir))
         if records is not None:
             written = write_interpretation(records, inputs.paths, classes, Path(options.interpret), options.interpret_k,
                                            cfg.data.load_size, view)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from disttrain.cores import compute_threads
 from disttrain.inference import eval_view
 from disttrain.models import WeightsError
 
@@ -93,8 +94,10 @@ class OnnxModel:
     `image_size`, `load_size` and `probabilities(presized uint8 batch)`."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        """`threads`: onnxruntime's intra-op threads (default: torch's, which `OMP_NUM_THREADS` and
-        the launcher set, so N processes on one machine share its cores as PyTorch's would)."""
+        """`threads`: onnxruntime's intra-op threads (default: this process's compute threads as
+        disttrain/cores.py planned them, its share of the cores less its decoding workers', or every
+        core it may run on; never onnxruntime's own default, a thread per physical core of the
+        machine, each pinned to its core, which two processes on one machine would share)."""
         path = Path(path).expanduser()
         expected = "expected an ONNX file written by `disttrain export --format onnx`"
         if not path.is_file():
@@ -104,7 +107,7 @@ class OnnxModel:
         except ImportError:
             raise WeightsError(f"{path}: running an ONNX file needs onnxruntime; pip install 'disttrain[export]'") from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = threads or compute_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
         try:

@@ -19,12 +19,14 @@ of the records in input order, so ties go to the earlier input and the result is
   (the most confidently wrong).
 - `most_uncertain`: the smallest margin between the two highest probabilities (for two classes: the
   probability closest to 0.5), whatever the true class.
-- `most_confused`: (actual, predicted, count) off the diagonal, count >= 1, by count, then names.
+- `most_confused` (disttrain/metrics.py): (actual, predicted, count) off the diagonal, count >= 1,
+  by count, then names.
 - `class_scores`: precision, recall, F1 and support per class; a class never predicted has
   precision 0, one without images recall 0, and F1 is 0 when both are 0 (sklearn's zero_division=0).
 
 Files (`write_interpretation`, main process only; matplotlib's Agg backend): `top_losses.png` and
-`.csv`, `most_confused.csv`, `confusion_matrix.png` and `.csv` (disttrain/tracking.py's writer),
+`.csv`, `most_confused.csv`, the confusion files (`confusion_matrix.png` and `.csv`, or past
+disttrain.tracking.MATRIX_CLASSES classes `confusion_cells.csv` and `confusion_summary.png`: that module's writer),
 `per_class.csv`, `views.csv` (every grid's images: view, rank, path, actual, predicted, loss,
 probability of actual, margin) and one grid per view: `random_correct.png`, `random_incorrect.png`,
 `most_uncertain.png`, `most_correct_<class>.png`, `most_incorrect_<class>.png` (class names made safe
@@ -46,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from disttrain.metrics import Confusion, most_confused
 
 TITLE = "predicted / actual / loss / probability of actual"
 DEFAULT_K = 9
@@ -155,17 +159,9 @@ def random_pick(records: Records, correct: bool, k: int, seed: int = 0) -> list[
     return sorted(positions[drawn].tolist())
 
 
-def confusion(records: Records, num_classes: int) -> list[list[int]]:
-    """Counts, row = true class, column = predicted."""
-    flat = torch.bincount(records.label * num_classes + records.predicted, minlength=num_classes * num_classes)
-    return flat.view(num_classes, num_classes).tolist()
-
-
-def most_confused(counts: list[list[int]], classes: list[str], min_count: int = 1) -> list[tuple[str, str, int]]:
-    """(actual, predicted, count) of every off-diagonal cell with at least `min_count` images, the
-    highest count first, then by the names."""
-    cells = [(classes[t], classes[p], n) for t, row in enumerate(counts) for p, n in enumerate(row) if t != p and n >= min_count]
-    return sorted(cells, key=lambda cell: (-cell[2], cell[0], cell[1]))
+def confusion(records: Records, num_classes: int) -> Confusion:
+    """The confusion matrix of the records (row = true class, column = predicted), as its nonzero cells."""
+    return Confusion.from_labels(records.label, records.predicted, num_classes)
 
 
 @dataclass
@@ -177,12 +173,12 @@ class ClassScore:
     support: int
 
 
-def class_scores(counts: list[list[int]], classes: list[str]) -> list[ClassScore]:
+def class_scores(matrix: Confusion, classes: list[str]) -> list[ClassScore]:
     """Precision, recall, F1 and support (images of the class) per class; 0 where a denominator is 0
     (a class never predicted: precision 0; without images: recall 0; both 0: F1 0)."""
     scores = []
-    for i, name in enumerate(classes):
-        hit, support, predicted = counts[i][i], sum(counts[i]), sum(row[i] for row in counts)
+    columns = zip(matrix.correct().tolist(), matrix.support().tolist(), matrix.predictions().tolist())
+    for name, (hit, support, predicted) in zip(classes, columns):
         precision = hit / predicted if predicted else 0.0
         recall = hit / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -345,15 +341,15 @@ def write_interpretation(records: Records, paths: list[str], classes: list[str],
     top = views[0]
     _write_csv(folder / "top_losses.csv", ["rank", "path", "actual", "predicted", "loss", "probability_actual"],
                ([rank + 1, *row(pos)] for rank, pos in enumerate(top.rows)))
-    counts = confusion(records, len(classes))
-    _write_csv(folder / "most_confused.csv", ["actual", "predicted", "count"], most_confused(counts, classes))
-    write_confusion(counts, classes, folder)
+    matrix = confusion(records, len(classes))
+    _write_csv(folder / "most_confused.csv", ["actual", "predicted", "count"], most_confused(matrix, classes))
+    matrix_files = write_confusion(matrix, classes, folder)
     _write_csv(folder / "per_class.csv", ["class", "precision", "recall", "f1", "support"],
-               ([s.name, _number(s.precision), _number(s.recall), _number(s.f1), s.support] for s in class_scores(counts, classes)))
+               ([s.name, _number(s.precision), _number(s.recall), _number(s.f1), s.support] for s in class_scores(matrix, classes)))
     _write_csv(folder / "views.csv", ["view", "rank", "path", "actual", "predicted", "loss", "probability_actual", "margin"],
                ([grid.name, rank + 1, *row(pos), _number(float(records.margin[pos]))]
                 for grid in views for rank, pos in enumerate(grid.rows)))
-    out.files += ["top_losses.csv", "most_confused.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv", "views.csv"]
+    out.files += ["top_losses.csv", "most_confused.csv", *matrix_files, "per_class.csv", "views.csv"]
     for grid in views:
         if not grid.rows:
             out.empty.append(grid)

@@ -1,9 +1,11 @@
 """The collectives that wait for work of unbounded length, on a gloo group of their own without
 `train.collective_timeout`: the main process scanning a training folder (it decodes every image) or
-listing a million files for `predict` while the others wait for the result, and the ranks of an
-inference job (`predict`, `evaluate`) that finish their shares minutes apart. On the training group,
-bounded at 300 s, such a wait would fail the job after (or before) the work was done. This group waits as long as the work takes; it cannot hang on a dead rank, because a rank
-that dies ends the job (the launcher, torch elastic or SLURM, stops the others)."""
+listing a million files for `predict` while the others wait for the result, the ranks of an
+inference job (`predict`, `evaluate`) that finish their shares minutes apart, and a training run's
+checkpoint saves (a large model on a slow filesystem). On the training group, bounded at 300 s,
+such a wait would fail the job after (or before) the work was done. This group waits as long as the
+work takes; it cannot hang on a dead rank, because a rank that dies ends the job (the launcher, torch
+elastic or SLURM, stops the others)."""
 
 from __future__ import annotations
 
@@ -32,7 +34,13 @@ class JobGroup:
     def __init__(self, world_size: int):
         self.world = world_size
         self.group = dist.new_group(backend="gloo", timeout=WAIT) if world_size > 1 and dist.is_initialized() else None
-        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every rank is here, however long the slowest takes."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
 
     def from_main(self, make: Callable[[], T]) -> T:
         """`make()` runs on the main process only; every rank gets its result, or raises the same

@@ -38,6 +38,15 @@ class SweepError(RuntimeError):
     """The sweep produced no usable suggestion; the message says why and what to do."""
 
 
+class SweepInterrupted(Exception):
+    """A rank was asked to stop (preemption) during the sweep: every rank raises it after the same
+    step, once the trainer's state is restored."""
+
+    def __init__(self, step: int, of: int):
+        super().__init__(f"LR sweep interrupted after step {step} of {of}")
+        self.step, self.of = step, of
+
+
 def sweep_lrs(start: float, end: float, num_iter: int) -> list[float]:
     """start * (end/start) ** (i / (num_iter - 1)): exactly `start` first and `end` last."""
     return [start * (end / start) ** (i / (num_iter - 1)) for i in range(num_iter)]
@@ -258,9 +267,11 @@ def run_curve(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor],
     world_size: int,
     cfg: SweepConfig,
+    stop: Callable[[], bool] = lambda: False,
 ) -> tuple[list[float], list[float | None], list[float | None], list[float | None], bool]:
     """The sweep loop. `step(i, lr)` runs one training step at `lr` and returns this rank's (mean
-    loss, skipped flag) as float64 device tensors; `reduce_sum` all-reduces a tensor (sum).
+    loss, skipped flag) as float64 device tensors; `reduce_sum` all-reduces a tensor (sum); `stop()`:
+    this rank was asked to stop (preemption), reduced with the loss: SweepInterrupted on every rank.
 
     Returns (lrs, mean losses, smoothed, local losses, stopped_early) for the steps run."""
     schedule = sweep_lrs(cfg.start_lr, cfg.end_lr, cfg.num_iter)
@@ -268,9 +279,12 @@ def run_curve(
     best = math.inf
     lrs, losses, smoothed, local = [], [], [], []
     for i, lr in enumerate(schedule):
-        mine = torch.stack(step(i, lr))  # this rank's (mean loss, skipped flag)
+        loss, skip = step(i, lr)
+        mine = torch.stack([loss, skip, skip.new_tensor(float(stop()))])  # this rank's (mean loss, skipped flag, stop flag)
         total = reduce_sum(mine)  # the one collective per step
-        own_loss, own_skipped, loss_sum, skipped = torch.cat([mine, total]).tolist()  # one device sync
+        own_loss, own_skipped, _, loss_sum, skipped, stops = torch.cat([mine, total]).tolist()  # one device sync
+        if stops > 0:
+            raise SweepInterrupted(i + 1, cfg.num_iter)
         lrs.append(lr)
         local.append(None if own_skipped else own_loss)
         if skipped > 0:  # the fp16 scaler skipped this step (on every rank): no loss to record
@@ -381,7 +395,8 @@ def _cycling_groups(trainer):
 def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
     """Run the range test on `trainer`'s real setup and restore it afterwards; every rank returns
     the identical result (checked). A curve with no usable suggestion comes back with
-    `suggestion=None` and the reason in `fallback` (`find_lr` turns that into a SweepError)."""
+    `suggestion=None` and the reason in `fallback` (`find_lr` turns that into a SweepError). A
+    preemption signal on any rank ends it after the step it came in (SweepInterrupted, state restored)."""
     acc = trainer.accelerator
     world = acc.num_processes
     state = snapshot(trainer)
@@ -397,7 +412,8 @@ def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
         return loss_sum / count, torch.tensor(skipped, device=acc.device, dtype=torch.float64)
 
     try:
-        lrs, losses, smoothed, local, stopped = run_curve(step, lambda t: acc.reduce(t, reduction="sum"), world, cfg)
+        lrs, losses, smoothed, local, stopped = run_curve(step, lambda t: acc.reduce(t, reduction="sum"), world, cfg,
+                                                          stop=trainer._stop_requested)
     finally:
         groups.close()
         restore(trainer, state)

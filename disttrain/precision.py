@@ -13,6 +13,17 @@ The facts are read for one device only (`device_facts(device)`): a GPU rank read
 properties after its device is set, so no rank opens a context on another rank's GPU. The decision
 itself (`choose`) is a pure function of those facts, so it is tested on every kind of card and CPU
 without owning one.
+
+One precision for the job. Ranks on devices of two kinds (cards of two generations, or GPUs and a
+CPU) would decide `auto` differently, and an all-reduce of fp16-scaled gradients with bf16 ones
+drifts the weights without an error. So the ranks exchange their facts (runtime.py: one all_gather
+before the Accelerator is built) and every rank computes `agree` over the same list: the best
+precision that every rank runs natively. bf16 needs native bf16 on every rank; fp16 runs on any
+CUDA card (natively, bf16 cards included) but not on a CPU; fp32 runs everywhere. So: bf16 where
+every rank has native bf16, else fp16 where every rank is a GPU, else fp32 (A100 + V100: fp16;
+H100 + a CPU without bf16: fp32; V100 + a CPU with bf16: fp32, as the CPU cannot run fp16 and the
+V100 only emulates bf16). An explicit precision that one rank cannot run fails on every rank
+with the same line, naming that rank and its device.
 """
 
 from __future__ import annotations
@@ -86,26 +97,54 @@ def cpu_facts(cpuinfo: str | None, machine: str, onednn_bf16: bool, capability: 
     return DeviceFacts("cpu", f"CPU ({capability})", onednn_bf16 and flags)
 
 
-def choose(requested: str, facts: DeviceFacts) -> Precision:
-    """`train.precision` -> the precision to train in on a device with these facts."""
+def choose(requested: str, facts: DeviceFacts, rank: int | None = None) -> Precision:
+    """`train.precision` -> the precision to train in on a device with these facts (`rank`: named
+    in the messages, for a device of a job of several ranks)."""
     cuda = facts.kind == "cuda"
+    named = facts.name if rank is None else f"rank {rank}'s {facts.name}"
     if requested == "auto":
         if facts.native_bf16:
-            return Precision("bf16", f"auto: {facts.name} computes bf16 natively")
+            return Precision("bf16", f"auto: {named} computes bf16 natively")
         if cuda:
-            return Precision("fp16", f"auto: {facts.name} has no native bf16 (capability < 8.0), so fp16 with a grad scaler")
-        return Precision("no", f"auto: fp32, this {facts.name} has no native bf16 and would emulate it")
+            return Precision("fp16", f"auto: {named} has no native bf16 (capability < 8.0), so fp16 with a grad scaler")
+        return Precision("no", f"auto: fp32, this {named} has no native bf16 and would emulate it")
     if requested == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a CUDA device; use train.precision=auto (or no, or bf16) on CPU")
+        if rank is None:
+            raise ConfigError("train.precision: fp16 needs a CUDA device; use train.precision=auto (or no, or bf16) on CPU")
+        raise ConfigError(f"train.precision: fp16 needs a CUDA device, and {named} is not one; use train.precision=auto "
+                          "(the ranks then agree on one they all run) or no")
     warning = None
     if requested == "bf16" and not facts.native_bf16:
         if not facts.emulated_bf16:
-            raise ConfigError(f"train.precision: bf16 does not run on {facts.name}; use train.precision=auto (fp16 there) or no")
+            raise ConfigError(f"train.precision: bf16 does not run on {named}; use train.precision=auto (fp16 there) or no")
         warning = (
-            f"warning: train.precision=bf16 on {facts.name}, which has no native bf16: autocast emulates it, typically "
+            f"warning: train.precision=bf16 on {named}, which has no native bf16: autocast emulates it, typically "
             f"several times slower than {'fp16' if cuda else 'fp32'}; train.precision=auto picks {'fp16' if cuda else 'fp32'} here"
         )
     return Precision(requested, "set by train.precision", warning)
+
+
+def agree(requested: str, ranks: list[DeviceFacts]) -> Precision:
+    """`train.precision` -> the one precision of a job whose rank i runs on a device with `ranks[i]`'s
+    facts (the same answer on every rank, given the same list). Each rank's own decision (`choose`)
+    where they all agree; else, for `auto`, the best one every rank runs natively (module docstring),
+    naming the rank whose device forced it. An explicit choice some rank cannot run raises that
+    rank's error; an emulated explicit bf16 warns with the first such rank."""
+    own = [choose(requested, facts, rank if len(ranks) > 1 else None) for rank, facts in enumerate(ranks)]
+    if requested != "auto":
+        return next((p for p in own if p.warning), own[0])
+    if len({p.mode for p in own}) == 1:
+        return choose(requested, ranks[0])
+    no_bf16 = next(i for i, facts in enumerate(ranks) if not facts.native_bf16)
+    named = f"rank {no_bf16}'s {ranks[no_bf16].name}"
+    if all(facts.kind == "cuda" for facts in ranks):
+        return Precision("fp16", f"auto: {named} has no native bf16, so the job uses fp16 with a grad scaler")
+    if ranks[no_bf16].kind != "cuda":
+        why = f"{named} has no native bf16 and cannot run fp16"
+    else:
+        cpu = next(i for i, facts in enumerate(ranks) if facts.kind != "cuda")
+        why = f"{named} has no native bf16 and rank {cpu}'s {ranks[cpu].name} cannot run fp16"
+    return Precision("no", f"auto: {why}, so the job trains in fp32")
 
 
 @functools.cache

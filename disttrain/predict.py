@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from disttrain import durable
 from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
@@ -195,7 +196,7 @@ def _concatenate(parts: Path, world: int, head: str, out: str | None, topk: int 
         else:
             stream.flush()
     if tmp:
-        os.replace(tmp, target)
+        durable.replace(tmp, target)  # on disk before it has its name
 
 
 def _print_skipped(parts: Path, world: int) -> None:
@@ -216,8 +217,9 @@ def run(options: PredictOptions) -> PredictSummary:
     if onnx and options.tta_n:
         raise ConfigError(f"--tta: not with an exported ONNX file ({options.weights} computes the plain pass only); "
                           "predict with the model.pt for TTA")
-    cfg = build_config({"train": {"precision": "no" if onnx else options.precision}})  # an ONNX file computes in fp32
-    accelerator = build_accelerator(cfg)
+    # an ONNX file computes in fp32, on the CPU: its threads are planned as a CPU rank's, beside --workers decoders
+    cfg = build_config({"train": {"precision": "no" if onnx else options.precision}, "data": {"num_workers": options.workers}})
+    accelerator = build_accelerator(cfg, compute="cpu" if onnx else None)
     group = JobGroup(accelerator.num_processes)
     saved = OnnxModel(options.weights) if onnx else load_saved_model(options.weights, accelerator.device)
     inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))

@@ -5,6 +5,12 @@ groups, loaders and augmentation at its size, the LR sweep when its lr is auto, 
 Checkpoints know their stage. One taken at the end of a stage's last epoch continues with the next
 stage from its start; a stage with `lr: auto` saves one more right after its sweep
 (`step-N-stage<i>`), so a resume never sweeps a stage again.
+
+Preemption (SIGUSR1, SIGTERM) is caught from the first line on. Before training, the ranks check
+together after the data scan, after entering each stage (its loaders, or its precompute), at every
+step of an LR sweep and before fit: there every rank stops with nothing to save (the checkpoint the
+run continues from, if any, holds all of it; before the first one, the requeued job starts again).
+In training, the trainer saves a checkpoint first (disttrain/trainer.py).
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from disttrain.checkpoint import (
     Preempted,
     Resume,
     checkpoint_root,
+    clear_leftovers,
     find_latest,
     save_weights,
     set_aside_later,
+    stop_if_preempted,
 )
 from disttrain.config import Config
-from disttrain.lr_sweep import find_lr
+from disttrain.lr_sweep import SweepInterrupted, find_lr
 from disttrain.stage import StagePlan, describe, enter_stage, plan_stages
 from disttrain.trainer import EpochResult, Trainer
 
@@ -36,7 +44,7 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
     from disttrain.runtime import build_accelerator
     from disttrain.tracking import setup_logging
 
-    flag = PreemptionFlag()  # installed when training starts (Trainer.fit): before that a signal just ends the run
+    flag = PreemptionFlag().install()  # first: from here on SIGUSR1/SIGTERM stop the run at its next check point
     accelerator = build_accelerator(cfg)  # resolves data.num_workers=auto
     start_worker_server(cfg.data.num_workers)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
@@ -45,7 +53,7 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
     resume = Resume.read(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
     plans = plan_stages(cfg)
     first, continuing = _resume_stage(plans, resume.meta) if resume else (0, False)
-    trainer, data = build_trainer(cfg, accelerator, resume=resume, flag=flag, stage=first)
+    trainer, data = build_trainer(cfg, accelerator, resume=resume, flag=flag, stage=first, find_lr_only=find_lr_only)
     try:
         history = _run(cfg, trainer, data, plans, first, continuing, find_lr_only, resume)
     except BaseException as err:
@@ -85,6 +93,7 @@ def _resume_stage(plans: list[StagePlan], meta: dict) -> tuple[int, bool]:
 def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_lr_only: bool, resume: Resume | None) -> list:
     from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
     if resume is not None:
+        trainer.checkpointer.last = resume.path
         meta = resume.meta
         trainer.load_state(meta, resume.shared, resume.rank_state, optimizer=continuing)
         if "lr_sweep" in meta:  # the last sweep's outcome goes on into this run's checkpoints
@@ -101,18 +110,24 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
             f"global step {meta['global_step']}, {lr}{changed}"
         )
     if trainer.accelerator.is_main_process and not find_lr_only:  # checkpoints this run does not continue go out of its way
+        left = clear_leftovers(cfg.run.dir)
+        if left:
+            trainer.reporter.line(f"removed what killed saves left in {cfg.run.dir}: {', '.join(left)}")
         aside = set_aside_later(cfg.run.dir, from_step)
         if aside is not None:
             trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
     for plan in plans[first:]:
         if plan.index != first:
             trainer.use(enter_stage(trainer, cfg, data, plan))
+        of = f" of {plan.name}" if plan.staged else ""
+        _stop_if_preempted(trainer, f"during the precompute{of}" if plan.cfg.precompute else f"while setting up{of or ' the run'}")
         if (plan.index != first or not continuing) and (plan.cfg.lr == "auto" or find_lr_only):
             _sweep(cfg, trainer, plan)
             if find_lr_only:
                 return []
             if plan.staged:  # the sweep is not repeated by a resume
                 trainer.checkpointer.save(trainer, plan.first_epoch, 0, None, tag=f"stage{plan.index}")
+            _stop_if_preempted(trainer, f"after the LR sweep{of}")
         if plan.staged:
             trainer.reporter.line(describe(trainer, plan, cfg))
         trainer.fit()
@@ -131,11 +146,22 @@ def _sweep(cfg: Config, trainer: Trainer, plan: StagePlan) -> None:
     sweep_cfg = plan.cfg.sweep
     stem = f"lr_sweep.stage{plan.index}" if plan.staged else "lr_sweep"
     keys = (f"stages[{plan.index}].lr", f"stages[{plan.index}].sweep") if plan.staged else ("optim.lr", "sweep")
-    sweep = find_lr(trainer, sweep_cfg, cfg.run.dir, trainer.reporter, stem=stem, keys=keys)
+    try:
+        sweep = find_lr(trainer, sweep_cfg, cfg.run.dir, trainer.reporter, stem=stem, keys=keys)
+    except SweepInterrupted as stop:  # the trainer's state is as before the sweep
+        of = f" of {plan.name}" if plan.staged else ""
+        where = f"during the LR sweep{of} (after its step {stop.step} of {stop.of})"
+        raise Preempted(trainer.checkpointer.last, saved=False, where=where) from None
     trainer.tracker.log_sweep(sweep, cfg.run.dir / f"{stem}.png", step=trainer.global_step, extra=trainer._stage_key())
     trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
                                              "suggestions": sweep.suggestions, "precision": sweep.precision}
     trainer.schedule.set_peak_lr(sweep.suggestion)
+
+
+def _stop_if_preempted(trainer: Trainer, where: str) -> None:
+    """Collective, before training: every rank raises Preempted when any rank got the signal."""
+    checkpointer = trainer.checkpointer
+    stop_if_preempted(checkpointer.flag, checkpointer.group, checkpointer.last, where)
 
 
 def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
@@ -179,4 +205,4 @@ def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
             "epochs": [vars(r) for r in trainer.history],
         }
         (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
-    acc.wait_for_everyone()
+    trainer.checkpointer.group.barrier()  # as a checkpoint's save: model.pt may take longer than a collective may wait

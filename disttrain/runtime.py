@@ -1,5 +1,6 @@
-"""The one place that builds the Accelerator: device choice, precision (decided per rank after its
-device is set: disttrain/precision.py), accumulation, seeds."""
+"""The one place that builds the Accelerator: device choice, the cores (disttrain/cores.py), one
+precision for the job (each rank's device facts exchanged, then agreed: disttrain/precision.py),
+accumulation, seeds."""
 
 from __future__ import annotations
 
@@ -13,31 +14,58 @@ import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
-from disttrain import cores
+from disttrain import cores, precision
 from disttrain.config import Config
-from disttrain.precision import resolve_precision
+from disttrain.precision import DeviceFacts, Precision
+
+_agreed: tuple[str, Precision] | None = None  # (train.precision, what the job agreed on): build_accelerator's
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for this machine: CPU (gloo) when CUDA is absent, precision from the config
-    (`resolve_precision`, decided once this rank's device is set, from that device's facts), this
-    rank's cores split between its threads and its loader workers (disttrain/cores.py; `auto`
-    values of train.threads and data.num_workers are resolved in `cfg`).
+def build_accelerator(cfg: Config, compute: str | None = None) -> Accelerator:
+    """An Accelerator for this machine: CPU (gloo) when CUDA is absent; this rank's cores split
+    between its threads and its loader workers, pinned only where the job owns them
+    (disttrain/cores.py: `train.pin_cores`; `auto` values of train.threads and data.num_workers are
+    resolved in `cfg`; `compute`: where the work runs when not on the accelerator's device, e.g.
+    `cpu` for an ONNX file under onnxruntime); one precision for the job (`every_ranks_facts`,
+    then precision.agree: the same decision on every rank; `job_precision` returns it).
 
     Works under `accelerate launch`, `torchrun` and plain `python` (one process). Gradient
     accumulation (`train.grad_accum`) is done by the Trainer with `no_sync` over exactly the
     micro-batches of each group (also the shorter last group of an epoch), so Accelerate's own
     accumulation counter, which would divide the loss a second time, is left at 1.
     """
+    global _agreed
     cuda = torch.cuda.is_available()
     timeout = timedelta(seconds=cfg.train.collective_timeout)
     _init_after_restart(cuda, timeout)
     state = PartialState(cpu=not cuda, timeout=timeout)  # the process group, and this rank's own device set
-    split = cores.plan_here(state.device.type, cfg.train.threads, cfg.data.num_workers)
-    cores.apply(split)  # this rank's threads on its own cores; its loaders' workers on theirs
+    split = cores.plan_here(compute or state.device.type, cfg.train.threads, cfg.data.num_workers, cfg.train.pin_cores)
+    cores.apply(split)  # this rank's threads on its own cores where the job owns them; its loaders' workers on theirs
     cfg.data.num_workers = split.workers  # `auto` resolved: every loader of this process reads it
-    precision = resolve_precision(cfg.train.precision, state.device)  # reads that device only
-    return Accelerator(cpu=not cuda, mixed_precision=precision.mode, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    if cfg.train.deterministic:  # cuDNN: the same algorithms, the same sums, every run (bitwise resume on GPUs)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    agreed = precision.agree(cfg.train.precision, every_ranks_facts(state))  # a ConfigError on every rank alike
+    _agreed = (cfg.train.precision, agreed)
+    return Accelerator(cpu=not cuda, mixed_precision=agreed.mode, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+
+
+def every_ranks_facts(state: PartialState) -> list[DeviceFacts]:
+    """Each rank's device facts, in rank order (one all_gather of a few small values): read by each
+    rank from its own device only (a GPU rank's card after its device is set)."""
+    mine = precision.device_facts(state.device)
+    if state.num_processes == 1:
+        return [mine]
+    gathered: list[DeviceFacts | None] = [None] * state.num_processes
+    dist.all_gather_object(gathered, mine)
+    return list(gathered)
+
+
+def job_precision(requested: str, device: torch.device) -> Precision:
+    """The precision the job agreed on in `build_accelerator` (the same on every rank), for
+    `train.precision` = `requested`; an Accelerator built elsewhere (one process): `device`'s own."""
+    if _agreed is not None and _agreed[0] == requested:
+        return _agreed[1]
+    return precision.resolve_precision(requested, device)
 
 
 def _init_after_restart(cuda: bool, timeout: timedelta) -> None:

@@ -6,7 +6,9 @@ The DDP wrapper and the optimizer are built per stage from the unwrapped model, 
 DDP registers the parameters that require grad when it is built and all-reduces only those, so a
 wrapper kept across an unfreeze would leave the newly trainable weights unsynchronized (the ranks
 drift apart without an error). The previous stage's wrapper and optimizer are released first, so
-their gradient hooks are gone. Each stage's optimizer starts with fresh state.
+their gradient hooks are gone, and so are its loaders (their workers stopped, the images they
+cached and the activations precomputed for it freed): two stages' data never coexist. Each stage's
+optimizer starts with fresh state.
 
 Entering a stage draws nothing from the run's random streams (the data loaders it iterates to
 precompute would otherwise draw their seeds): a resumed run enters its stage again, and must continue
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from disttrain.config import Config, StageConfig, frozen_groups
-from disttrain.data.setup import build_loaders, eval_loader
+from disttrain.data.setup import build_loaders, eval_loader, release_loaders
 from disttrain.finetune import freeze, group_lrs
 from disttrain.finetune import param_groups as layer_param_groups
 from disttrain.models import decay_groups, make_optimizer
@@ -58,12 +60,16 @@ def plan_stages(cfg: Config) -> list[StagePlan]:
 
 def _release(trainer: Trainer) -> None:
     """Drop the previous stage's wrapper and optimizer (Accelerate's references too) and give the
-    bare module back its own forward."""
+    bare module back its own forward; stop its loaders' workers and drop the loaders, with the
+    decoded images they cache or the activations precomputed for it, before the next stage builds
+    its own (and data.cache=auto measures the memory left for them)."""
     acc = trainer.accelerator
     if trainer.model is not None:
         bare = acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         bare.__dict__.pop("_is_accelerate_prepared", None)
+    release_loaders(trainer.train_loader, trainer.valid_loader)
     trainer.model = trainer.optimizer = trainer.schedule = trainer.compiled = None
+    trainer.train_loader = trainer.valid_loader = None
     acc.free_memory()
     gc.collect()  # the old DDP reducer removes its autograd hooks when it is destroyed
 
@@ -101,12 +107,10 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
         target = module.get_submodule(head_name)
         bs, world = stage.batch_size, acc.num_processes
         steps = -(-len(data.train) // (world * bs))  # as the image path's RankBatchSampler: equal on every rank
-        features = precompute(
-            acc, module, target, view,
-            eval_loader(cfg, data.train, acc, stage.load_size, bs * 2, name="precompute train"),
-            eval_loader(cfg, data.valid, acc, stage.load_size, bs * 2, name="precompute valid"),
-            bs, steps, cfg.run.seed,
-        )
+        shares = (eval_loader(cfg, data.train, acc, stage.load_size, bs * 2, name="precompute train"),
+                  eval_loader(cfg, data.valid, acc, stage.load_size, bs * 2, name="precompute valid"))
+        features = precompute(acc, module, target, view, *shares, bs, steps, cfg.run.seed)
+        release_loaders(*shares)
         dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[features.dtype]
         trainer.reporter.line(
             f"{plan.name}: precomputed the frozen body's output for {len(data.train)} train + {len(data.valid)} valid images in "

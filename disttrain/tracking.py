@@ -4,6 +4,14 @@
 `Tracker.log(metrics, step)` is the one interface the trainer and the sweep use; scalars go to both
 `metrics.jsonl` (one JSON object per call, flushed) and W&B (imported lazily; `log.wandb.mode`
 disabled creates nothing). On other ranks every method is a no-op.
+
+A run's records (metrics.jsonl, wandb_run_id, wandb_files) are never destroyed: a run that does not
+continue them moves them to `<folder>/superseded-<UTC>/` first; a resumed run keeps the rows up to
+its checkpoint through an atomic rewrite; `disttrain find-lr` keeps its own in `<run dir>/find-lr/`.
+
+The confusion matrix (`write_confusion`) is written whole up to `MATRIX_CLASSES` classes; beyond,
+every nonzero cell goes to a CSV and the plot shows what a person can read: the most confused pairs
+and the lowest per-class accuracies, in a figure of bounded size.
 """
 
 from __future__ import annotations
@@ -15,16 +23,31 @@ import math
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
+from disttrain.metrics import Confusion, most_confused, per_class
+
 T = TypeVar("T")
 
 COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
+METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id"
 FILES_FILE = "wandb_files"  # one line: the folder holding this W&B run's files (under WANDB_DIR when set)
+RECORDS = (METRICS_FILE, RUN_ID_FILE, FILES_FILE)
+FIND_LR_DIR = "find-lr"
+"""`disttrain find-lr`'s records, under the run dir: a sweep alone never takes the run's place."""
+MATRIX_CLASSES = 50
+"""Up to this many classes the confusion matrix is written whole: `confusion_matrix.csv`, a plot of
+every cell, W&B's confusion-matrix chart. Beyond it: `confusion_cells.csv` (every nonzero cell) and
+`confusion_summary.png` (the most confused pairs and the lowest per-class accuracies)."""
+SHOWN = 30
+"""Rows of each panel of confusion_summary.png."""
+MOST_CONFUSED = 100
+"""Pairs in W&B's `valid/most_confused` Table and in `disttrain evaluate`'s JSON."""
 
 
 def format_time(seconds: float) -> str:
@@ -107,24 +130,34 @@ def resolve_wandb(cfg, run_name: str) -> dict[str, Any]:
 class Tracker:
     """metrics.jsonl + a W&B run, for the main process (a no-op elsewhere)."""
 
-    def __init__(self, cfg, is_main: bool, reporter: ConsoleReporter, resume_step: int | None = None):
+    def __init__(self, cfg, is_main: bool, reporter: ConsoleReporter, resume_step: int | None = None,
+                 find_lr_only: bool = False):
         """`resume_step`: the global step of the checkpoint a resumed run starts from; metrics.jsonl
-        keeps its rows up to that step (later ones are repeated by the resumed run) and the W&B run
-        with the id in the run dir continues."""
+        keeps its rows up to that step (later ones are repeated by the resumed run; rewritten
+        atomically) and the W&B run with the id in the run dir continues. Otherwise the folder's
+        earlier records are moved aside (`set_aside_records`), with a line saying where.
+        `find_lr_only`: the records go to <run dir>/find-lr/ (its own W&B run), leaving the run's."""
         resume = resume_step is not None
         self.is_main = is_main
         self.run_dir = cfg.run.dir
+        self.folder = self.run_dir / FIND_LR_DIR if find_lr_only else self.run_dir
+        """Where metrics.jsonl, wandb_run_id and wandb_files go."""
         self.reporter = reporter
         self.wandb_run = None
         self._metrics = None
         if not is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = self.run_dir / "metrics.jsonl"
-        kept = _rows_up_to(metrics, resume_step) if resume and metrics.exists() else []
-        self._metrics = open(metrics, "w")
-        self._metrics.writelines(kept)
-        self._metrics.flush()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        metrics = self.folder / METRICS_FILE
+        if resume:
+            _keep_rows_up_to(metrics, resume_step)
+        else:
+            old_id = _read(self.folder / RUN_ID_FILE)
+            aside = set_aside_records(self.folder)
+            if aside is not None:
+                run = f" (W&B run {old_id})" if old_id else ""
+                reporter.line(f"moved the earlier records of {self.folder}{run} to {aside}: this run does not continue them")
+        self._metrics = open(metrics, "a")
         settings = resolve_wandb(cfg.log.wandb, cfg.run.name)
         if settings["mode"] == "disabled":
             return
@@ -133,8 +166,8 @@ class Tracker:
     def _start_wandb(self, cfg, settings: dict, resume: bool) -> None:
         import wandb
 
-        id_file = self.run_dir / RUN_ID_FILE
-        run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if resume and id_file.exists() else None)
+        id_file = self.folder / RUN_ID_FILE
+        run_id = os.environ.get("WANDB_RUN_ID") or (_read(id_file) if resume else None)
         mode = settings.pop("mode")
         root = Path(os.environ.get("WANDB_DIR") or self.run_dir).expanduser()  # W&B's convention: WANDB_DIR wins
         root.mkdir(parents=True, exist_ok=True)
@@ -152,9 +185,9 @@ class Tracker:
             settings=wandb.Settings(save_code=False, disable_git=True, silent=True),
             **settings,
         )
-        id_file.write_text(self.wandb_run.id + "\n")
+        _write_atomic(id_file, self.wandb_run.id + "\n")
         files = Path(self.wandb_run.dir).parent  # <root>/wandb/<offline-|>run-<time>-<id>
-        (self.run_dir / FILES_FILE).write_text(f"{files}\n")
+        _write_atomic(self.folder / FILES_FILE, f"{files}\n")
         if os.environ.get("WANDB_DIR"):
             self.reporter.line(f"W&B: run {self.wandb_run.id}, files in {files} (WANDB_DIR)")
         self.wandb_run.define_metric("valid/accuracy", summary="max")
@@ -213,18 +246,27 @@ class Tracker:
         grid = make_grid(x.clamp(0, 1), nrow=min(8, len(x)))
         self.wandb_run.log({"train/samples": self.wandb.Image(grid, caption="augmented training batch")}, step=step)
 
-    def log_confusion(self, matrix, classes: list[str], step: int) -> None:
-        """`confusion_matrix.csv` and `.png` in the run dir, and W&B's confusion-matrix plot."""
+    def log_confusion(self, confusion: Confusion, classes: list[str], step: int) -> None:
+        """The confusion files in the run dir (`write_confusion`) and to W&B: up to MATRIX_CLASSES
+        classes, W&B's confusion-matrix chart; beyond, the Table `valid/most_confused` (the
+        MOST_CONFUSED highest off-diagonal counts) and the summary plot as `valid/confusion_summary`."""
         if not self.is_main:
             return
-        counts = [[int(v) for v in row] for row in matrix.tolist()]
-        write_confusion(counts, classes, self.run_dir)
+        written = write_confusion(confusion, classes, self.run_dir)
         wandb = self.wandb
-        if wandb is not None:
-            truth = [t for t, row in enumerate(counts) for p, n in enumerate(row) for _ in range(n)]
-            preds = [p for t, row in enumerate(counts) for p, n in enumerate(row) for _ in range(n)]
-            plot = wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes, title="validation")
+        if wandb is None:
+            return
+        if confusion.classes <= MATRIX_CLASSES:  # W&B's chart, from the counts (a C x C Table)
+            rows = [[classes[t], classes[p], n] for t, row in enumerate(confusion.dense().tolist()) for p, n in enumerate(row)]
+            table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+            plot = wandb.plot_table("wandb/confusion_matrix/v1", table,
+                                    {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                                    {"title": "validation"})
             self.wandb_run.log({"valid/confusion_matrix": plot}, step=step)
+        else:
+            table = wandb.Table(columns=["actual", "predicted", "count"], data=[list(r) for r in most_confused(confusion, classes, MOST_CONFUSED)])
+            self.wandb_run.log({"valid/most_confused": table, "valid/confusion_summary": wandb.Image(str(self.run_dir / written[-1]))},
+                               step=step)
 
     def log_interpretation(self, grids: dict[str, Path], top_losses: list[tuple], step: int) -> None:
         """train.interpret (disttrain/interpret.py), to W&B only: each grid PNG as `interpret/<name>`
@@ -248,12 +290,55 @@ class Tracker:
             self.wandb_run = None
 
 
+def set_aside_records(folder: Path) -> Path | None:
+    """Move a previous run's records in `folder` (metrics.jsonl, wandb_run_id, wandb_files) into a
+    new `folder/superseded-<UTC>/`; nothing is deleted. Returns that folder, if there was anything."""
+    found = [folder / name for name in RECORDS if (folder / name).is_file()]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = folder / f"superseded-{stamp}"
+    for n in range(1, 1000):  # a new folder each time, even within one second
+        if not aside.exists():
+            break
+        aside = folder / f"superseded-{stamp}-{n}"
+    aside.mkdir()
+    for path in found:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """metrics.jsonl with its rows up to `step` only, replaced atomically (a kill leaves the old file
+    or the new one, never a cut one)."""
+    kept = _rows_up_to(path, step) if path.exists() else []
+    _write_atomic(path, "".join(kept))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file, synced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> str | None:
+    """A one-line file's text, None when missing or empty."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def _rows_up_to(path: Path, step: int) -> list[str]:
     rows = []
     for line in path.read_text().splitlines(keepends=True):
         try:
             if json.loads(line)["step"] <= step:
-                rows.append(line)
+                rows.append(line if line.endswith("\n") else line + "\n")
         except (json.JSONDecodeError, KeyError):  # a line cut by a kill
             continue
     return rows
@@ -265,22 +350,41 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_confusion(counts: list[list[int]], classes: list[str], folder: Path) -> None:
-    """`confusion_matrix.csv` (row = true class, column = predicted) and `confusion_matrix.png` in `folder`."""
+def write_confusion(confusion: Confusion, classes: list[str], folder: Path) -> list[str]:
+    """The confusion files in `folder` (row = true class, column = predicted), their names returned:
+    up to MATRIX_CLASSES classes `confusion_matrix.csv` (the whole matrix) and `confusion_matrix.png`;
+    beyond, `confusion_cells.csv` (actual, predicted, count of every nonzero cell: the same matrix,
+    at most one row per image) and `confusion_summary.png`."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "confusion_matrix.csv", "w", newline="") as fh:
+    if confusion.classes <= MATRIX_CLASSES:
+        with open(folder / "confusion_matrix.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["true \\ predicted", *classes])
+            writer.writerows([[cls, *row] for cls, row in zip(classes, confusion.dense().tolist())])
+        plot_confusion(confusion.dense().tolist(), classes, folder / "confusion_matrix.png")
+        return ["confusion_matrix.csv", "confusion_matrix.png"]
+    n = confusion.classes
+    with open(folder / "confusion_cells.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["true \\ predicted", *classes])
-        writer.writerows([[cls, *row] for cls, row in zip(classes, counts)])
-    plot_confusion(counts, classes, folder / "confusion_matrix.png")
+        writer.writerow(["actual", "predicted", "count"])
+        writer.writerows([classes[cell // n], classes[cell % n], count]
+                         for cell, count in zip(confusion.cells.tolist(), confusion.counts.tolist()))
+    plot_summary(confusion, classes, folder / "confusion_summary.png")
+    return ["confusion_cells.csv", "confusion_summary.png"]
 
 
-def plot_confusion(counts: list[list[int]], classes: list[str], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion(counts: list[list[int]], classes: list[str], path: Path) -> None:
+    """Every cell of a matrix of at most MATRIX_CLASSES classes (the counts written in with 20 or fewer)."""
+    plt = _pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 2)))
     ax.imshow(counts, cmap="Blues")
@@ -293,6 +397,35 @@ def plot_confusion(counts: list[list[int]], classes: list[str], path: Path) -> N
         for t in range(n):
             for p in range(n):
                 ax.text(p, t, counts[t][p], ha="center", va="center", color="white" if counts[t][p] > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def plot_summary(confusion: Confusion, classes: list[str], path: Path) -> None:
+    """What a person can read of many classes, in a figure of bounded size (1600 x 1040 pixels): the
+    SHOWN most confused pairs (actual -> predicted, count) and the SHOWN classes with the lowest
+    accuracy (correct / images; at equal accuracy the one with more images first)."""
+    plt = _pyplot()
+    pairs = most_confused(confusion, classes, SHOWN)
+    table = [(name, row) for name, row in per_class(confusion, classes).items() if row["count"]]
+    lowest = sorted(table, key=lambda item: (item[1]["accuracy"], -item[1]["count"], item[0]))[:SHOWN]  # ties: more images first
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 0.28 * SHOWN + 2))
+    left.barh(range(len(pairs)), [n for _, _, n in pairs], color="tab:red")
+    left.set_yticks(range(len(pairs)), [f"{_short(a)} -> {_short(p)}" for a, p, _ in pairs], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("images")
+    left.set_title(f"most confused pairs (actual -> predicted), {len(pairs)} shown")
+    right.barh(range(len(lowest)), [row["accuracy"] for _, row in lowest], color="tab:blue")
+    right.set_yticks(range(len(lowest)), [f"{_short(name)} ({row['correct']}/{row['count']})" for name, row in lowest], fontsize=8)
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_xlabel("accuracy")
+    right.set_title(f"lowest per-class accuracy, {len(lowest)} of {len(classes)} classes")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

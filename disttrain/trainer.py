@@ -121,7 +121,7 @@ class Trainer:
         self.tracker = tracker
         self.log_every = log_every
         self.checkpointer = checkpointer
-        self.precision_reason = precision_reason  # why this precision (train.precision=auto decides per device)
+        self.precision_reason = precision_reason  # why this precision (train.precision=auto: agreed by every rank from its device)
         self.layer_groups = layer_groups or []  # finetune.groups of a staged run (disttrain/finetune.py)
         self.history: list[EpochResult] = []
         self.global_step = 0  # optimizer steps of training (the sweep's do not count)
@@ -174,8 +174,6 @@ class Trainer:
         world = self.accelerator.num_processes
         self.reporter.line(self.training_line())
         images_total, train_seconds = 0, 0.0
-        if self.checkpointer is not None:
-            self.checkpointer.flag.install()  # from here on SIGUSR1/SIGTERM mean "checkpoint, then stop"
         if not self._history_shown:
             for row in self.history:  # epochs done before a resume
                 self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.accuracy, row.seconds)
@@ -474,6 +472,8 @@ def evaluate(
     _sync_buffers(accelerator, model)
     sums = EvalSums(num_classes, accelerator.device, tta=tta_n > 0)
     for images, labels in loader:
+        if not len(labels):  # nothing of the batch decoded (data.decode=gpu: DecodeOnDevice); counted as skipped
+            continue
         logits, _, tta = outputs(model, augment(images, train=False), accelerator.autocast, tta_n, tta_beta, tta_max)
         sums.add(logits, labels, tta)
     return sums.result(lambda totals: accelerator.reduce(totals, reduction="sum"), skipped=loader.take_skipped())

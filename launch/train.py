@@ -15,6 +15,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    import signal
+
+    # a preemption signal (SIGUSR1, SLURM's warning) that comes while the modules below load is held,
+    # not lost, and neither is it taken by a thread they start: the run's PreemptionFlag takes it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     # imported here, not at the top: loader workers import this script again, and need none of it
     from disttrain.cli import parse_with_overrides, run_user_errors, train, train_parser
     from disttrain.config import load_config

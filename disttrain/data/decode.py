@@ -242,10 +242,11 @@ def presize_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
-def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The batched decoder (`data.decode=gpu`): JPEG bytes (or 1-D uint8 CPU tensors) -> presized uint8 batch
-    (B, 3, size, size) on `device`, upright (EXIF orientation applied); nvJPEG on CUDA. A payload the decoder rejects is replaced by
-    another image of the same batch (the batch keeps its size) and counted: returns (batch, failures).
+def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The batched decoder (`data.decode=gpu`): JPEG bytes (or 1-D uint8 CPU tensors) -> presized uint8 images
+    (D, 3, size, size) on `device`, upright (EXIF orientation applied); nvJPEG on CUDA. Returns the images of
+    the D payloads that decoded, in order, and their positions in `data`: a payload the decoder rejects is
+    left out (what takes its place, with which label, is the caller's: `DeviceLoader`'s `DecodeOnDevice`).
 
     torchvision's decoders are deprecated since 0.29 in favour of TorchCodec; this function is the
     one place to swap when they go."""
@@ -267,11 +268,8 @@ def decode_jpeg_batch(data: list[bytes | torch.Tensor], size: int, device: torch
                     images.append(decode_jpeg(payload, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     images.append(None)
-    images = [orient_tensor(image, orientation) if image is not None else None for image, orientation in zip(images, orientations)]
-    good = [image for image in images if image is not None]
-    if not good:
-        raise ValueError(f"none of the {len(data)} JPEG payloads of a batch could be decoded")
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
-    for i, image in enumerate(images):
-        out[i] = presize_tensor(image if image is not None else good[i % len(good)], size)
-    return out, len(images) - len(good)
+    decoded = [i for i, image in enumerate(images) if image is not None]
+    out = torch.empty((len(decoded), 3, size, size), dtype=torch.uint8, device=device)
+    for row, i in enumerate(decoded):
+        out[row] = presize_tensor(orient_tensor(images[i], orientations[i]), size)
+    return out, decoded

@@ -14,17 +14,18 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable, Iterator, Protocol
+import zlib
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from disttrain.cores import worker_cores
-from disttrain.data.decode import load_presized
+from disttrain.data.decode import decode_jpeg_batch, load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
-from disttrain.data.workers import worker_context, worker_init
+from disttrain.data.workers import StartTimedOut, start_deadline, worker_context, worker_init
 
 
 class FolderDataset(Dataset):
@@ -32,17 +33,25 @@ class FolderDataset(Dataset):
 
     With `cache`, each image is decoded once: its pixels go into a shared-memory array that this
     rank's loader workers (and the process itself) read from then on, so later epochs decode nothing
-    (`data.cache`). The array is shared with the workers when they start; a worker that fills a
-    slot marks it filled after writing it."""
+    (`data.cache`). `cache` is True (every image of the split: training, whose rank shares change
+    every epoch) or the indices this rank reads (its fixed validation share): only those get a slot.
+    The array's pages are taken as images fill them, not when it is allocated. The array is shared
+    with the workers when they start; a worker that fills a slot marks it filled after writing it."""
 
-    def __init__(self, split: Split, load_size: int, cache: bool = False):
+    def __init__(self, split: Split, load_size: int, cache: bool | Sequence[int] = False):
         self.paths = split.paths
         self.labels = split.labels
         self.load_size = load_size
-        self.pixels = self.filled = None
-        if cache:
-            self.pixels = torch.empty((len(self.paths), load_size, load_size, 3), dtype=torch.uint8).share_memory_()
-            self.filled = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+        self.pixels = self.filled = self.slots = None
+        if cache is False:
+            return
+        if cache is not True:  # a share: index -> its slot, -1 where the index has none
+            self.slots = np.full(len(self.paths), -1, dtype=np.int64)
+            self.slots[np.asarray(cache, dtype=np.int64)] = np.arange(len(cache))
+        count = len(self.paths) if self.slots is None else len(cache)
+        storage = torch.UntypedStorage._new_shared(count * load_size * load_size * 3)  # zero pages until written
+        self.pixels = torch.empty(0, dtype=torch.uint8).set_(storage).view(count, load_size, load_size, 3)
+        self.filled = torch.zeros(count, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -51,16 +60,26 @@ class FolderDataset(Dataset):
     def cache_bytes(self) -> int:
         return 0 if self.pixels is None else self.pixels.numel()
 
+    def _slot(self, index: int) -> int | None:
+        """Where `index`'s pixels are cached; None: not cached."""
+        if self.pixels is None:
+            return None
+        if self.slots is None:
+            return index
+        slot = int(self.slots[index])
+        return slot if slot >= 0 else None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self.filled is not None and self.filled[index]:
-            return self.pixels[index], self.labels[index]
+        slot = self._slot(index)
+        if slot is not None and self.filled[slot]:
+            return self.pixels[slot], self.labels[index]
         path = self.paths[index]
         try:
-            image = torch.from_numpy(load_presized(path, self.load_size, None if self.pixels is None else self.pixels[index].numpy()))
+            image = torch.from_numpy(load_presized(path, self.load_size, None if slot is None else self.pixels[slot].numpy()))
         except Exception as err:
             raise DataError(f"{path}: could not be decoded during training ({err}); was it changed after the scan?") from err
-        if self.filled is not None:
-            self.filled[index] = True
+        if slot is not None:
+            self.filled[slot] = True
         return image, self.labels[index]
 
 
@@ -157,12 +176,24 @@ class ShareBatchSampler(Sampler[list[int]]):
         return self.steps
 
 
+def loader_generator(seed: int, rank: int, name: str) -> torch.Generator:
+    """A loader's own generator (make_loader's `generator`), seeded from the run's seed, the rank and
+    the loader's name (train, valid, ...)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"loader:{seed}:{rank}:{name}".encode()))
+
+
 def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: Sampler | None = None,
-                timeout: float = 0.0, collate_fn=None) -> DataLoader:
+                timeout: float = 0.0, collate_fn=None, generator: torch.Generator | None = None) -> DataLoader:
     """A DataLoader over a map-style dataset with a batch sampler (`RankBatchSampler`, ...), or (no
     sampler) over an iterable dataset that yields whole batches itself. Its workers start from a
     fork server (disttrain/data/workers.py). `timeout`: seconds without a batch from the workers
-    before it raises (0: wait forever; `watched` turns it into `LoaderStalled`)."""
+    before it raises (0: wait forever; `watched` turns it into `LoaderStalled`).
+
+    Every `iter()` of a DataLoader draws its workers' base seed from `generator` (workers or not):
+    from torch's global generator when it is None, which would shift the training process's random
+    stream (dropout, stochastic depth) by one draw per iterator, so a resumed run, whose iterators
+    start at other points of that stream, would train differently. A loader therefore always has a
+    generator of its own (`loader_generator`; a fixed-seed one when none is given)."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -175,6 +206,7 @@ def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: S
         worker_init_fn=functools.partial(worker_init, cores=worker_cores()),
         timeout=timeout if num_workers > 0 else 0.0,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
+        generator=generator if generator is not None else torch.Generator(),
     )
 
 
@@ -184,38 +216,120 @@ class LoaderStalled(RuntimeError):
 
 
 def watched(loader: DataLoader, name: str):
-    """The DataLoader's batches; its timeout (data.worker_timeout) becomes a LoaderStalled naming the
-    rank, the loader (`name`: train, valid, predict, ...) and the worker the next batch waits for."""
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as err:
-            if loader.timeout and str(err).startswith("DataLoader timed out"):
-                raise _stalled(name, iterator, loader.timeout) from None
-            raise
+    """The DataLoader's batches, every wait on its workers bounded by its timeout (data.worker_timeout):
+    starting them (`start_deadline`), `iter()` (with persistent workers it first takes what they
+    still owe of the previous epoch, cut short by train.max_steps_per_epoch or the LR sweep) and each
+    batch. A wait that runs out becomes a LoaderStalled naming the rank, the loader (`name`: train,
+    valid, predict, ...) and the worker it waited for."""
+    iterator = _waiting(loader, name, lambda: _iterate(loader))
+    while (batch := _waiting(loader, name, lambda: next(iterator, _END), iterator)) is not _END:
         yield batch
 
 
-def _stalled(name: str, iterator, timeout: float) -> LoaderStalled:
-    """What the DataLoader iterator knows of the batch it waited for: which worker owes it, and
-    whether that worker process still runs (torch's private bookkeeping, read defensively)."""
-    rank = os.environ.get("RANK", "0")
-    worker = "?"
+_END = object()
+
+
+def _iterate(loader: DataLoader):
+    """`iter(loader)`; where it starts workers (the first of persistent ones, or every one of others),
+    within the loader's timeout."""
+    starting = loader.num_workers > 0 and getattr(loader, "_iterator", None) is None
+    with start_deadline(loader.timeout if starting else 0):
+        return iter(loader)
+
+
+def _waiting(loader: DataLoader, name: str, wait: Callable, iterator=None):
+    """`wait()` on `iterator` (None: on `iter()`; persistent workers' iterator is the loader's own);
+    the loader's timeout running out there becomes LoaderStalled."""
     try:
-        info = iterator._task_info.get(iterator._rcvd_idx)
-        if info:
-            process = iterator._workers[info[0]]
-            state = "alive: stuck" if process.is_alive() else "gone"
-            worker = f"{info[0]} (pid {process.pid}, {state})"
-    except (AttributeError, IndexError, KeyError, TypeError):
-        pass
+        return wait()
+    except StartTimedOut as err:
+        raise _stalled(name, _unstarted(err), loader.timeout) from None
+    except RuntimeError as err:
+        if loader.timeout and str(err).startswith("DataLoader timed out"):
+            raise _stalled(name, _awaited(iterator or getattr(loader, "_iterator", None)), loader.timeout) from None
+        raise
+
+
+def _stalled(name: str, worker: str, timeout: float) -> LoaderStalled:
+    rank = os.environ.get("RANK", "0")
     return LoaderStalled(
         f"rank {rank}: the {name} loader's worker {worker} delivered no batch for {timeout:g} s (data.worker_timeout); "
         "stopping the job instead of leaving the other ranks waiting in a collective"
     )
+
+
+def _awaited(iterator) -> str:
+    """Which worker the iterator waited for, and whether its process still runs (torch's private
+    bookkeeping, read defensively): the one owing the next batch or, while `iter()` waits for the
+    workers to finish the previous epoch (which one is late is not recorded), each of them."""
+    try:
+        info = iterator._task_info.get(iterator._rcvd_idx)
+        candidates = [info[0]] if info else range(len(iterator._workers))
+        described = []
+        for i in candidates:
+            process = iterator._workers[i]
+            described.append(f"{i} (pid {process.pid}, {'alive: stuck' if process.is_alive() else 'gone'})")
+        return " or ".join(described) or "?"
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return "?"
+
+
+def _unstarted(err: StartTimedOut) -> str:
+    """The worker `iter()` was starting when its deadline ran out: as many as the DataLoader
+    iterator (a `self` in the traceback) had started already."""
+    tb, started = err.__traceback__, "?"
+    while tb is not None:
+        workers = getattr(tb.tb_frame.f_locals.get("self"), "_workers", None)
+        if isinstance(workers, list):
+            started = str(len(workers))
+            break
+        tb = tb.tb_next
+    return f"{started} (not started)"
+
+
+class DecodeOnDevice:
+    """DeviceLoader's `finish` for `data.decode=gpu`: a batch's JPEG payloads and labels (on the
+    device) -> (presized uint8 images on the device, their labels, how many payloads did not decode).
+    Every image keeps its own label:
+
+    - `substitute=False` (validation): an undecodable sample is dropped with its label, so the
+      figures count only what was decoded, and the skip is counted ("N unreadable sample(s) skipped");
+      a batch of which nothing decoded comes out empty.
+    - `substitute=True` (training: every rank must take its steps, none with an empty batch): its
+      place goes to a decoded (image, label) pair of the same batch, the batch keeps its size, and
+      the epoch line counts it ("skipped and replaced by others", as the CPU readers replace one);
+      when nothing of the batch decoded, every place goes to the last pair this loader decoded. A
+      batch with nothing decodable before this loader decoded anything (nothing to take its place:
+      the run's, or a resumed run's, first batch) is a DataError.
+    """
+
+    def __init__(self, load_size: int, substitute: bool):
+        self.load_size = load_size
+        self.substitute = substitute
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # training: the last decoded (image, label)
+
+    def __call__(self, payloads: list, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        images, decoded = decode_jpeg_batch(payloads, self.load_size, device)
+        failed = len(labels) - len(decoded)
+        if failed:
+            labels = labels[torch.tensor(decoded, dtype=torch.long, device=labels.device)]
+        if not self.substitute:
+            return images, labels, failed
+        if not decoded:
+            if self._spare is None:
+                raise DataError(
+                    f"rank {os.environ.get('RANK', '0')}: none of the {failed} JPEG payloads of a training batch could be decoded "
+                    "(data.decode=gpu), and this process has decoded no sample yet to take their place; check the shards "
+                    "(`disttrain prepare --force` rewrites them), or set data.decode=cpu (its readers skip such samples)"
+                )
+            image, label = self._spare
+            return image.expand(failed, -1, -1, -1).contiguous(), label.expand(failed).contiguous(), failed
+        self._spare = images[-1:].clone(), labels[-1:].clone()
+        if failed:
+            row = {position: r for r, position in enumerate(decoded)}  # a failed position takes row position % decoded
+            take = torch.tensor([row.get(p, p % len(decoded)) for p in range(len(decoded) + failed)], device=images.device)
+            images, labels = images[take], labels[take]
+        return images, labels, failed
 
 
 class EpochSource(Protocol):
@@ -239,7 +353,7 @@ class DeviceLoader:
         source: EpochSource,
         batch_size: int,
         device: torch.device,
-        finish: Callable[[object, torch.device], tuple[torch.Tensor, int]] | None = None,
+        finish: Callable[[object, torch.Tensor, torch.device], tuple[torch.Tensor, torch.Tensor, int]] | None = None,
         name: str = "data",
     ):
         self.loader = loader
@@ -286,8 +400,8 @@ class DeviceLoader:
             cuda = self.device.type == "cuda"
             images = self.source.pool.take(images, torch.Tensor.pin_memory if cuda else self._copy_out)
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
-        if self.finish is not None:
-            images, failed = self.finish(images, self.device)
+        if self.finish is not None:  # (images, labels) -> decoded images, each with its own label (DecodeOnDevice)
+            images, labels, failed = self.finish(images, labels, self.device)
             self.skipped += failed
             return images, labels
         return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2), labels

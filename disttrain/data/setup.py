@@ -14,9 +14,8 @@ from accelerate import Accelerator
 
 from disttrain.config import Config, ConfigError
 from disttrain.data.augment import DeviceAugment
-from disttrain.data.decode import decode_jpeg_batch
 from disttrain.data.folder import DataError, ImageFolderData, scan_image_folder, write_bad_files
-from disttrain.data.loader import DeviceLoader, FolderDataset, RankBatchSampler, make_loader
+from disttrain.data.loader import DecodeOnDevice, DeviceLoader, FolderDataset, RankBatchSampler, loader_generator, make_loader
 from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.jobgroup import JobGroup
 from disttrain.runtime import rank_seed
@@ -67,19 +66,22 @@ def build_loaders(
         if cfg.data.decode == "gpu" and device.type != "cuda":
             raise ConfigError("data.decode=gpu: nvJPEG needs a CUDA device and this run has none; set data.decode=cpu")
         raw = cfg.data.decode == "gpu"
-        finish = (lambda images, dev: decode_jpeg_batch(images, load_size, dev)) if raw else None
         common = dict(load_size=load_size, world=world, rank=rank, num_workers=workers, raw=raw)
         train_set = ShardDataset(data, "train", bs, train=True, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common)
         valid_set = ShardDataset(data, "valid", bs * 2, train=False, **common)
         return (
-            DeviceLoader(make_loader(train_set, workers, pin, timeout=timeout), train_set, bs, device, finish, name="train"),
-            DeviceLoader(make_loader(valid_set, workers, pin, timeout=timeout), valid_set, bs * 2, device, finish, name="valid"),
+            DeviceLoader(make_loader(train_set, workers, pin, timeout=timeout, generator=loader_generator(cfg.run.seed, rank, "train")),
+                         train_set, bs, device, DecodeOnDevice(load_size, substitute=True) if raw else None, name="train"),
+            DeviceLoader(make_loader(valid_set, workers, pin, timeout=timeout, generator=loader_generator(cfg.run.seed, rank, "valid")),
+                         valid_set, bs * 2, device, DecodeOnDevice(load_size, substitute=False) if raw else None, name="valid"),
         )
     if len(data.train) < world:
         raise DataError(f"{data.train.dir}: {len(data.train)} training images cannot be shared by {world} ranks")
     train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True)
-    cache = use_cache(cfg.data.cache, (len(data.train) + len(data.valid)) * load_size**2 * 3)
-    train = make_loader(FolderDataset(data.train, load_size, cache), workers, pin, train_sampler, timeout)
+    valid_share = rank_share(_eval_sampler(len(data.valid), bs * 2, accelerator))
+    cache = use_cache(cfg.data.cache, (len(data.train) + len(valid_share)) * load_size**2 * 3)
+    train = make_loader(FolderDataset(data.train, load_size, cache), workers, pin, train_sampler, timeout,
+                        generator=loader_generator(cfg.run.seed, rank, "train"))
     return (DeviceLoader(train, train_sampler, bs, device, name="train"),
             eval_loader(cfg, data.valid, accelerator, load_size, bs * 2, name="valid", cache=cache))
 
@@ -88,16 +90,38 @@ def eval_loader(cfg: Config, split, accelerator: Accelerator, load_size: int, ba
                 cache: bool = False) -> DeviceLoader:
     """This rank's share of a folder split, in order, every image once across ranks (validation,
     and the precompute pass over the training images); `name` says which in a LoaderStalled error;
-    `cache`: keep the decoded images (validation every epoch)."""
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    sampler = RankBatchSampler(len(split), batch_size, world, rank, shuffle=False, drop_empty=True)
-    dataset = FolderDataset(split, load_size, cache)
-    loader = make_loader(dataset, cfg.data.num_workers, device.type == "cuda", sampler, cfg.data.worker_timeout)
-    return DeviceLoader(loader, sampler, batch_size, device, name=name)
+    `cache`: keep the decoded images of this rank's share (validation every epoch)."""
+    sampler = _eval_sampler(len(split), batch_size, accelerator)
+    dataset = FolderDataset(split, load_size, rank_share(sampler) if cache else False)
+    loader = make_loader(dataset, cfg.data.num_workers, accelerator.device.type == "cuda", sampler, cfg.data.worker_timeout,
+                         generator=loader_generator(cfg.run.seed, accelerator.process_index, name))
+    return DeviceLoader(loader, sampler, batch_size, accelerator.device, name=name)
+
+
+def _eval_sampler(samples: int, batch_size: int, accelerator: Accelerator) -> RankBatchSampler:
+    return RankBatchSampler(samples, batch_size, accelerator.num_processes, accelerator.process_index, shuffle=False, drop_empty=True)
+
+
+def rank_share(sampler) -> list[int]:
+    """The dataset indices a fixed (unshuffled) batch sampler gives this rank, in order."""
+    return [index for batch in sampler for index in batch]
+
+
+def release_loaders(*loaders) -> None:
+    """Stop the persistent workers of these loaders (DeviceLoaders; others, such as precomputed
+    activations, have none) now rather than whenever their last reference goes: a stage's loaders
+    and the images they cache are let go before the next stage builds its own."""
+    for loader in loaders:
+        inner = getattr(loader, "loader", None)
+        iterator = getattr(inner, "_iterator", None)  # kept by a DataLoader with persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()
+            inner._iterator = None
 
 
 def use_cache(setting: str, pixels: int) -> bool:
-    """data.cache: whether a stage's decoded images (`pixels` bytes for this rank) stay in memory.
+    """data.cache: whether a stage's decoded images (`pixels` bytes for this rank: the whole training
+    split and its validation share) stay in memory.
     `auto`: when every rank of this node can hold its copy in a quarter of the available memory
     and half of /dev/shm's free space (where the shared array lives)."""
     if setting != "auto":

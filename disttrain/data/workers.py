@@ -16,8 +16,12 @@ A script that starts loader workers must keep its top level import-safe (`if __n
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
+import threading
+from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
 import torch
@@ -52,18 +56,70 @@ def start_worker_server(workers: int) -> None:
         worker_context()
 
 
+class StartTimedOut(Exception):
+    """Starting a loader's workers took longer than its timeout (`start_deadline`)."""
+
+
+@contextlib.contextmanager
+def start_deadline(seconds: float):
+    """Start a loader's workers within `seconds` (0: no bound), or raise StartTimedOut.
+
+    Each worker starts with two waits that have no timeout in multiprocessing: for the fork server
+    to answer with the new process (it answers only once its own imports are done: a server whose
+    imports hang never does), and for the new worker to read its pickled dataset (a large one fills
+    the pipe; a worker whose import of the main script hangs never reads it). Either would hold the
+    training process for good, and the other ranks in their next collective. SIGALRM interrupts the
+    wait; only the main thread receives signals, so elsewhere (and where a timer is already armed,
+    not ours to replace) the start is not bounded."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield
+        return
+
+    def expire(*_) -> None:
+        raise StartTimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
 def worker_init(_: int, cores: tuple[int, ...] = ()) -> None:
-    """In each worker: it moves to `cores` (the loader workers' share of the rank's cores:
-    disttrain/cores.py); decoding is its work, so torch ops there must not fight the training process
-    for cores; its warnings (a corrupt shard sample) carry the rank, as the training process's do;
-    and it lets go of the fork server's "alive" pipe (see `_release_fork_server`)."""
+    """In each worker: it ends with its training process (`_end_with_rank`); it moves to `cores`
+    (the loader workers' share of the rank's cores: disttrain/cores.py); decoding is its work, so
+    torch ops there must not fight the training process for cores; its warnings (a corrupt shard
+    sample) carry the rank, as the training process's do; and it lets go of the fork server's
+    "alive" pipe (see `_release_fork_server`)."""
     from disttrain.cores import pin_worker
     from disttrain.tracking import setup_logging
 
+    _end_with_rank()
     pin_worker(cores)
     torch.set_num_threads(1)
     setup_logging(int(os.environ.get("RANK", "0")), is_main=False)
     _release_fork_server()
+
+
+def _end_with_rank() -> None:
+    """The worker exits the moment its training process is gone, whatever it is doing then.
+
+    torch's own check (the worker's parent changed) runs only between two items, every 5 s, and a
+    worker's parent is the fork server, not the training process: a worker blocked inside the
+    dataset (a shards worker waiting for a free slot, a read from a hung filesystem) would outlive a
+    killed rank for good, and with it the resource tracker that removes the run's semaphores from
+    /dev/shm. multiprocessing gives each child a pipe whose write end only the training process
+    holds (`parent_process().sentinel`): it reads end-of-file once that process is gone (SIGKILL
+    included) or has let go of the worker. A daemon thread waits for that and ends the worker at once."""
+    sentinel = multiprocessing.parent_process().sentinel
+
+    def watch() -> None:
+        wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="disttrain-rank-watch", daemon=True).start()
 
 
 def _release_fork_server() -> None:
@@ -71,8 +127,8 @@ def _release_fork_server() -> None:
     end to each child it forks (for children that start processes of their own). A worker holding
     it keeps the server alive, and the worker itself waits for its parent, the server, to go: if
     the training process is SIGKILLed, neither would ever exit. A worker starts no processes, so it
-    closes its copy; then the training process's death ends the server, and the worker follows
-    within torch's watchdog interval (5 s: its parent is gone)."""
+    closes its copy; then the training process's death ends the server, and the worker ends
+    with the training process itself (`_end_with_rank`)."""
     from multiprocessing import forkserver
 
     server = getattr(forkserver, "_forkserver", None)

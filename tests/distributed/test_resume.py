@@ -25,10 +25,15 @@ pytestmark = pytest.mark.dist
 
 def _args(mnist, out, name, *extra, periodic=True):
     """The run every test here uses: 2 epochs of 10 steps (300 images, 16 per rank x 2 ranks), a log
-    point every 2 steps and (`periodic`) a checkpoint every 3 steps, fp32."""
+    point every 2 steps and (`periodic`) a checkpoint every 3 steps, fp32. The model has dropout
+    (mobilenet_v3_small's classifier: it draws from the process's global CPU random stream every
+    step) and each loader one worker: a resumed run repeats the uninterrupted one bitwise only if
+    nothing else draws from that stream (a DataLoader iterator takes its workers' seed from it
+    unless the loader has a generator of its own: disttrain/data/loader.py make_loader)."""
     return ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist}", f"run.output_dir={out}",
-            f"run.name={name}", "train.epochs=2", "data.batch_size=16", "data.num_workers=0", "log.progress=false",
-            "train.precision=no", "log.every_n_steps=2", *(["checkpoint.every_n_steps=3"] if periodic else []), *extra]
+            f"run.name={name}", "train.epochs=2", "data.batch_size=16", "model.name=mobilenet_v3_small", "data.num_workers=1",
+            "log.progress=false", "train.precision=no", "log.every_n_steps=2", *(["checkpoint.every_n_steps=3"] if periodic else []),
+            *extra]
 
 
 def _children() -> dict[int, list[int]]:
@@ -203,6 +208,8 @@ def test_a_job_killed_during_a_save_keeps_the_previous_checkpoint_and_resumes_ex
     _assert_same_run(uninterrupted, tmp_path / "b")
     assert _logged_steps(tmp_path / "b") == (list(range(2, 21, 2)), [1, 2])
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000018", "step-00000020"]  # the leftover is gone
+    meta = json.loads((root / "step-00000020" / "meta.json").read_text())
+    assert meta["samples"] == {"train": 300, "valid": 110}  # what a resume checks the data against
 
 
 def _failure_report(stderr: str) -> dict[int, tuple[int, int]]:
@@ -250,8 +257,10 @@ def test_preemption_signal_saves_and_exits_75_then_resume_finishes(tmp_path, mni
 
 
 def _fault_args(mnist, out, mode, at, markers):
+    """`_args` under fault_worker.py, without loader workers (these runs are not compared with the
+    uninterrupted one; workers would only add their start-up)."""
     markers.mkdir(parents=True, exist_ok=True)
-    return ["tests/distributed/fault_worker.py", mode, str(at), str(markers), *_args(mnist, out, mode)[3:]]
+    return ["tests/distributed/fault_worker.py", mode, str(at), str(markers), *_args(mnist, out, mode, "data.num_workers=0")[3:]]
 
 
 def test_a_rank_that_raises_ends_the_job_quickly(tmp_path, mnist_small):

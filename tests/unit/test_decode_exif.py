@@ -60,12 +60,12 @@ def test_every_orientation_is_applied_like_pil_on_every_path(tmp_path, orientati
     assert np.array_equal(decode_rgb(path, 16), turned)
     assert np.array_equal(load_presized(path, 12), presize(turned, 12))  # what the folder and shard readers deliver
     assert np.array_equal(np.asarray(open_image(data)), expected)  # PIL (prepare, and formats other than JPEG)
-    batch, failed = decode_jpeg_batch([data, torch.frombuffer(bytearray(data), dtype=torch.uint8)], 12, torch.device("cpu"))
+    batch, decoded = decode_jpeg_batch([data, torch.frombuffer(bytearray(data), dtype=torch.uint8)], 12, torch.device("cpu"))
     with warnings.catch_warnings():  # torchvision's decoders are deprecated (decode_jpeg_batch says so once, for the library)
         warnings.simplefilter("ignore", DeprecationWarning)
         raw = decode_jpeg(torch.frombuffer(bytearray(plain), dtype=torch.uint8)).permute(1, 2, 0).numpy()  # torchvision's own pixels
     reference = presize_tensor(torch.from_numpy(_turned_like_pil(raw, orientation).copy()).permute(2, 0, 1), 12)
-    assert failed == 0 and torch.equal(batch[0], reference) and torch.equal(batch[1], reference)  # the data.decode=gpu path
+    assert decoded == [0, 1] and torch.equal(batch[0], reference) and torch.equal(batch[1], reference)  # the data.decode=gpu path
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])

@@ -29,6 +29,7 @@ from disttrain.interpret import (
     top_losses,
     write_interpretation,
 )
+from disttrain.metrics import Confusion
 
 
 def records(probs: list[list[float]], labels: list[int], index: list[int] | None = None) -> Records:
@@ -92,16 +93,16 @@ def test_the_five_views(recs):
 
 def test_most_confused_and_the_per_class_scores_from_the_confusion_matrix(recs):
     counts = confusion(recs, 3)
-    assert counts == [[2, 2, 0], [1, 3, 0], [0, 0, 0]]
+    assert counts.dense().tolist() == [[2, 2, 0], [1, 3, 0], [0, 0, 0]]
     assert most_confused(counts, ["a", "b", "c"]) == [("a", "b", 2), ("b", "a", 1)]
-    assert most_confused([[0, 1, 1], [1, 0, 3], [1, 0, 0]], ["z", "y", "x"]) == [("y", "x", 3), ("x", "z", 1), ("y", "z", 1),
-                                                                                 ("z", "x", 1), ("z", "y", 1)]
+    assert most_confused(Confusion.from_dense([[0, 1, 1], [1, 0, 3], [1, 0, 0]]), ["z", "y", "x"]) == [
+        ("y", "x", 3), ("x", "z", 1), ("y", "z", 1), ("z", "x", 1), ("z", "y", 1)]
     a, b, c = class_scores(counts, ["a", "b", "c"])
     assert (a.precision, a.recall, a.support) == (pytest.approx(2 / 3), 0.5, 4)
     assert a.f1 == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert (b.precision, b.recall, b.f1, b.support) == (0.6, 0.75, pytest.approx(2 * 0.6 * 0.75 / 1.35), 4)
     assert (c.precision, c.recall, c.f1, c.support) == (0.0, 0.0, 0.0, 0)  # never predicted, no images
-    never = class_scores([[3, 0], [2, 0]], ["p", "q"])[1]  # 2 images, never predicted: precision 0 (zero_division=0)
+    never = class_scores(Confusion.from_dense([[3, 0], [2, 0]]), ["p", "q"])[1]  # 2 images, never predicted: precision 0 (zero_division=0)
     assert (never.precision, never.recall, never.f1, never.support) == (0.0, 0.0, 0.0, 2)
 
 

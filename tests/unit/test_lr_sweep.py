@@ -185,7 +185,7 @@ def _run(losses_per_rank, cfg):
         return torch.tensor(losses_per_rank[0][i], dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
 
     def reduce_sum(mine):
-        return torch.tensor([sum(losses[current["i"]] for losses in losses_per_rank), 0.0], dtype=torch.float64)
+        return torch.tensor([sum(losses[current["i"]] for losses in losses_per_rank), 0.0, 0.0], dtype=torch.float64)
 
     return run_curve(step, reduce_sum, len(losses_per_rank), cfg)
 

@@ -1,10 +1,13 @@
 """`train.precision`: the decision on every kind of GPU and CPU, from injected device facts and real
-/proc/cpuinfo excerpts (what each machine's precision must be, not a restatement of the code)."""
+/proc/cpuinfo excerpts (what each machine's precision must be, not a restatement of the code), and
+the one precision a job of mixed devices agrees on."""
+
+import itertools
 
 import pytest
 
 from disttrain.config import ConfigError
-from disttrain.precision import choose, cpu_bf16_flags, cpu_facts, gpu_facts
+from disttrain.precision import agree, choose, cpu_bf16_flags, cpu_facts, gpu_facts
 
 # /proc/cpuinfo lines as these machines print them (flags / Features trimmed to the relevant part
 # plus neighbours, in the kernel's order).
@@ -121,3 +124,51 @@ def test_rocm_gpus_compute_bf16():
     facts = gpu_facts("AMD Instinct MI250X", (9, 0), emulated_bf16=True, rocm=True)
     assert choose("auto", facts).mode == "bf16" and "ROCm" in choose("auto", facts).reason
 
+
+
+# the devices of mixed jobs: two generations of cards, GPUs beside a CPU rank
+A100 = gpu_facts("NVIDIA A100-SXM4-80GB", (8, 0), emulated_bf16=True)
+H100 = gpu_facts("NVIDIA H100 80GB HBM3", (9, 0), emulated_bf16=True)
+V100 = gpu_facts("Tesla V100-SXM2-32GB", (7, 0), emulated_bf16=True)
+GTX1080 = gpu_facts("GeForce GTX 1080", (6, 1), emulated_bf16=False)
+CPU_AVX2 = cpu_facts(EPYC_7B13_AVX2, "x86_64", onednn_bf16=False, capability="AVX2")
+CPU_BF16 = cpu_facts(XEON_8480_SAPPHIRE_RAPIDS_AMX, "x86_64", onednn_bf16=True, capability="AVX512")
+
+MIXES = [  # (the ranks' devices, the job's auto precision): the best every rank runs natively
+    ([A100, V100], "fp16"),  # the V100 only emulates bf16; the A100 runs fp16 natively
+    ([H100, A100, A100, V100], "fp16"),
+    ([H100, CPU_AVX2], "no"),  # the CPU runs neither fp16 nor bf16 natively
+    ([H100, CPU_BF16], "bf16"),
+    ([V100, CPU_BF16], "no"),  # the CPU cannot run fp16, the V100 only emulates bf16
+    ([A100, H100], "bf16"),
+    ([V100, V100], "fp16"),
+    ([CPU_AVX2, CPU_BF16], "no"),
+]
+
+
+@pytest.mark.parametrize("ranks, expected", MIXES, ids=["+".join(f.name.split(" (")[0] for f in m[0]) for m in MIXES])
+def test_a_job_of_mixed_devices_agrees_on_what_every_rank_runs_natively_in_any_rank_order(ranks, expected):
+    for order in itertools.permutations(ranks):
+        assert agree("auto", list(order)).mode == expected, [f.name for f in order]
+
+
+def test_the_agreed_precision_says_which_rank_forced_it():
+    assert agree("auto", [H100, H100, H100, V100]).reason == (
+        "auto: rank 3's Tesla V100-SXM2-32GB (compute capability 7.0) has no native bf16, so the job uses fp16 with a grad scaler")
+    assert agree("auto", [H100, CPU_AVX2]).reason == "auto: rank 1's CPU (AVX2) has no native bf16 and cannot run fp16, so the job trains in fp32"
+    assert agree("auto", [CPU_BF16, CPU_AVX2]).reason == "auto: rank 1's CPU (AVX2) has no native bf16 and cannot run fp16, so the job trains in fp32"
+    assert agree("auto", [V100, CPU_BF16]).reason == (
+        "auto: rank 0's Tesla V100-SXM2-32GB (compute capability 7.0) has no native bf16 and rank 1's CPU (AVX512) "
+        "cannot run fp16, so the job trains in fp32")
+    assert agree("auto", [H100, H100]) == choose("auto", H100), "the same devices: as one of them alone decides"
+    assert agree("auto", [CPU_AVX2]) == choose("auto", CPU_AVX2)
+
+
+def test_an_explicit_precision_one_rank_cannot_run_fails_naming_that_rank():
+    with pytest.raises(ConfigError, match=r"^train\.precision: fp16 needs a CUDA device, and rank 2's CPU \(AVX2\) is not one; "):
+        agree("fp16", [H100, V100, CPU_AVX2])
+    with pytest.raises(ConfigError, match=r"^train\.precision: bf16 does not run on rank 1's GeForce GTX 1080 \(compute capability 6\.1\)"):
+        agree("bf16", [A100, GTX1080])
+    assert agree("fp16", [H100, V100]).mode == "fp16" and agree("no", [H100, CPU_AVX2]).mode == "no"
+    emulated = agree("bf16", [A100, V100])
+    assert emulated.mode == "bf16" and emulated.warning.startswith("warning: train.precision=bf16 on rank 1's Tesla V100")

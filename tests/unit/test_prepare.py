@@ -154,21 +154,21 @@ def test_cli_prepare_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_batched_decoder_presizes_like_the_cpu_path_and_replaces_bad_payloads(tmp_path):
+def test_batched_decoder_presizes_like_the_cpu_path_and_leaves_out_bad_payloads(tmp_path):
     """`decode_jpeg_batch` (nvJPEG on CUDA) run here on the CPU: same sizes as the PIL path, close
-    pixels, and a bad payload replaced by another image of the batch and counted."""
+    pixels, and a bad payload left out, its position missing from the decoded ones (what takes its
+    place is the loader's: tests/unit/test_decode_labels.py)."""
     src = make_folder(tmp_path / "src", {"train": {"a": 3}, "valid": {"a": 1}}, size=(40, 30))
     prepare(src, tmp_path / "out", PrepareSettings(samples_per_shard=10, presize=30, quality=95), workers=1, progress=False, log=_quiet)
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
     payloads = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-    batch, failed = decode_jpeg_batch(payloads, 24, torch.device("cpu"))
-    assert failed == 0 and batch.shape == (3, 3, 24, 24) and batch.dtype == torch.uint8
+    batch, decoded = decode_jpeg_batch(payloads, 24, torch.device("cpu"))
+    assert decoded == [0, 1, 2] and batch.shape == (3, 3, 24, 24) and batch.dtype == torch.uint8
     for image, jpeg in zip(batch, jpegs):
         assert (image.permute(1, 2, 0).float() - torch.from_numpy(load_presized(jpeg, 24)).float()).abs().mean() < 3.0
     bad = payloads[:1] + [torch.frombuffer(bytearray(b"garbage" * 10), dtype=torch.uint8)] + payloads[2:]
-    replaced, failed = decode_jpeg_batch(bad, 24, torch.device("cpu"))
-    assert failed == 1 and replaced.shape == (3, 3, 24, 24)
-    assert torch.equal(replaced[0], batch[0]) and torch.equal(replaced[2], batch[2])
-    assert any(torch.equal(replaced[1], batch[i]) for i in (0, 2))
+    left, decoded = decode_jpeg_batch(bad, 24, torch.device("cpu"))
+    assert decoded == [0, 2] and left.shape == (2, 3, 24, 24)
+    assert torch.equal(left[0], batch[0]) and torch.equal(left[1], batch[2])
 
