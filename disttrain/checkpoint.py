@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,13 +108,7 @@ def set_aside_later(run_dir: str | Path, from_step: int | None) -> Path | None:
     later = [p for p in complete if from_step is None or _step_of(p) > from_step]
     if not later:
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = root / f"superseded-{stamp}"
-    for n in range(1, 1000):  # a new folder each time, even within one second
-        if not aside.exists():
-            break
-        aside = root / f"superseded-{stamp}-{n}"
-    aside.mkdir()
+    aside = durable.superseded_folder(root)
     pointer = root / LATEST
     if pointer.is_file() and pointer.read_text().strip() in {p.name for p in later}:
         os.replace(pointer, aside / LATEST)

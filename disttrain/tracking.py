@@ -23,12 +23,12 @@ import math
 import netrc
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
+from disttrain import durable
 from disttrain.metrics import Confusion, most_confused, per_class
 
 T = TypeVar("T")
@@ -185,9 +185,9 @@ class Tracker:
             settings=wandb.Settings(save_code=False, disable_git=True, silent=True),
             **settings,
         )
-        _write_atomic(id_file, self.wandb_run.id + "\n")
+        durable.write_text(id_file, self.wandb_run.id + "\n")
         files = Path(self.wandb_run.dir).parent  # <root>/wandb/<offline-|>run-<time>-<id>
-        _write_atomic(self.folder / FILES_FILE, f"{files}\n")
+        durable.write_text(self.folder / FILES_FILE, f"{files}\n")
         if os.environ.get("WANDB_DIR"):
             self.reporter.line(f"W&B: run {self.wandb_run.id}, files in {files} (WANDB_DIR)")
         self.wandb_run.define_metric("valid/accuracy", summary="max")
@@ -296,13 +296,7 @@ def set_aside_records(folder: Path) -> Path | None:
     found = [folder / name for name in RECORDS if (folder / name).is_file()]
     if not found:
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = folder / f"superseded-{stamp}"
-    for n in range(1, 1000):  # a new folder each time, even within one second
-        if not aside.exists():
-            break
-        aside = folder / f"superseded-{stamp}-{n}"
-    aside.mkdir()
+    aside = durable.superseded_folder(folder)
     for path in found:
         os.replace(path, aside / path.name)
     return aside
@@ -312,17 +306,7 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
     """metrics.jsonl with its rows up to `step` only, replaced atomically (a kill leaves the old file
     or the new one, never a cut one)."""
     kept = _rows_up_to(path, step) if path.exists() else []
-    _write_atomic(path, "".join(kept))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file, synced, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    durable.write_text(path, "".join(kept))
 
 
 def _read(path: Path) -> str | None:
