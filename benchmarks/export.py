@@ -40,7 +40,7 @@ def build_ants_bees(path: Path) -> Path:
     """model.pt of MobileNetV2 (ImageNet weights) whose head is ImageNet's ant and bee rows."""
     import torchvision
 
-    from disttrain.checkpoint import save_weights
+    from disttrain.train.checkpoint import save_weights
     from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
     state = torch.load(IMAGENET_WEIGHTS, map_location="cpu", weights_only=True)
@@ -69,10 +69,10 @@ def main() -> int:
         return 0
 
     from disttrain.data.decode import load_presized
-    from disttrain.export import export
-    from disttrain.exported import OnnxModel
-    from disttrain.inference import batch_outputs, eval_view, load_saved_model
-    from disttrain.inputs import list_labelled
+    from disttrain.use.export import export
+    from disttrain.use.exported import OnnxModel
+    from disttrain.use.inference import batch_outputs, eval_view, load_saved_model
+    from disttrain.use.inputs import list_labelled
 
     scratch = Path(tempfile.mkdtemp(prefix="disttrain-export-bench-"))
     if args.weights:

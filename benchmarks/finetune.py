@@ -26,7 +26,7 @@ import torchvision
 
 from augment import seconds_per_call as timed  # benchmarks/augment.py: the same timing loop
 from disttrain.config import frozen_groups
-from disttrain.finetune import freeze, split_layer_groups
+from disttrain.models.groups import freeze, split_layer_groups
 
 
 def main() -> None:

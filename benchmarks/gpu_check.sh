@@ -32,10 +32,10 @@ if [ -n "$missing" ]; then
     "$PY" -m pip install --quiet $missing 2>/dev/null || { echo "gpu_check: missing modules: $missing (no network?)" >&2; exit 1; }
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))"
-# what train.precision=auto picks on each card, from that card's own facts (disttrain/precision.py)
+# what train.precision=auto picks on each card, from that card's own facts (disttrain/dist/precision.py)
 "$PY" - <<'EOF'
 import torch
-from disttrain.precision import device_facts, resolve_precision
+from disttrain.dist.precision import device_facts, resolve_precision
 for i in range(torch.cuda.device_count()):
     device = torch.device("cuda", i)
     print(f"cuda:{i}: {device_facts(device)} -> auto = {resolve_precision('auto', device).mode}")

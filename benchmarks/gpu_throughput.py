@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from disttrain.build import build_trainer
+from disttrain.train.build import build_trainer
 from disttrain.config import load_config
 from disttrain.data.decode import decode_jpeg_batch
 from disttrain.data.shards import load_manifest, read_range
-from disttrain.runtime import build_accelerator
+from disttrain.dist.runtime import build_accelerator
 
 
 def sync(device: torch.device) -> None:

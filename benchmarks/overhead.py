@@ -80,7 +80,7 @@ class BareLoop:
         from torch import nn
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from disttrain.models import build_model, decay_groups, make_optimizer
+        from disttrain.models.build import build_model, decay_groups, make_optimizer
 
         self.device, self.torch = acc.device, torch
         model = build_model(cfg.model, num_classes=classes).to(self.device)
@@ -118,8 +118,9 @@ def run_job(args) -> dict:
     (same threads and cores, same moment of the machine), each step's end stamped."""
     import torch
 
-    from disttrain.build import build_trainer
-    from disttrain.runtime import build_accelerator
+    from disttrain.train.build import build_trainer
+    from disttrain.dist.runtime import build_accelerator
+    from disttrain.config import run_stages
 
     case = CASES[args.case]
     cfg = _config(args.case, args.data, args.source, args.overrides)
@@ -127,7 +128,7 @@ def run_job(args) -> dict:
     trainer, data = build_trainer(cfg, acc, stage=case["stage"])
     if case["lr"] is not None:
         trainer.schedule.set_peak_lr(case["lr"])
-    stage = cfg.run_stages()[case["stage"]]
+    stage = run_stages(cfg)[case["stage"]]
     bare = BareLoop(cfg, acc, stage, len(data.classes), bool(trainer.fixed_norms), args.compile)
     ours: list[float] = []
     clock = [0.0]
@@ -201,7 +202,7 @@ def row(name: str, r: dict, bare: dict | None = None) -> str:
 
 def prepare_data(case: str, cache: Path, folder: str | None, shards: str | None) -> tuple[str, str]:
     """(the case's image folder, its shards: written once into `cache` unless given)."""
-    from disttrain.demo_data import write_demo_data
+    from disttrain.data.demo import write_demo_data
 
     if folder is None and case == "demo":
         folder = str(Path("~/.cache/disttrain/mnist").expanduser())

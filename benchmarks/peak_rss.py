@@ -5,7 +5,7 @@
 Runs launch/train.py's `main` in each rank and, when the rank exits, prints one line to stderr:
 `peak_rss rank R: VmHWM <MB> MB (<MB> MB after start-up, <MB> MB of it shared memory at the end)`.
 With PEAK_RSS_STAGES=1 it also prints the rank's resident and shared memory each time a stage has
-built its image loaders (disttrain.stage.build_loaders returned): what the previous stage still
+built its image loaders (disttrain.train.stages.build_loaders returned): what the previous stage still
 holds then shows there (its decoded-image cache is shared memory).
 The start-up figure is the process's peak once torch, accelerate and disttrain are imported, before
 any data or model: the run's own memory is the difference. The rank's loader workers are separate
@@ -45,9 +45,9 @@ def main() -> None:
 
     atexit.register(report)
     if os.environ.get("PEAK_RSS_STAGES") == "1":
-        import disttrain.stage
+        import disttrain.train.stages
 
-        build = disttrain.stage.build_loaders
+        build = disttrain.train.stages.build_loaders
 
         def build_loaders(*args, **kwargs):
             loaders = build(*args, **kwargs)
@@ -55,7 +55,7 @@ def main() -> None:
                   f"{_status('RssShmem'):.0f} MB of it shared memory", file=sys.stderr, flush=True)
             return loaders
 
-        disttrain.stage.build_loaders = build_loaders
+        disttrain.train.stages.build_loaders = build_loaders
     script = Path(__file__).resolve().parents[1] / "launch" / "train.py"
     sys.argv = [str(script), *sys.argv[1:]]
     runpy.run_path(str(script), run_name="__main__")

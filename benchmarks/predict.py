@@ -31,7 +31,7 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from disttrain.inference import load_saved_model
+from disttrain.use.inference import load_saved_model
 
 
 def _port() -> int:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from disttrain.build import build_trainer
+from disttrain.train.build import build_trainer
 from disttrain.config import load_config
-from disttrain.demo_data import write_demo_data
-from disttrain.lr_sweep import lr_sweep, restore, snapshot, sweep_lrs
-from disttrain.runtime import build_accelerator
+from disttrain.data.demo import write_demo_data
+from disttrain.train.lr_sweep import lr_sweep, restore, snapshot, sweep_lrs
+from disttrain.dist.runtime import build_accelerator
 
 
 def plain_steps(trainer, lrs: list[float]) -> None:

@@ -7,8 +7,8 @@ the end, and the ranks' (cell, count) pairs are gathered and summed. That is at 
 validation image whatever the number of classes (a dense matrix is C x C: 477 million cells at
 21,841 classes), and exact: per-class figures and the most confused pairs come from it.
 
-Used by the validation of a training run (`disttrain.trainer.evaluate`), by `disttrain evaluate`
-(`disttrain.evaluate`) and by the interpretation (`disttrain.interpret`)."""
+Used by the validation of a training run (`disttrain.train.trainer.evaluate`), by `disttrain evaluate`
+(`disttrain.use.evaluate`) and by the interpretation (`disttrain.use.interpret`)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class EvalResult:
     tta_loss: float | None = None
     """With TTA: the loss (negative log of the blended probability of the true class) ..."""
     tta_accuracy: float | None = None
-    """... and the accuracy of the TTA predictions (see disttrain/inference.py)."""
+    """... and the accuracy of the TTA predictions (see disttrain/use/inference.py)."""
     tta_correct: int | None = None
 
 

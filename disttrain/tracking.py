@@ -269,7 +269,7 @@ class Tracker:
                                step=step)
 
     def log_interpretation(self, grids: dict[str, Path], top_losses: list[tuple], step: int) -> None:
-        """train.interpret (disttrain/interpret.py), to W&B only: each grid PNG as `interpret/<name>`
+        """train.interpret (disttrain/use/interpret.py), to W&B only: each grid PNG as `interpret/<name>`
         and the top losses as the Table `interpret/top_losses_table` (image: what the model saw,
         actual, predicted, loss, probability_actual)."""
         wandb = self.wandb

@@ -129,7 +129,7 @@ def make_folder(root: Path, counts: dict[str, dict[str, int]], size=(20, 20)) ->
 @pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory) -> Path:
     """The real MNIST sample, 30 train + 11 valid digits per class (300 / 110 images)."""
-    from disttrain.demo_data import write_demo_data
+    from disttrain.data.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("mnist") / "mnist", train_per_class=30, valid_per_class=11)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from disttrain.cores import worker_cores
+from disttrain.dist.cores import worker_cores
 from disttrain.data.decode import decode_jpeg_batch, load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef

@@ -17,8 +17,8 @@ from disttrain.data.augment import DeviceAugment
 from disttrain.data.folder import DataError, ImageFolderData, scan_image_folder, write_bad_files
 from disttrain.data.loader import DecodeOnDevice, DeviceLoader, FolderDataset, RankBatchSampler, loader_generator, make_loader
 from disttrain.data.shards import Manifest, ShardDataset, load_manifest
-from disttrain.jobgroup import JobGroup
-from disttrain.runtime import rank_seed
+from disttrain.dist.jobgroup import JobGroup
+from disttrain.dist.runtime import rank_seed
 from disttrain.tracking import ConsoleReporter
 
 

@@ -28,7 +28,7 @@ import torch
 
 PRELOAD = ["torch", "numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "simplejpeg",
            "disttrain.data.decode", "disttrain.data.loader", "disttrain.data.shards", "disttrain.tracking",
-           "disttrain.checkpoint", "disttrain.lr_sweep", "disttrain.models"]
+           "disttrain.train.checkpoint", "disttrain.train.lr_sweep", "disttrain.models.build"]
 """Imported once by the fork server, so a worker starts without importing them again. Each worker
 also imports the main script or module once more (as `__mp_main__`): `launch/train.py` imports
 nothing at its top level; the `disttrain` command and `python -m disttrain.cli` import disttrain.cli,
@@ -89,11 +89,11 @@ def start_deadline(seconds: float):
 
 def worker_init(_: int, cores: tuple[int, ...] = ()) -> None:
     """In each worker: it ends with its training process (`_end_with_rank`); it moves to `cores`
-    (the loader workers' share of the rank's cores: disttrain/cores.py); decoding is its work, so
+    (the loader workers' share of the rank's cores: disttrain/dist/cores.py); decoding is its work, so
     torch ops there must not fight the training process for cores; its warnings (a corrupt shard
     sample) carry the rank, as the training process's do; and it lets go of the fork server's
     "alive" pipe (see `_release_fork_server`)."""
-    from disttrain.cores import pin_worker
+    from disttrain.dist.cores import pin_worker
     from disttrain.tracking import setup_logging
 
     _end_with_rank()

@@ -1,5 +1,5 @@
 """Run under torchrun by tests/distributed/test_cores_side_by_side.py: builds the accelerator as
-every disttrain command does (disttrain/runtime.py: the cores planned and applied), then writes
+every disttrain command does (disttrain/dist/runtime.py: the cores planned and applied), then writes
 OUT/<JOB>-rank<R>.json: the CPU affinity of every thread of this process, as the kernel reports it
 (/proc/self/task/*/status), and the "training on" line's words for its cores.
 
@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from disttrain import cores
+from disttrain.dist import cores
 from disttrain.config import load_config
-from disttrain.runtime import build_accelerator
+from disttrain.dist.runtime import build_accelerator
 
 
 def allowed(task: str) -> str:

@@ -33,7 +33,7 @@ import disttrain.data.workers
 import stall_hook
 from disttrain.cli import run_user_errors, train
 from disttrain.config import load_config
-from disttrain.trainer import Trainer
+from disttrain.train.trainer import Trainer
 
 mode, at, markers, overrides = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
 real_step = Trainer.step

@@ -12,10 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-import disttrain.precision
+import disttrain.dist.precision
 from disttrain.config import ConfigError, load_config
-from disttrain.precision import DeviceFacts, gpu_facts
-from disttrain.runtime import build_accelerator, job_precision
+from disttrain.dist.precision import DeviceFacts, gpu_facts
+from disttrain.dist.runtime import build_accelerator, job_precision
 
 RANK = int(os.environ["RANK"])
 AUTO_FACTS = [DeviceFacts("cpu", "CPU (test: native bf16)", True), DeviceFacts("cpu", "CPU (test: AVX2)", False)]
@@ -28,11 +28,11 @@ def write(out: Path, case: str, what: dict) -> None:
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    disttrain.precision.device_facts = lambda device: AUTO_FACTS[RANK]  # read at call time by the runtime
+    disttrain.dist.precision.device_facts = lambda device: AUTO_FACTS[RANK]  # read at call time by the runtime
     cfg = load_config(None, ["train.precision=auto"])
     accelerator = build_accelerator(cfg)
     write(out, "auto", {"mode": accelerator.mixed_precision, "reason": job_precision("auto", accelerator.device).reason})
-    disttrain.precision.device_facts = lambda device: EXPLICIT_FACTS[RANK]
+    disttrain.dist.precision.device_facts = lambda device: EXPLICIT_FACTS[RANK]
     try:
         build_accelerator(load_config(None, ["train.precision=bf16"]))
         write(out, "bf16", {"error": None})

@@ -16,7 +16,7 @@ if __name__ == "__main__":  # loader workers import this script again (disttrain
 
     from disttrain.cli import run_user_errors
     from disttrain.config import load_config
-    from disttrain.run import train
+    from disttrain.train.run import train
 
     count, config, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     end_training = Accelerator.end_training

@@ -1,4 +1,4 @@
-"""Run by the distributed tests under a real launcher: the real run (disttrain.run.train, staged or not,
+"""Run by the distributed tests under a real launcher: the real run (disttrain.train.run.train, staged or not,
 as launch/train.py runs it) with two test-only hooks:
 
     run_worker.py CONFIG [--dump OUT] [--kill-after CHECKPOINT] [--stall RANK] [section.key=value ...]
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-import disttrain.checkpoint as checkpoint
+import disttrain.train.checkpoint as checkpoint
 from disttrain.cli import run_user_errors
 from disttrain.config import load_config
-from disttrain.run import train
-from disttrain.trainer import Trainer
+from disttrain.train.run import train
+from disttrain.train.trainer import Trainer
 
 config, words = sys.argv[1], sys.argv[2:]
 out = kill_after = stall = None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-import disttrain.checkpoint as checkpoint
+import disttrain.train.checkpoint as checkpoint
 from disttrain.cli import run_user_errors, train
 from disttrain.config import load_config
 
@@ -54,6 +54,6 @@ def fsync_then_hold(path):
 
 if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
     assert where in ("files", "rename"), where
-    torch.save = save_then_hold  # disttrain.checkpoint calls torch.save through the torch module
+    torch.save = save_then_hold  # disttrain.train.checkpoint calls torch.save through the torch module
     checkpoint._fsync_dir_files = fsync_then_hold  # looked up in the module at call time by save_checkpoint
     sys.exit(run_user_errors(lambda: train(load_config("configs/demo.yaml", overrides))))

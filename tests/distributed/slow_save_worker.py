@@ -19,7 +19,7 @@ HOLD_LIMIT = 120  # seconds: a rank 1 that never gets to the save fails the test
 def main() -> int:
     import torch
 
-    import disttrain.checkpoint as checkpoint
+    import disttrain.train.checkpoint as checkpoint
     from disttrain.cli import run_user_errors, train
     from disttrain.config import load_config
 
@@ -42,7 +42,7 @@ def main() -> int:
             part.write_text("written\n")
             os.replace(part, marker)
 
-    torch.save = save  # disttrain.checkpoint calls torch.save through the torch module
+    torch.save = save  # disttrain.train.checkpoint calls torch.save through the torch module
     return run_user_errors(lambda: train(cfg))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from disttrain.config import SweepConfig, load_config
-from disttrain.runtime import build_accelerator
+from disttrain.dist.runtime import build_accelerator
 
 
 def state_of(trainer) -> dict:
@@ -58,8 +58,8 @@ def equal(a, b) -> bool:
 
 
 def real(out: Path, overrides: list[str]) -> None:
-    import disttrain.lr_sweep as lr_sweep_module
-    from disttrain.build import build_trainer
+    import disttrain.train.lr_sweep as lr_sweep_module
+    from disttrain.train.build import build_trainer
 
     cfg = load_config(None, overrides)
     accelerator = build_accelerator(cfg)
@@ -94,7 +94,7 @@ def real(out: Path, overrides: list[str]) -> None:
 
 def constructed(out: Path) -> None:
     from disttrain.config import build_config
-    from disttrain.lr_sweep import run_curve
+    from disttrain.train.lr_sweep import run_curve
 
     accelerator = build_accelerator(build_config({}, ["train.precision=no"]))
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -1,5 +1,5 @@
 """Two jobs started side by side on one machine do not put their threads on the same pinned cores
-(disttrain/cores.py: a job pins only the cores it owns; on a machine that gave it no allocation it
+(disttrain/dist/cores.py: a job pins only the cores it owns; on a machine that gave it no allocation it
 pins nothing)."""
 
 from __future__ import annotations

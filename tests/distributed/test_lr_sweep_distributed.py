@@ -6,7 +6,7 @@ import pytest
 
 from conftest import launch
 from disttrain.config import SweepConfig
-from disttrain.lr_sweep import DebiasedEMA, suggest
+from disttrain.train.lr_sweep import DebiasedEMA, suggest
 
 pytestmark = pytest.mark.dist
 

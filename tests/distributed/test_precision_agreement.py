@@ -1,4 +1,4 @@
-"""One precision for the job (disttrain/runtime.py, disttrain/precision.py `agree`): two real
+"""One precision for the job (disttrain/dist/runtime.py, disttrain/dist/precision.py `agree`): two real
 processes whose devices differ (rank 0: native bf16, rank 1: none) exchange their facts before the
 Accelerator is built and train in the same precision; an explicit precision one rank cannot run is
 the same one-line error on every rank."""

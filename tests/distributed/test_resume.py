@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, free_port, launch, run_env
-from disttrain.checkpoint import find_latest, load_checkpoint
+from disttrain.train.checkpoint import find_latest, load_checkpoint
 
 pytestmark = pytest.mark.dist
 

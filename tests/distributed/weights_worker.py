@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from disttrain.build import build_trainer
+from disttrain.train.build import build_trainer
 from disttrain.config import load_config
-from disttrain.runtime import build_accelerator
+from disttrain.dist.runtime import build_accelerator
 
 if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
     out = Path(sys.argv[1])

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, launch
-from disttrain import cores
+from disttrain.dist import cores
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ def test_demo_config_two_processes_prints_the_table(tmp_path, mnist_small):
 def test_demo_config_precision_auto_says_what_it_chose(tmp_path, mnist_small):
     """The demo config's `auto`, and the one bf16 run of the suite: two steps in one process (bf16
     is emulated, several times slower, on CPUs without native bf16; `auto` picks fp32 there)."""
-    from disttrain.precision import cpu_has_native_bf16, resolve_precision
+    from disttrain.dist.precision import cpu_has_native_bf16, resolve_precision
 
     common = ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", "train.epochs=1",
               "train.max_steps_per_epoch=2", "data.batch_size=16", "log.progress=false", "data.num_workers=0"]
@@ -84,7 +84,7 @@ def test_plain_python_on_real_photos_one_process(tmp_path, hymenoptera):
 
 
 def test_demo_data_is_written_once(tmp_path):
-    from disttrain.demo_data import write_demo_data
+    from disttrain.data.demo import write_demo_data
 
     path = write_demo_data(tmp_path / "m", train_per_class=3, valid_per_class=2)
     assert sorted(p.name for p in (path / "train").iterdir()) == [str(d) for d in range(10)]

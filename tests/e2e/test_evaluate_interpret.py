@@ -40,11 +40,11 @@ def _picture(path: Path, colour: str, seed: str) -> Path:
 
 def _train(root: Path, weights: Path) -> None:
     """A ResNet-18 trained on 8 pictures per colour through the eval view, saved as a run saves model.pt."""
-    from disttrain.checkpoint import save_weights
+    from disttrain.train.checkpoint import save_weights
     from disttrain.config import ModelConfig
     from disttrain.data.decode import load_presized
-    from disttrain.inference import eval_view
-    from disttrain.models import build_model
+    from disttrain.use.inference import eval_view
+    from disttrain.models.build import build_model
 
     pictures = [(_picture(root / c / f"{i}.png", c, f"train/{c}/{i}"), label) for label, c in enumerate(CLASSES) for i in range(8)]
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]

@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from conftest import launch
-from disttrain.checkpoint import save_weights
+from disttrain.train.checkpoint import save_weights
 from disttrain.config import ModelConfig
 from disttrain.data.decode import load_presized
-from disttrain.export import ExportError, export, serving_model
-from disttrain.exported import INPUT_LAYOUT, METADATA_FILE, eval_pixels, from_props
-from disttrain.inference import eval_view, outputs, read_model_file
-from disttrain.models import build_model
+from disttrain.use.export import ExportError, export, serving_model
+from disttrain.use.exported import INPUT_LAYOUT, METADATA_FILE, eval_pixels, from_props
+from disttrain.use.inference import eval_view, outputs, read_model_file
+from disttrain.models.build import build_model
 
 pytestmark = pytest.mark.e2e
 

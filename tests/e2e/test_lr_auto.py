@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import launch
-from disttrain.checkpoint import load_checkpoint
+from disttrain.train.checkpoint import load_checkpoint
 from disttrain.config import load_config
-from disttrain.lr_sweep import DebiasedEMA, suggest, sweep_lrs
-from disttrain.schedule import Schedule
+from disttrain.train.lr_sweep import DebiasedEMA, suggest, sweep_lrs
+from disttrain.train.schedule import Schedule
 
 pytestmark = pytest.mark.e2e
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-import disttrain.precompute
-import disttrain.stage as stage
-from disttrain.build import build_trainer
+import disttrain.train.precompute
+import disttrain.train.stages as stage
+from disttrain.train.build import build_trainer
 from disttrain.config import load_config
 
 cfg = load_config(sys.argv[1], [])
@@ -49,7 +49,7 @@ def building(what, real):
 
 stage.build_loaders = building("loaders", stage.build_loaders)
 stage.eval_loader = building("precompute loaders", stage.eval_loader)
-real_precompute = disttrain.precompute.precompute
+real_precompute = disttrain.train.precompute.precompute
 
 
 def precompute(accelerator, model, head, view, train_share, valid_share, *rest):
@@ -58,7 +58,7 @@ def precompute(accelerator, model, head, view, train_share, valid_share, *rest):
     return result
 
 
-disttrain.precompute.precompute = precompute
+disttrain.train.precompute.precompute = precompute
 
 trainer.fit()  # stage 0 on images: 2 steps (the epoch cut short) and the validation pass
 workers_of(trainer.train_loader, trainer.valid_loader)

@@ -167,7 +167,7 @@ def test_train_interpret_writes_the_files_and_logs_the_grids_and_the_top_losses_
 GROUP_LRS_RUN = """
 import json, sys
 from accelerate import Accelerator
-from disttrain.build import build_trainer
+from disttrain.train.build import build_trainer
 from disttrain.config import load_config
 
 cfg = load_config(None, sys.argv[1:])
@@ -186,7 +186,7 @@ def test_groups_with_different_lrs_are_logged_per_group(tmp_path, mnist_small):
     `train/lr/group<i>` (and no `train/lr`) at every log point: each group's LR of the schedule, in
     metrics.jsonl and in the offline W&B run."""
     from disttrain.config import load_config
-    from disttrain.schedule import Schedule
+    from disttrain.train.schedule import Schedule
 
     proc = launch(["-c", GROUP_LRS_RUN, f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "run.name=g",
                    "data.load_size=28", "data.image_size=28", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",

@@ -23,10 +23,10 @@ LIMIT = 60  # seconds: a signal that never reaches the process fails the run ins
 
 def main() -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # as launch/train.py, before the imports
-    import disttrain.checkpoint as checkpoint
+    import disttrain.train.checkpoint as checkpoint
     import disttrain.data.setup as setup
-    import disttrain.lr_sweep as lr_sweep
-    import disttrain.precompute as precompute
+    import disttrain.train.lr_sweep as lr_sweep
+    import disttrain.train.precompute as precompute
     from disttrain.cli import run_user_errors, train
     from disttrain.config import load_config
 

@@ -1,0 +1,31 @@
+"""The run configuration: the schema (one dataclass per section), loading (YAML + `section.key=value`
+overrides) and stage resolution. This package imports nothing else of disttrain but its errors."""
+
+from disttrain.config.schema import (
+    IMAGENET,
+    TIMM,
+    AugmentConfig,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    StageConfig,
+    SweepConfig,
+    TrainConfig,
+    WandbConfig,
+)
+from disttrain.config.parse import build_config, load_config, parse_overrides, save_config
+from disttrain.config.stages import frozen_groups, resolve_stage, run_stages, sgdr_epoch_counts
+
+__all__ = [
+    "IMAGENET", "TIMM", "AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "FinetuneConfig",
+    "LogConfig", "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "StageConfig", "SweepConfig", "TrainConfig",
+    "WandbConfig", "build_config", "load_config", "parse_overrides", "save_config", "frozen_groups", "resolve_stage",
+    "run_stages", "sgdr_epoch_counts",
+]

@@ -1,0 +1,104 @@
+"""Assemble a run's trainer from a Config: the data (disttrain/data/setup.py), the model (with a
+resumed run's weights), layer groups, checkpointer, tracker, and its first stage (disttrain/train/stages.py).
+Everything a user could get wrong fails here, before step one."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from disttrain.train.checkpoint import Checkpointer, PreemptionFlag, Resume, stop_if_preempted
+from disttrain.config import IMAGENET, Config, save_config
+from disttrain.data.folder import ImageFolderData
+from disttrain.data.setup import build_augment, load_data
+from disttrain.dist.jobgroup import JobGroup
+from disttrain.data.shards import Manifest
+from disttrain.models.groups import layer_groups_header, split_layer_groups
+from disttrain.models import timm as zoo
+from disttrain.config import TIMM
+from disttrain.models.build import build_model, fetch_imagenet_weights, interpolation, normalization
+from disttrain.dist.runtime import job_precision, rank_seed, seed_everything
+from disttrain.train.stages import enter_stage, plan_stages
+from disttrain.tracking import ConsoleReporter, Tracker
+from disttrain.train.trainer import Trainer
+
+
+def build_trainer(
+    cfg: Config, accelerator: Accelerator, resume: Resume | None = None, flag: PreemptionFlag | None = None, stage: int = 0,
+    find_lr_only: bool = False,
+) -> tuple[Trainer, ImageFolderData | Manifest]:
+    """The run's trainer, set up for stage `stage` (0 unless resuming in a later one). A resumed
+    run's weights go into the model before the stage is entered (a precompute stage computes its
+    activations from them); the rest of the checkpoint is the caller's (`Trainer.load_state`).
+    `find_lr_only` (`disttrain find-lr`): the tracker keeps its records apart from the run's."""
+    reporter = ConsoleReporter(accelerator.is_main_process, progress=cfg.log.progress)
+    if accelerator.is_main_process:
+        save_config(cfg, cfg.run.dir / "config.yaml")
+    precision = job_precision(cfg.train.precision, accelerator.device)  # the job's, agreed by every rank
+    if precision.warning:
+        reporter.line(precision.warning)
+    job = JobGroup(accelerator.num_processes)  # for what the main process alone reads or fetches, and the saves
+    data = load_data(cfg, job, reporter)
+    stop_if_preempted(flag, job, resume.path if resume else None, "during the data scan")
+    if resume is not None:
+        resume.check(cfg.model.name, data.classes, data_identity(data))
+    tracker = Tracker(cfg, accelerator.is_main_process, reporter, resume_step=resume.meta["global_step"] if resume else None,
+                      find_lr_only=find_lr_only)
+    if cfg.model.pretrained == IMAGENET:  # downloaded by the main process when missing; the others wait
+        path = job.from_main(lambda: fetch_imagenet_weights(cfg.model.name, progress=cfg.log.progress))
+        reporter.line(f"pretrained: torchvision's ImageNet weights of {cfg.model.name} from {path}")
+    elif cfg.model.pretrained == TIMM:
+        reporter.line(f"pretrained: timm's weights of {zoo.timm_name(cfg.model.name)} from {zoo.cached_weights(cfg.model.name)}")
+    mean, std, source = normalization(cfg.model, cfg.augment)
+    resample, resample_source = interpolation(cfg.model, cfg.augment)
+    if cfg.model.pretrained is not None or cfg.augment.mean is None:
+        reporter.line(f"normalization: mean {_fmt(mean)}, std {_fmt(std)} ({source})")
+    if zoo.is_timm(cfg.model.name) or cfg.augment.interpolation != "auto":
+        reporter.line(f"input: {cfg.data.image_size} px from a {cfg.data.load_size} px presize, {resample} resampling ({resample_source})")
+
+    seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, num_classes=len(data.classes)).to(accelerator.device)
+    if resume is not None:
+        model.load_state_dict(resume.shared["model"])
+    groups = split_layer_groups(model, cfg.finetune.groups, cfg.model.name) if cfg.stages else []
+    if groups:
+        reporter.line(layer_groups_header(cfg.model.name, model, cfg.finetune.groups))
+        for group in groups:
+            reporter.line(f"  {group.describe()}")
+    plans = plan_stages(cfg)
+    trainer = Trainer(
+        accelerator,
+        model,
+        augment=build_augment(cfg, accelerator, mean, std, resample),
+        reporter=reporter,
+        total_epochs=plans[-1].end_epoch,
+        grad_accum=cfg.train.grad_accum,
+        clip_grad=cfg.train.clip_grad,
+        label_smoothing=cfg.train.label_smoothing,
+        max_steps_per_epoch=cfg.train.max_steps_per_epoch,
+        classes=list(data.classes),
+        tracker=tracker,
+        log_every=cfg.log.every_n_steps,
+        checkpointer=Checkpointer(
+            cfg.run.dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+            {"classes": list(data.classes), "samples": data_identity(data), "model": cfg.model.name, "run": cfg.run.name,
+             "precision": precision.mode}, job, flag,
+        ),
+        precision_reason=precision.reason if cfg.train.precision == "auto" else "",
+        layer_groups=groups,
+    )
+    trainer.use(enter_stage(trainer, cfg, data, plans[stage]))
+    torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank
+    return trainer, data
+
+
+def data_identity(data: ImageFolderData | Manifest) -> dict[str, int]:
+    """Samples per split (a folder's usable images, a manifest's samples): what a checkpoint's meta
+    records of the data, and what `Resume.check` compares on resume."""
+    if isinstance(data, Manifest):
+        return {name: data.splits[name].samples for name in ("train", "valid")}
+    return {"train": len(data.train), "valid": len(data.valid)}
+
+
+def _fmt(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

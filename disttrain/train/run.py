@@ -1,0 +1,208 @@
+"""The run's life in one place: resume or start, the stages one after another (each: freeze, param
+groups, loaders and augmentation at its size, the LR sweep when its lr is auto, fit), then save
+`model.pt` and `results.json`.
+
+Checkpoints know their stage. One taken at the end of a stage's last epoch continues with the next
+stage from its start; a stage with `lr: auto` saves one more right after its sweep
+(`step-N-stage<i>`), so a resume never sweeps a stage again.
+
+Preemption (SIGUSR1, SIGTERM) is caught from the first line on. Before training, the ranks check
+together after the data scan, after entering each stage (its loaders, or its precompute), at every
+step of an LR sweep and before fit: there every rank stops with nothing to save (the checkpoint the
+run continues from, if any, holds all of it; before the first one, the requeued job starts again).
+In training, the trainer saves a checkpoint first (disttrain/train/trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from disttrain.train.checkpoint import (
+    PreemptionFlag,
+    Preempted,
+    Resume,
+    checkpoint_root,
+    clear_leftovers,
+    find_latest,
+    save_weights,
+    set_aside_later,
+    stop_if_preempted,
+)
+from disttrain.config import Config
+from disttrain.train.lr_sweep import SweepInterrupted, find_lr
+from disttrain.train.stages import StagePlan, describe, enter_stage, plan_stages
+from disttrain.train.trainer import EpochResult, Trainer
+
+
+def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
+    """Build everything from the config; resume from a checkpoint (checkpoint.resume); run the
+    stages (sweeping the LR where a stage asks, or only the first stage's sweep with
+    `find_lr_only`); save `model.pt` and `results.json` in the run dir; track in metrics.jsonl and W&B."""
+    from disttrain.train.build import build_trainer
+    from disttrain.data.workers import start_worker_server
+    from disttrain.dist.runtime import build_accelerator
+    from disttrain.tracking import setup_logging
+
+    flag = PreemptionFlag().install()  # first: from here on SIGUSR1/SIGTERM stop the run at its next check point
+    accelerator = build_accelerator(cfg)  # resolves data.num_workers=auto
+    start_worker_server(cfg.data.num_workers)
+    setup_logging(accelerator.process_index, accelerator.is_main_process)
+    resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
+    # every rank refuses another world size the same way, before building
+    resume = Resume.read(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
+    plans = plan_stages(cfg)
+    first, continuing = _resume_stage(plans, resume.meta) if resume else (0, False)
+    trainer, data = build_trainer(cfg, accelerator, resume=resume, flag=flag, stage=first, find_lr_only=find_lr_only)
+    try:
+        history = _run(cfg, trainer, data, plans, first, continuing, find_lr_only, resume)
+    except BaseException as err:
+        trainer.tracker.finish(failed=not isinstance(err, Preempted))
+        raise
+    trainer.tracker.finish()
+    accelerator.end_training()
+    return history
+
+
+def _resume_path(cfg: Config, accelerator) -> Path | None:
+    """checkpoint.resume: `never`, `auto` (the run dir's newest complete checkpoint, if any) or a
+    path. Decided on the main process and broadcast, so every rank resumes from the same one."""
+    from accelerate.utils import broadcast_object_list
+
+    choice: list = [None]
+    if accelerator.is_main_process:
+        if cfg.checkpoint.resume == "auto":
+            found = find_latest(cfg.run.dir)
+            choice[0] = str(found) if found else None
+        elif cfg.checkpoint.resume != "never":
+            choice[0] = str(Path(cfg.checkpoint.resume).expanduser())
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice, from_process=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _resume_stage(plans: list[StagePlan], meta: dict) -> tuple[int, bool]:
+    """(the stage a checkpoint continues in, whether it continues that stage's optimizer and schedule):
+    a checkpoint at the end of a stage's last epoch starts the next stage afresh."""
+    stage = min(meta.get("stage", 0), len(plans) - 1)
+    if meta["epoch"] >= plans[stage].end_epoch and stage + 1 < len(plans):
+        return stage + 1, False
+    return stage, True
+
+
+def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_lr_only: bool, resume: Resume | None) -> list:
+    from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
+    if resume is not None:
+        trainer.checkpointer.last = resume.path
+        meta = resume.meta
+        trainer.load_state(meta, resume.shared, resume.rank_state, optimizer=continuing)
+        if "lr_sweep" in meta:  # the last sweep's outcome goes on into this run's checkpoints
+            trainer.checkpointer.meta["lr_sweep"] = meta["lr_sweep"]
+        if resume.path.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
+            from_step = meta["global_step"]
+        acc = trainer.accelerator
+        saved_in = meta.get("precision", acc.mixed_precision)
+        changed = f"; trained in {saved_in} precision so far, continuing in {acc.mixed_precision}" if saved_in != acc.mixed_precision else ""
+        where = f"{plans[first].name}, " if plans[first].staged else ""
+        lr = f"peak LR {max(trainer.schedule.base_lrs):.3g}" if continuing else "starting it"
+        trainer.reporter.line(
+            f"resuming from {resume.path}: {where}epoch {meta['epoch']}, {meta['steps_done_in_epoch']} step(s) into it, "
+            f"global step {meta['global_step']}, {lr}{changed}"
+        )
+    if trainer.accelerator.is_main_process and not find_lr_only:  # checkpoints this run does not continue go out of its way
+        left = clear_leftovers(cfg.run.dir)
+        if left:
+            trainer.reporter.line(f"removed what killed saves left in {cfg.run.dir}: {', '.join(left)}")
+        aside = set_aside_later(cfg.run.dir, from_step)
+        if aside is not None:
+            trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
+    for plan in plans[first:]:
+        if plan.index != first:
+            trainer.use(enter_stage(trainer, cfg, data, plan))
+        of = f" of {plan.name}" if plan.staged else ""
+        _stop_if_preempted(trainer, f"during the precompute{of}" if plan.cfg.precompute else f"while setting up{of or ' the run'}")
+        if (plan.index != first or not continuing) and (plan.cfg.lr == "auto" or find_lr_only):
+            _sweep(cfg, trainer, plan)
+            if find_lr_only:
+                return []
+            if plan.staged:  # the sweep is not repeated by a resume
+                trainer.checkpointer.save(trainer, plan.first_epoch, 0, None, tag=f"stage{plan.index}")
+            _stop_if_preempted(trainer, f"after the LR sweep{of}")
+        if plan.staged:
+            trainer.reporter.line(describe(trainer, plan, cfg))
+        trainer.fit()
+    if cfg.train.tta:
+        _tta(cfg, trainer, data, plans[-1])
+    _save(cfg, trainer, data, plans)
+    if cfg.train.interpret:  # the lesson's look at the results, once model.pt is written
+        from disttrain.use.interpret import interpret_run
+
+        interpret_run(cfg, trainer, data, plans[-1].cfg)
+    return trainer.history
+
+
+def _sweep(cfg: Config, trainer: Trainer, plan: StagePlan) -> None:
+    """The synchronized LR sweep in the stage's state; its suggestion becomes the head's peak LR."""
+    sweep_cfg = plan.cfg.sweep
+    stem = f"lr_sweep.stage{plan.index}" if plan.staged else "lr_sweep"
+    keys = (f"stages[{plan.index}].lr", f"stages[{plan.index}].sweep") if plan.staged else ("optim.lr", "sweep")
+    try:
+        sweep = find_lr(trainer, sweep_cfg, cfg.run.dir, trainer.reporter, stem=stem, keys=keys)
+    except SweepInterrupted as stop:  # the trainer's state is as before the sweep
+        of = f" of {plan.name}" if plan.staged else ""
+        where = f"during the LR sweep{of} (after its step {stop.step} of {stop.of})"
+        raise Preempted(trainer.checkpointer.last, saved=False, where=where) from None
+    trainer.tracker.log_sweep(sweep, cfg.run.dir / f"{stem}.png", step=trainer.global_step, extra=trainer._stage_key())
+    trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
+                                             "suggestions": sweep.suggestions, "precision": sweep.precision}
+    trainer.schedule.set_peak_lr(sweep.suggestion)
+
+
+def _stop_if_preempted(trainer: Trainer, where: str) -> None:
+    """Collective, before training: every rank raises Preempted when any rank got the signal."""
+    checkpointer = trainer.checkpointer
+    stop_if_preempted(checkpointer.flag, checkpointer.group, checkpointer.last, where)
+
+
+def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
+    """train.tta: the final model on the validation images, plain and with TTA (on images also
+    after a precomputed last stage: TTA needs the whole model)."""
+    from disttrain.data.setup import eval_loader
+    from disttrain.use.inference import eval_view
+    from disttrain.train.trainer import evaluate
+
+    train, acc = cfg.train, trainer.accelerator
+    if plan.cfg.precompute:
+        view = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last,
+                         trainer.augment.interpolation)
+        loader = eval_loader(cfg, data.valid, acc, plan.cfg.load_size, plan.cfg.batch_size * 2, name="valid (TTA)")
+        result = evaluate(acc, trainer.module, loader, view, len(trainer.classes), train.tta_n, train.tta_beta, train.tta_max)
+    else:
+        result = trainer.evaluate(None, train.tta_n, train.tta_beta, train.tta_max)
+    how = "max" if train.tta_max else f"beta {train.tta_beta}"
+    trainer.reporter.line(
+        f"TTA ({train.tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f} "
+        f"({result.tta_correct}/{result.count}); without: valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}"
+    )
+    trainer.tracker.log({"valid/tta_loss": result.tta_loss, "valid/tta_accuracy": result.tta_accuracy, **trainer._stage_key()},
+                        step=trainer.global_step)
+
+
+def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        last = plans[-1].cfg
+        save_weights(
+            cfg.run.dir / "model.pt", trainer.module.state_dict(), data.classes, cfg.model.name,
+            normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
+            image_size=last.image_size, load_size=last.load_size, precision=acc.mixed_precision,
+            interpolation=trainer.augment.interpolation, family="timm" if cfg.model.name.startswith("timm/") else "torchvision",
+        )
+        results = {
+            "world_size": acc.num_processes,
+            "precision": acc.mixed_precision,
+            "peak_lr": max(trainer.schedule.base_lrs),
+            "epochs": [vars(r) for r in trainer.history],
+        }
+        (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
+    trainer.checkpointer.group.barrier()  # as a checkpoint's save: model.pt may take longer than a collective may wait

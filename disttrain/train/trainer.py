@@ -1,0 +1,479 @@
+"""fit / train_epoch / evaluate. Metrics are exact across ranks: sums and counts, all-reduced.
+
+The trainer knows nothing about where results go; it hands rows to a reporter. `.item()` (a device
+sync) happens only at progress-bar updates and epoch ends, never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from disttrain.dist import cores
+from disttrain.train.checkpoint import Checkpointer, Preempted
+from disttrain.data.augment import DeviceAugment
+from disttrain.data.loader import DeviceLoader
+from disttrain.metrics import EvalResult, EvalSums
+from disttrain.dist.runtime import set_rng_state
+from disttrain.train.schedule import Schedule
+from disttrain.tracking import ConsoleReporter, Tracker
+
+SAMPLE_GRID = 16  # augmented images shown once in W&B (train/samples)
+
+
+def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
+    """Micro-batches per epoch: the loader's, capped at `max_steps_per_epoch` optimizer steps."""
+    if max_steps_per_epoch is None:
+        return loader_batches
+    return min(loader_batches, max_steps_per_epoch * grad_accum)
+
+
+def epoch_steps(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
+    """Optimizer steps per epoch (a shorter last accumulation group still makes a step)."""
+    return math.ceil(epoch_batches(loader_batches, grad_accum, max_steps_per_epoch) / grad_accum)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    valid_loss: float
+    accuracy: float
+    seconds: float
+    images_per_sec: float
+    stage: int | None = None
+    """The stage the epoch belongs to (runs with `stages`)."""
+
+
+@dataclass
+class StageSetup:
+    """What one stage trains (disttrain/train/stages.py builds it from the unwrapped model); the Trainer
+    takes it whole (`Trainer.use`)."""
+
+    model: nn.Module
+    """The prepared (DDP-wrapped) module that trains: the whole model, or its head on precomputed inputs."""
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    train_loader: DeviceLoader
+    valid_loader: DeviceLoader
+    transform: Callable[..., torch.Tensor]
+    """(loader output, train) -> model input: the augmentation, the eval view, or identity."""
+    first_epoch: int
+    end_epoch: int
+    """The run's epoch numbers this stage covers: [first_epoch, end_epoch)."""
+    index: int | None = None
+    """The stage's index in runs with `stages`."""
+    fixed_norms: list[nn.Module] = field(default_factory=list)
+    """Normalization layers kept in eval mode while training (frozen groups' with train_bn false, or
+    every BatchNorm with freeze_bn_stats)."""
+    lr_owner: list[int] | None = None
+    """The layer group of each param group (logging); None: one LR."""
+    images: bool = True
+    """The model's input is an image batch (shown once in W&B as train/samples)."""
+    inputs: str = "augmented"
+    """What the model is fed, for the stage's line (augmented, no augmentation, precomputed activations ...)."""
+    compiled: nn.Module | None = None
+    """`torch.compile(model)` (train.compile): what the training steps call; evaluation runs `model` unwrapped, eagerly."""
+
+
+class Trainer:
+    """Trains one stage at a time (`use` a StageSetup, then `fit`), keeping what spans stages: the
+    bare model, augmentation, history, step count, log window, checkpointer and tracker."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        module: nn.Module,
+        augment: DeviceAugment,
+        reporter: ConsoleReporter,
+        total_epochs: int,
+        grad_accum: int = 1,
+        clip_grad: float | None = None,
+        label_smoothing: float = 0.0,
+        max_steps_per_epoch: int | None = None,
+        classes: list[str] | None = None,
+        tracker: Tracker | None = None,
+        log_every: int = 10,
+        checkpointer: Checkpointer | None = None,
+        precision_reason: str = "",
+        layer_groups: list | None = None,
+    ):
+        self.accelerator = accelerator
+        self.module = module  # the whole bare model (checkpoints, sweep snapshots)
+        self.augment = augment
+        self.reporter = reporter
+        self.total_epochs = total_epochs  # epochs of the whole run (`epochs` is where the current stage ends)
+        self.grad_accum = grad_accum
+        self.clip_grad = clip_grad
+        self.label_smoothing = label_smoothing
+        self.max_steps_per_epoch = max_steps_per_epoch
+        self.classes = classes or []
+        self.tracker = tracker
+        self.log_every = log_every
+        self.checkpointer = checkpointer
+        self.precision_reason = precision_reason  # why this precision (train.precision=auto: agreed by every rank from its device)
+        self.layer_groups = layer_groups or []  # finetune.groups of a staged run (disttrain/models/groups.py)
+        self.history: list[EpochResult] = []
+        self.global_step = 0  # optimizer steps of training (the sweep's do not count)
+        self.last_grad_norm: torch.Tensor | None = None
+        self._samples_logged = False
+        self._window = _Window(accelerator.device)  # loss and images since the last log point
+        self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
+        self._resumed_sums: dict | None = None
+        self._history_shown = False
+        self.model: nn.Module | None = None  # the stage's (see StageSetup for these)
+        self.optimizer = self.schedule = self.train_loader = self.valid_loader = self.transform = None
+        self.epochs = total_epochs
+        self.stage: int | None = None
+        self.fixed_norms: list[nn.Module] = []
+        self.lr_owner: list[int] | None = None
+        self.images = True
+        self.inputs = ""
+        self.compiled: nn.Module | None = None
+        self.compile_seconds = 0.0  # the steps that compiled (train.compile), all stages
+
+    def use(self, setup: StageSetup) -> None:
+        """Train `setup`'s stage from its first epoch on."""
+        self.model, self.optimizer, self.schedule = setup.model, setup.optimizer, setup.schedule
+        self.train_loader, self.valid_loader, self.transform = setup.train_loader, setup.valid_loader, setup.transform
+        self.start, self.epochs, self.stage = (setup.first_epoch, 0), setup.end_epoch, setup.index
+        self.fixed_norms, self.lr_owner, self.images, self.inputs = setup.fixed_norms, setup.lr_owner, setup.images, setup.inputs
+        self.compiled = setup.compiled
+        self.train_mode()
+
+    def train_mode(self) -> None:
+        """Training mode, with the normalization layers of frozen groups (train_bn=false) in eval mode."""
+        self.model.train()
+        for module in self.fixed_norms:
+            module.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches each rank runs per epoch (identical on every rank)."""
+        return epoch_batches(len(self.train_loader), self.grad_accum, self.max_steps_per_epoch)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return epoch_steps(len(self.train_loader), self.grad_accum, self.max_steps_per_epoch)
+
+    def fit(self) -> list[EpochResult]:
+        world = self.accelerator.num_processes
+        self.reporter.line(self.training_line())
+        images_total, train_seconds = 0, 0.0
+        if not self._history_shown:
+            for row in self.history:  # epochs done before a resume
+                self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.accuracy, row.seconds)
+            self._history_shown = True
+        start_epoch, start_steps = self.start
+        result = None
+        for epoch in range(start_epoch, self.epochs):
+            t0 = time.perf_counter()
+            train_loss, images, preempt = self.train_epoch(epoch, skip_steps=start_steps if epoch == start_epoch else 0)
+            t1 = time.perf_counter()
+            result = self.evaluate()
+            seconds = time.perf_counter() - t0
+            images_total += images
+            train_seconds += t1 - t0
+            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0), self.stage)
+            self.history.append(row)
+            self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
+            self._log_epoch(epoch, result, seconds)
+            if self.checkpointer is not None:
+                path = self.checkpointer.save(self, epoch + 1, 0, None)
+                if preempt and epoch + 1 < self.total_epochs:
+                    raise Preempted(path)
+        if result is None:  # resumed after the last epoch: nothing left to train
+            return self.history
+        if self.tracker is not None and result.confusion is not None and self.epochs == self.total_epochs:
+            self.tracker.log_confusion(result.confusion, self.classes, step=self.global_step)
+        self.reporter.line(
+            f"{images_total} training images in {train_seconds:.1f} s of training: "
+            f"{images_total / max(train_seconds, 1e-9):.1f} images/s (world size {world}, all ranks together)"
+        )
+        return self.history
+
+    def training_line(self) -> str:
+        """The "training on" line: processes, device, precision, each rank's cores, the batch."""
+        acc = self.accelerator
+        world, per_rank = acc.num_processes, self.train_loader.batch_size
+        split = cores.current()
+        where = f"; per rank {split.describe()}" if split is not None else ""
+        cached = sum(getattr(loader, "cache_bytes", 0) for loader in (self.train_loader, self.valid_loader))  # 0: precomputed
+        if cached:
+            where += f"; images decoded once, then read from memory ({cached / 2**20:.0f} MB per rank: data.cache)"
+        return (
+            f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision"
+            f"{'; ' + self.precision_reason if self.precision_reason else ''}{where}): "
+            f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
+            f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
+        )
+
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """One optimizer step over the micro-batches (uint8 images and labels already on the device,
+        as the DeviceLoader delivers them) of an accumulation group: forward and backward
+        each (gradients all-reduced only on the last), clip, step. Returns this rank's loss sum (a
+        device tensor: no device sync) and sample count. The schedule is the caller's business."""
+        acc, model = self.accelerator, self.model
+        forward = model if self.compiled is None else self.compiled
+        if self.compiled is not None:
+            graphs, t0 = compiled_graphs(), time.perf_counter()
+        for j, (images, labels) in enumerate(batches):
+            x = self.transform(images, train=True)
+            if self.compiled is not None:  # batches differ in size by one (the sampler): one graph for both
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+            if not self._samples_logged and self.tracker is not None and self.images:
+                self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.mean, self.augment.std, step=self.global_step)
+                self._samples_logged = True
+            last = j == len(batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                with acc.autocast():
+                    logits = forward(x)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+                acc.backward(loss / len(batches))
+            batch_loss = loss.detach().double() * len(labels)
+            loss_sum = batch_loss if j == 0 else loss_sum + batch_loss
+        if self.clip_grad is not None:
+            self.last_grad_norm = acc.clip_grad_norm_(model.parameters(), self.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.compiled is not None and compiled_graphs() != graphs:
+            self._compiled(compiled_graphs() - graphs, time.perf_counter() - t0, x.shape)
+        return loss_sum, sum(len(labels) for _, labels in batches)
+
+    def _compiled(self, graphs: int, seconds: float, shape) -> None:
+        """One line per step that compiled (the first of a stage, a new input shape): train.compile's cost."""
+        self.compile_seconds += seconds
+        where = f" ({self.inputs}, stage {self.stage})" if self.stage is not None else ""
+        self.reporter.line(
+            f"torch.compile: {graphs} graph(s) compiled for input {'x'.join(map(str, shape))}{where} in a step of {seconds:.1f} s "
+            f"(compiling so far: {self.compile_seconds:.1f} s)"
+        )
+
+    def groups(self, loader_iter, n_batches: int):
+        """Cut `n_batches` micro-batches from `loader_iter` into accumulation groups of grad_accum
+        (the last group of an epoch may be shorter)."""
+        for start in range(0, n_batches, self.grad_accum):
+            yield list(itertools.islice(loader_iter, min(self.grad_accum, n_batches - start)))
+
+    def train_epoch(self, epoch: int, skip_steps: int = 0) -> tuple[float, int, bool]:
+        """One epoch on every rank (without its first `skip_steps` optimizer steps when resuming);
+        returns (mean train loss over all ranks' samples, images seen, preemption requested).
+        Every `log_every` optimizer steps the ranks reduce the loss since the last log point and the
+        preemption flag (the only device syncs of the loop); the main process logs train/*."""
+        self.train_mode()
+        self.train_loader.set_epoch(epoch, skip=skip_steps * self.grad_accum)
+        n_batches, steps = self.batches_per_epoch - skip_steps * self.grad_accum, self.optimizer_steps_per_epoch
+        loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        if skip_steps and self._resumed_sums is not None:
+            loss_total += self._resumed_sums["loss_total"].to(self.device)
+            count = self._resumed_sums["count"]
+        self._resumed_sums = None
+        window = self._window
+        window.resume()
+        bar = self.reporter.progress(self.groups(iter(self.train_loader), n_batches), total=steps, desc=f"epoch {epoch}")
+        bar.update(skip_steps)
+        for i, group in enumerate(bar, start=skip_steps):
+            loss_sum, samples = self.step(group)
+            loss_total += loss_sum
+            count += samples
+            window.add(loss_sum, samples)
+            self.schedule.step()
+            self.global_step += 1
+            last = i + 1 == steps
+            if self.global_step % self.log_every == 0:
+                if self._log_train(window, epoch + (i + 1) / steps, bar) and not last:
+                    path = self.checkpointer.save(self, epoch, i + 1, {"loss_total": loss_total, "count": count})
+                    raise Preempted(path)
+            if self.checkpointer is not None and self.checkpointer.due(self.global_step) and not last:
+                self.checkpointer.save(self, epoch, i + 1, {"loss_total": loss_total, "count": count})
+        bar.close()
+        window.pause()  # evaluation time does not count towards train/images_per_sec
+        local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped()),
+                             loss_total.new_tensor(float(self._stop_requested()))])
+        loss_sum, images, skipped, stops = self.accelerator.reduce(local, reduction="sum").tolist()  # one sync
+        mean_loss = loss_sum / images
+        self._report_skipped(f"epoch {epoch}: {{}} unreadable training sample(s) skipped and replaced by others", skipped)
+        if not math.isfinite(mean_loss):  # the same value on every rank, so every rank stops here
+            raise FloatingPointError(
+                f"epoch {epoch}: the training loss is {mean_loss}; lower optim.lr, set train.clip_grad, "
+                "or use train.precision=bf16 or no"
+            )
+        return mean_loss, int(images), stops > 0
+
+    def _stop_requested(self) -> bool:
+        """This rank got a preemption signal (reduced across ranks where it is read)."""
+        return self.checkpointer is not None and self.checkpointer.flag.requested
+
+    # -- checkpoint state --------------------------------------------------------------------
+
+    def shared_state(self) -> dict:
+        """What every rank holds identically: model, optimizer, schedule, grad scaler, history."""
+        scaler = self.accelerator.scaler
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": [vars(r) for r in self.history],
+        }
+
+    def rank_state(self, partial: dict | None) -> dict:
+        """This rank's own: augmentation generator, the unfinished epoch's sums, the log window."""
+        state = {
+            "augment": self.augment.state_dict(),
+            "window": {"loss": self._window.loss.detach().cpu(), "images": self._window.images, "seconds": self._window.seconds},
+        }
+        if partial is not None:
+            state["partial"] = {"loss_total": partial["loss_total"].detach().cpu(), "count": partial["count"]}
+        return state
+
+    def load_state(self, meta: dict, shared: dict, rank_state: dict, optimizer: bool = True) -> None:
+        """Continue from a checkpoint whose weights are in the model already (they must be there
+        before the stage is entered: build_trainer); `optimizer=False` when it ended the previous
+        stage (this stage's optimizer and schedule start fresh)."""
+        if optimizer:
+            self.optimizer.load_state_dict(shared["optimizer"])
+            self.schedule.load_state_dict(shared["schedule"])
+        if shared["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(shared["scaler"])
+        self.history = [EpochResult(**row) for row in shared["history"]]
+        self.augment.load_state_dict(rank_state["augment"])
+        window = rank_state["window"]
+        self._window.loss.copy_(window["loss"].to(self._window.loss.device))
+        self._window.images, self._window.seconds = window["images"], window["seconds"]
+        self._resumed_sums = rank_state.get("partial")
+        set_rng_state(rank_state["rng"])
+        self.global_step = meta["global_step"]
+        self.start = (meta["epoch"], meta["steps_done_in_epoch"])
+        self._samples_logged = True
+
+    def _log_train(self, window: _Window, epoch: float, bar) -> bool:
+        """Log train/* at this step; returns whether any rank was asked to stop (preemption)."""
+        loss, images, seconds, stop = window.take(self.accelerator, self._stop_requested())
+        metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch, **self._stage_key()}
+        lrs = self.schedule.get_last_lr()
+        named = dict(zip(self.lr_owner, lrs)) if self.lr_owner is not None else dict(enumerate(lrs))  # by layer group
+        if self.lr_owner is None and len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
+            metrics["train/lr"] = lrs[0]
+        else:
+            metrics.update({f"train/lr/group{g}": lr for g, lr in named.items()})
+        if self.last_grad_norm is not None:
+            metrics["train/grad_norm"] = float(self.last_grad_norm)
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=self.global_step)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs):.2e}", img_s=f"{images / seconds:.0f}")
+        return stop
+
+    def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
+        if self.tracker is None:
+            return
+        metrics = {"valid/loss": result.loss, "valid/accuracy": result.accuracy, "epoch_time_sec": seconds, "epoch": epoch + 1,
+                   **self._stage_key()}
+        if result.top5 is not None:
+            metrics["valid/top5"] = result.top5
+        self.tracker.log(metrics, step=self.global_step)
+
+    def _stage_key(self) -> dict:
+        return {"stage": self.stage} if self.stage is not None else {}
+
+    def evaluate(self, loader: DeviceLoader | None = None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False) -> EvalResult:
+        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.transform, len(self.classes) or None,
+                          tta_n, tta_beta, tta_max)
+        self._report_skipped("validation: {} unreadable sample(s) skipped", result.skipped)
+        self.train_mode()
+        return result
+
+    def _report_skipped(self, template: str, count) -> None:
+        count = int(count)
+        if count:
+            self.reporter.line(template.format(count))
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:
+    """BatchNorm running stats drift apart after the last step (each rank updates them from its own
+    batch); take rank 0's, as a checkpoint would, so every rank evaluates the same model."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+class _Window:
+    """Loss and images since the last log point (device tensors, read only at the log point) and
+    the training time they took (the clock is paused outside train_epoch)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.images = 0
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def add(self, loss_sum: torch.Tensor, images: int) -> None:
+        self.loss += loss_sum
+        self.images += images
+
+    def take(self, accelerator: Accelerator, flag: bool = False) -> tuple[float, int, float, bool]:
+        """(mean loss over all ranks, images on all ranks, training seconds, any rank's `flag`) since
+        the last call: one all-reduce, called on every rank at the same step."""
+        local = torch.stack([self.loss, self.loss.new_tensor(self.images), self.loss.new_tensor(float(flag))])
+        loss_sum, images, flags = accelerator.reduce(local, reduction="sum").tolist()
+        self.pause()
+        seconds = max(self.seconds, 1e-9)
+        self.loss.zero_()
+        self.images, self.seconds = 0, 0.0
+        self.resume()
+        return loss_sum / images, int(images), seconds, flags > 0
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: Callable[..., torch.Tensor], num_classes: int | None = None,
+    tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False,
+) -> EvalResult:
+    """Exact validation: every sample once across ranks; loss, accuracy, top-5 and the confusion
+    matrix from sums reduced once at the end (`num_classes` enables top-5 and the matrix). With
+    `tta_n` > 0 also the TTA loss and accuracy (the table's figures stay the plain pass's).
+
+    Leaves the model in eval mode."""
+    from disttrain.use.inference import outputs
+
+    model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
+    model.eval()
+    _sync_buffers(accelerator, model)
+    sums = EvalSums(num_classes, accelerator.device, tta=tta_n > 0)
+    for images, labels in loader:
+        if not len(labels):  # nothing of the batch decoded (data.decode=gpu: DecodeOnDevice); counted as skipped
+            continue
+        logits, _, tta = outputs(model, augment(images, train=False), accelerator.autocast, tta_n, tta_beta, tta_max)
+        sums.add(logits, labels, tta)
+    return sums.result(lambda totals: accelerator.reduce(totals, reduction="sum"), skipped=loader.take_skipped())

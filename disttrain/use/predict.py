@@ -1,0 +1,247 @@
+"""`disttrain predict`: class probabilities for new images from a model.pt alone, on one process or
+many, for a handful of files or millions.
+
+The main process lists the inputs once (disttrain/use/inputs.py) and sends the list to every rank with
+the path of a parts folder: `<out>.parts/` beside `--out`, or without `--out` a temporary
+`.disttrain-predict-*` folder in the current directory (on several machines it must be on a
+filesystem they share). Each rank predicts its run of the global batches and appends its rows to
+`part-<rank>` as it goes (flushed after every batch), and the files that do not decode to
+`skipped-<rank>.tsv`. When every rank is done (waited for without the training collectives'
+timeout, disttrain/dist/jobgroup.py), the main process writes the header and the parts in rank order,
+which is input order, to `--out` (under a temporary name, then renamed) or stdout, lists the skipped
+files on stderr, and removes the parts folder. A killed job leaves the parts folder with every row
+its ranks had written.
+
+Batches are global (disttrain/use/inputs.py): every image is computed in the same batch whatever the
+number of processes, so the output is byte-identical on 1, 2 or 3 processes.
+
+Output: CSV `path,label,score,<one probability column per class>`; with `--topk K`, tab-separated
+`path, rank, class, probability`, K rows per image. Both have a header line.
+
+`--weights model.onnx` (a file `disttrain export` wrote; by its suffix) runs it with onnxruntime on
+the CPU, one session per rank, through the same listing, batches, decoding and part files
+(disttrain/use/exported.py `OnnxModel`): the presized squares go into the file as they are, which
+resamples them as the eval view does. No TTA (the file holds the plain pass).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from disttrain import durable
+from disttrain.config import ConfigError
+from disttrain.data.decode import IMAGE_EXTENSIONS
+from disttrain.data.folder import DataError
+from disttrain.data.loader import watched
+from disttrain.use.exported import OnnxModel, is_onnx_file
+from disttrain.use.inference import SavedModel, batch_outputs, eval_view, load_saved_model
+from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
+from disttrain.dist.jobgroup import JobGroup
+
+
+@dataclass
+class PredictOptions:
+    weights: str
+    inputs: list[str]
+    out: str | None = None
+    """CSV (or top-K TSV) file; None: stdout."""
+    topk: int | None = None
+    """Top-K rows per image instead of the CSV."""
+    tta_n: int = 0
+    """TTA views (0: none)."""
+    tta_beta: float = 0.25
+    tta_max: bool = False
+    batch_size: int = 32
+    """Images per batch; each batch is predicted by one process."""
+    workers: int = 1
+    """Decoding processes per rank (0: decode in the rank itself)."""
+    precision: str = "auto"
+    extensions: frozenset[str] | None = IMAGE_EXTENSIONS
+    """Suffixes taken from folders (None: every file)."""
+    progress: bool = True
+
+
+@dataclass
+class PredictSummary:
+    images: int
+    """Images predicted (rows of the CSV) on all ranks."""
+    skipped: int
+    """Files that did not decode."""
+    left_out: int
+    """Files of the folders searched that `--ext` did not take."""
+    seconds: float
+    world_size: int
+
+
+def _rows_writer(stream, topk: int | None):
+    return csv.writer(stream, delimiter="\t", lineterminator="\n") if topk else csv.writer(stream)
+
+
+def header(classes: list[str], topk: int | None) -> str:
+    text = io.StringIO()
+    _rows_writer(text, topk).writerow(["path", "rank", "class", "probability"] if topk else ["path", "label", "score", *classes])
+    return text.getvalue()
+
+
+def write_rows(writer, paths: list[str], probs: torch.Tensor, classes: list[str], topk: int | None) -> None:
+    """One CSV row per image (`path, label, score, probabilities`), or `topk` rows (`path, rank,
+    class, probability`); probabilities with 6 decimals, ties to the lower class index."""
+    order = torch.sort(probs, dim=1, descending=True, stable=True).indices.tolist()
+    for path, p, ranked in zip(paths, probs.tolist(), order):
+        if topk:
+            writer.writerows([path, r + 1, classes[c], f"{p[c]:.6f}"] for r, c in enumerate(ranked[:topk]))
+        else:
+            best = ranked[0]
+            writer.writerow([path, classes[best], f"{p[best]:.6f}", *(f"{v:.6f}" for v in p)])
+
+
+def _make_parts(out: str | None) -> str:
+    """The parts folder (made empty) on the main process: `<out>.parts`, or a temporary one here."""
+    where = f"{out}.parts" if out else "a .disttrain-predict-* folder here"
+    try:
+        if out:
+            folder = Path(f"{out}.parts")
+            if folder.is_dir():  # left by a killed run
+                shutil.rmtree(folder)
+            folder.mkdir()
+        else:
+            folder = Path(tempfile.mkdtemp(prefix=".disttrain-predict-", dir="."))
+    except OSError as err:
+        raise DataError(f"{where}: cannot make the folder for the ranks' parts ({err.strerror or err}); "
+                        "give --out in a folder you can write") from None
+    return str(folder.resolve())
+
+
+def _part(parts: Path, rank: int, topk: int | None) -> Path:
+    return parts / f"part-{rank:05d}.{'tsv' if topk else 'csv'}"
+
+
+def _skipped(parts: Path, rank: int) -> Path:
+    return parts / f"skipped-{rank:05d}.tsv"
+
+
+def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions):
+    """The probabilities written for a presized uint8 (B, S, S, 3) batch, on the CPU: an exported
+    ONNX file's under onnxruntime, or the model.pt's forward (plain or TTA) on the device."""
+    if isinstance(saved, OnnxModel):
+        return saved.probabilities
+    device = accelerator.device
+    view = eval_view(saved.image_size, saved.mean, saved.std, interpolation=saved.interpolation)
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
+        _, plain, tta = batch_outputs(saved.model, view, images.to(device, non_blocking=True), accelerator.autocast,
+                                      options.tta_n, options.tta_beta, options.tta_max)
+        return (tta if tta is not None else plain).cpu()
+
+    return probabilities
+
+
+def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, parts: Path, options: PredictOptions,
+                  worker_timeout: float) -> tuple[int, int]:
+    """This rank's batches -> its part files; returns (images predicted, files skipped)."""
+    from tqdm import tqdm
+
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    paths = inputs.paths
+    batches = rank_batches(len(paths), options.batch_size, world, rank)
+    loader = batch_loader(paths, batches, options.batch_size, saved.load_size, options.workers, worker_timeout,
+                          pin_memory=device.type == "cuda")
+    probabilities = _forward(accelerator, saved, options)
+    done = skipped = 0
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (options.progress and accelerator.is_main_process), file=sys.stderr)
+    with open(_part(parts, rank, options.topk), "w", newline="") as rows, open(_skipped(parts, rank), "w", newline="") as bad:
+        row_writer, bad_writer = _rows_writer(rows, options.topk), csv.writer(bad, delimiter="\t", lineterminator="\n")
+        with torch.no_grad():
+            for index, images, failed in watched(loader, "predict"):
+                bad_writer.writerows([paths[i], reason] for i, reason in failed)
+                skipped += len(failed)
+                if images is not None:
+                    write_rows(row_writer, [paths[i] for i in index], probabilities(images), saved.classes, options.topk)
+                    done += len(index)
+                rows.flush()
+                bad.flush()
+                bar.update(min((len(index) + len(failed)) * world, bar.total - bar.n))  # an estimate of all ranks
+    bar.close()
+    return done, skipped
+
+
+def _concatenate(parts: Path, world: int, head: str, out: str | None, topk: int | None) -> None:
+    """The header and every rank's part, in rank order, to `out` (temporary name, then renamed) or stdout."""
+    names = [_part(parts, rank, topk) for rank in range(world)]
+    missing = [name for name in names if not name.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: written by its rank but not visible to the main process; the parts folder "
+                        f"{parts} must be on a filesystem every rank shares (give --out on one)")
+    target = Path(out) if out else None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
+    stream = open(tmp, "w", newline="") if tmp else sys.stdout
+    try:
+        stream.write(head)
+        for name in names:
+            with open(name, newline="") as part:
+                shutil.copyfileobj(part, stream)
+    finally:
+        if tmp:
+            stream.close()
+        else:
+            stream.flush()
+    if tmp:
+        durable.replace(tmp, target)  # on disk before it has its name
+
+
+def _print_skipped(parts: Path, world: int) -> None:
+    for rank in range(world):
+        name = _skipped(parts, rank)
+        if name.is_file():
+            with open(name, newline="") as stream:
+                for path, reason in csv.reader(stream, delimiter="\t"):
+                    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def run(options: PredictOptions) -> PredictSummary:
+    """The whole job, on every rank (the arguments are checked by the CLI before this)."""
+    from disttrain.config import build_config
+    from disttrain.dist.runtime import build_accelerator
+
+    onnx = is_onnx_file(options.weights)
+    if onnx and options.tta_n:
+        raise ConfigError(f"--tta: not with an exported ONNX file ({options.weights} computes the plain pass only); "
+                          "predict with the model.pt for TTA")
+    # an ONNX file computes in fp32, on the CPU: its threads are planned as a CPU rank's, beside --workers decoders
+    cfg = build_config({"train": {"precision": "no" if onnx else options.precision}, "data": {"num_workers": options.workers}})
+    accelerator = build_accelerator(cfg, compute="cpu" if onnx else None)
+    group = JobGroup(accelerator.num_processes)
+    saved = OnnxModel(options.weights) if onnx else load_saved_model(options.weights, accelerator.device)
+    inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))
+    parts = Path(parts)
+    start = time.perf_counter()
+    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout)
+    images, skipped = (int(v) for v in group.sum(torch.tensor([done, skipped], dtype=torch.float64)).tolist())  # every rank done
+    seconds = time.perf_counter() - start
+    world = accelerator.num_processes
+    if accelerator.is_main_process:
+        _print_skipped(parts, world)
+        if images:
+            _concatenate(parts, world, header(saved.classes, options.topk), options.out, options.topk)
+        shutil.rmtree(parts, ignore_errors=True)
+    if not images:
+        raise DataError(f"none of the {len(inputs.paths)} input file(s) could be read as an image (each is listed above with "
+                        "the reason); nothing written")
+    if accelerator.is_main_process:
+        where = f" -> {options.out}" if options.out else ""
+        left = f", {inputs.left_out} left out by their suffix (--ext)" if inputs.left_out else ""
+        tta = f", TTA {options.tta_n} views" if options.tta_n else ", onnxruntime (CPU)" if onnx else ""
+        print(f"predicted {images} image(s){where}, {skipped} skipped (not decodable){left}{tta}; "
+              f"{images / max(seconds, 1e-9):.1f} images/s on {world} process(es)", file=sys.stderr, flush=True)
+    accelerator.end_training()
+    return PredictSummary(images, skipped, inputs.left_out, seconds, world)
