@@ -71,7 +71,8 @@ def main() -> int:
     from disttrain.data.decode import load_presized
     from disttrain.use.export import export
     from disttrain.use.exported import OnnxModel
-    from disttrain.use.inference import batch_outputs, eval_view, load_saved_model
+    from disttrain.use.inference import load_saved_model
+    from disttrain.models.forward import batch_outputs, eval_view
     from disttrain.use.inputs import list_labelled
 
     scratch = Path(tempfile.mkdtemp(prefix="disttrain-export-bench-"))

@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     # not lost, and neither is it taken by a thread they start: the run's PreemptionFlag takes it
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     # imported here, not at the top: loader workers import this script again, and need none of it
-    from disttrain.cli import parse_with_overrides, run_user_errors, train, train_parser
+    from disttrain.cli import run_user_errors, train
+    from disttrain.cli.parsers import parse_with_overrides, train_parser
     from disttrain.config import load_config
 
     args = parse_with_overrides(train_parser(), argv)

@@ -1,19 +1,5 @@
-"""`disttrain train | find-lr | evaluate | predict | export | prepare | demo-data | launch`.
-
-    disttrain launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
-    accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
-    accelerate launch launch/train.py --config configs/demo.yaml --find-lr
-    disttrain find-lr --config configs/demo.yaml
-    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ [--tta] [--out result.json]
-    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ --interpret look/   # top losses, grids
-    accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt data.root=...   # its valid/ or val/
-    accelerate launch -m disttrain.cli predict --weights runs/demo/model.pt --out predictions.csv new_images/ [--tta]
-    disttrain predict --weights runs/demo/model.pt --topk 3 photo.jpg
-    disttrain export --weights runs/demo/model.pt --format onnx --out model.onnx   # or --format torchscript --out model.ts
-    disttrain predict --weights model.onnx --out predictions.csv new_images/        # the exported file, under onnxruntime
-    disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
-    disttrain demo-data ~/.cache/disttrain/mnist
-"""
+"""The `disttrain` command: each command's checks of its options, then the part of disttrain that does
+it; a user error becomes one line and exit code 2 (see disttrain/cli/parsers.py for the commands)."""
 
 from __future__ import annotations
 
@@ -22,38 +8,18 @@ import os
 import sys
 from pathlib import Path
 
-from disttrain.train.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted
+from disttrain.cli.launch import main as launch
+from disttrain.cli.launch import report_to_front
+from disttrain.cli.parsers import command_parser, parse_with_overrides
+from disttrain.train.checkpoint import PREEMPTED_EXIT, Preempted
 from disttrain.config import ConfigError, load_config
-from disttrain.data.folder import DataError
 from disttrain.data.loader import LoaderStalled
 from disttrain.train.lr_sweep import SweepError
-from disttrain.models.build import WeightsError
+from disttrain.errors import UserError
 
-USER_ERRORS = (ConfigError, DataError, WeightsError, SweepError, CheckpointError, FileExistsError)
-
-
-def _config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply without one")
-    parser.usage = f"{parser.prog} [options] [section.key=value ...]"
-    parser.epilog = "Config overrides go anywhere on the line as section.key=value, e.g. optim.lr=3e-3."
-    return parser
-
-
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Options anywhere on the line; every other word is a `section.key=value` override."""
-    args, rest = parser.parse_known_args(argv)
-    unknown = [word for word in rest if word.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = rest
-    return args
-
-
-def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description="Train an image classifier on one or many processes.")
-    _config_args(parser)
-    parser.add_argument("--find-lr", action="store_true", help="run only the synchronized LR sweep, then exit")
-    return parser
+USER_ERRORS = (UserError, SweepError, FileExistsError)
+"""What a user fixes: ConfigError, DataError, WeightsError, CheckpointError (all UserErrors), a sweep that
+found no rate, an output that exists."""
 
 
 def train(cfg, find_lr_only: bool = False) -> list:
@@ -91,7 +57,7 @@ def _check_out_dir(path: str | None, option: str = "--out-dir") -> None:
 
 def _check_inference_args(args: argparse.Namespace, example: str) -> None:
     """The options predict and evaluate share, before any model or data is loaded: one line each."""
-    from disttrain.use.inference import check_tta
+    from disttrain.models.forward import check_tta
 
     check_tta(args.tta_n, args.tta_beta)
     if args.batch_size < 1:
@@ -152,8 +118,6 @@ def run_user_errors(fn) -> int:
     """Run `fn()`; a mistake the user can fix prints one clear line and exits 2 (no traceback); a
     stalled data loader one line and exits 1. Under `disttrain launch` the line goes to the front,
     which prints it once for all ranks."""
-    from disttrain.cli.launch import report_to_front
-
     try:
         fn()
     except USER_ERRORS as err:
@@ -199,81 +163,9 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _inference_args(parser: argparse.ArgumentParser) -> None:
-    """Options predict and evaluate share: TTA, batches, file suffixes."""
-    parser.add_argument("--tta", action="store_true", help="also with test-time augmentation (flips and corner crops)")
-    parser.add_argument("--tta-n", type=int, default=5,
-                        help="TTA views, 1 to 10 (default 5: the whole image flipped, then the four corners; see the README)")
-    parser.add_argument("--tta-beta", type=float, default=0.25, help="the plain pass's weight in the TTA blend, in [0, 1] (default 0.25)")
-    parser.add_argument("--tta-max", action="store_true", help="combine the passes by their maximum instead of the blend")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="images per batch, each batch on one process (default 32); the results do not depend on the number of processes")
-    parser.add_argument("--ext", help="comma-separated suffixes of the files taken from folders (default: the image suffixes "
-                                      "training takes; '*': every file)")
-
-
-def command_parser() -> argparse.ArgumentParser:
-    """`disttrain <command>`'s parser (`launch` is handled before it: its options are Accelerate's)."""
-    parser = argparse.ArgumentParser(prog="disttrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("train", help="train (same as launch/train.py)"))
-    _config_args(sub.add_parser("find-lr", help="only the LR sweep (same as launch/train.py --find-lr)"))
-    ev = sub.add_parser("evaluate", help="exact evaluation of a model.pt on a labelled folder (<class>/*, or valid/, val/ or test/ in it)")
-    _config_args(ev)
-    ev.add_argument("--weights", required=True, help="model.pt written by a training run")
-    ev.add_argument("--data", metavar="DIR", help="labelled folder: DIR/<class>/<images>, or DIR holding valid/, val/ or test/ "
-                                                  "(default: data.root's validation folder)")
-    ev.add_argument("--split", help="the sub-folder of DIR to evaluate (default: valid, else val, else test)")
-    ev.add_argument("--out", help="write the result as JSON here (nothing is written without it)")
-    ev.add_argument("--out-dir", help="write confusion_matrix.png and .csv here (beyond 50 classes: confusion_cells.csv "
-                                         "and confusion_summary.png)")
-    ev.add_argument("--interpret", metavar="OUT_DIR", help="write the lesson's look at the results here: top_losses.png/.csv, "
-                                                           "most_confused.csv, per_class.csv, the confusion matrix and image grids")
-    ev.add_argument("--interpret-k", type=int, default=9, metavar="K", help="images per --interpret grid (default 9)")
-    _inference_args(ev)
-    pred = sub.add_parser("predict", help="class probabilities for new images (files and folders) from a model.pt")
-    pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
-    pred.add_argument("--weights", required=True, help="model.pt written by a training run, or a .onnx file written by "
-                                                       "disttrain export (run with onnxruntime on the CPU; no --tta)")
-    pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class")
-    pred.add_argument("--topk", type=int, help="instead of the CSV: the K most probable classes of each image, tab-separated "
-                                               "path, rank, class, probability")
-    pred.add_argument("--workers", type=int, default=1,
-                      help="decoding workers per process (default 1; 0, or a share under 1,000 images, decodes in the process)")
-    pred.add_argument("--precision", default="auto", help="as train.precision (default auto)")
-    _inference_args(pred)
-    exp = sub.add_parser("export", help="a model.pt as one ONNX or TorchScript file: uint8 NHWC images in, class probabilities out")
-    exp.add_argument("--weights", required=True, help="model.pt written by a training run")
-    exp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="onnx (default) or torchscript")
-    exp.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.ts); written only once verified")
-    exp.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
-                     help="any batch size (default); --no-dynamic-batch: exactly --batch-size images (ONNX only)")
-    exp.add_argument("--batch-size", type=int, default=1, help="the fixed batch size with --no-dynamic-batch (default 1)")
-    prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
-    prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*")
-    prep.add_argument("dst", help="output folder for the shards and manifest.json")
-    prep.add_argument("--samples-per-shard", type=int, default=1000, help="target samples per shard (default 1000)")
-    prep.add_argument("--presize", type=int, default=256, help="shorter side of the stored JPEGs (default 256)")
-    prep.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    prep.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle that fills the shards")
-    prep.add_argument("--train-dir", default="train")
-    prep.add_argument("--valid-dir", default="auto", help="validation folder; auto: valid/ or else val/")
-    prep.add_argument("--force", action="store_true", help="rewrite a finished or different output")
-    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo = sub.add_parser("demo-data", help="write the bundled MNIST sample as PNG folders")
-    demo.add_argument("path")
-    demo.add_argument("--train-per-class", type=int, default=400)
-    demo.add_argument("--valid-per-class", type=int, default=100)
-    sub.add_parser("launch", help="accelerate launch, with the config checked first and one line per failure (disttrain launch --help)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:
-        from disttrain.cli.launch import main as launch
-
         return launch(argv[1:])
     parser = command_parser()
     args = parse_with_overrides(parser, argv)

@@ -51,7 +51,7 @@ def _is_ours(args) -> bool:
 
 def check_config(args) -> str | None:
     """The run config the workers will load, loaded here first. Returns the error line, or None."""
-    from disttrain.cli import command_parser, train_parser
+    from disttrain.cli.parsers import command_parser, train_parser
     from disttrain.config import ConfigError, load_config
     from disttrain.dist.precision import resolve_precision
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from disttrain.data.decode import IMAGE_EXTENSIONS, open_image
+from disttrain.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data on disk cannot be used as it is; the message names the path and the fix."""
 
 

@@ -15,16 +15,14 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from disttrain.config import ConfigError
-from disttrain.data.folder import DataError
-from disttrain.models.build import WeightsError
+from disttrain.errors import UserError
 
 T = TypeVar("T")
 
 WAIT = timedelta(days=30)
 """How long these collectives may wait: longer than any inference job runs."""
 
-_SHARED_ERRORS = (ConfigError, DataError, WeightsError)
+_SHARED_ERRORS = UserError  # ConfigError, DataError, WeightsError, CheckpointError
 
 
 class JobGroup:
@@ -44,7 +42,7 @@ class JobGroup:
 
     def from_main(self, make: Callable[[], T]) -> T:
         """`make()` runs on the main process only; every rank gets its result, or raises the same
-        user error (DataError, WeightsError, ConfigError) it raised."""
+        user error (a UserError: DataError, WeightsError, ConfigError, ...) it raised."""
         payload: list = [None]
         if self.is_main:
             try:

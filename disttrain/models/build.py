@@ -17,11 +17,12 @@ from torch import nn
 from disttrain.models import timm as zoo
 from disttrain.config import IMAGENET, TIMM, AugmentConfig, ModelConfig, OptimConfig
 from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from disttrain.errors import UserError
 
 DOWNLOAD_TIMEOUT = 30  # seconds without an answer before a weights download counts as failed
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that does not fit the model; the message names the file and the fix."""
 
 

@@ -19,6 +19,7 @@ import torch
 from disttrain import durable
 from disttrain.models.build import WeightsError
 from disttrain.dist.runtime import rng_state
+from disttrain.errors import UserError
 
 if TYPE_CHECKING:
     from disttrain.dist.jobgroup import JobGroup
@@ -68,7 +69,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
 
 

@@ -30,6 +30,7 @@ from disttrain.train.checkpoint import (
     stop_if_preempted,
 )
 from disttrain.config import Config
+from disttrain.train.interpretation import interpret_run
 from disttrain.train.lr_sweep import SweepInterrupted, find_lr
 from disttrain.train.stages import StagePlan, describe, enter_stage, plan_stages
 from disttrain.train.trainer import EpochResult, Trainer
@@ -135,8 +136,6 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
         _tta(cfg, trainer, data, plans[-1])
     _save(cfg, trainer, data, plans)
     if cfg.train.interpret:  # the lesson's look at the results, once model.pt is written
-        from disttrain.use.interpret import interpret_run
-
         interpret_run(cfg, trainer, data, plans[-1].cfg)
     return trainer.history
 
@@ -168,8 +167,8 @@ def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
     """train.tta: the final model on the validation images, plain and with TTA (on images also
     after a precomputed last stage: TTA needs the whole model)."""
     from disttrain.data.setup import eval_loader
-    from disttrain.use.inference import eval_view
-    from disttrain.train.trainer import evaluate
+    from disttrain.models.forward import eval_view
+    from disttrain.models.forward import evaluate
 
     train, acc = cfg.train, trainer.accelerator
     if plan.cfg.precompute:

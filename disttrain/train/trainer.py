@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
@@ -23,7 +22,8 @@ from disttrain.dist import cores
 from disttrain.train.checkpoint import Checkpointer, Preempted
 from disttrain.data.augment import DeviceAugment
 from disttrain.data.loader import DeviceLoader
-from disttrain.metrics import EvalResult, EvalSums
+from disttrain.metrics import EvalResult
+from disttrain.models.forward import evaluate
 from disttrain.dist.runtime import set_rng_state
 from disttrain.train.schedule import Schedule
 from disttrain.tracking import ConsoleReporter, Tracker
@@ -412,14 +412,6 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _sync_buffers(accelerator: Accelerator, model: nn.Module) -> None:
-    """BatchNorm running stats drift apart after the last step (each rank updates them from its own
-    batch); take rank 0's, as a checkpoint would, so every rank evaluates the same model."""
-    if accelerator.num_processes > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer.data, src=0)
-
-
 class _Window:
     """Loss and images since the last log point (device tensors, read only at the log point) and
     the training time they took (the clock is paused outside train_epoch)."""
@@ -453,27 +445,3 @@ class _Window:
         self.images, self.seconds = 0, 0.0
         self.resume()
         return loss_sum / images, int(images), seconds, flags > 0
-
-
-@torch.no_grad()
-def evaluate(
-    accelerator: Accelerator, model: nn.Module, loader: DeviceLoader, augment: Callable[..., torch.Tensor], num_classes: int | None = None,
-    tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False,
-) -> EvalResult:
-    """Exact validation: every sample once across ranks; loss, accuracy, top-5 and the confusion
-    matrix from sums reduced once at the end (`num_classes` enables top-5 and the matrix). With
-    `tta_n` > 0 also the TTA loss and accuracy (the table's figures stay the plain pass's).
-
-    Leaves the model in eval mode."""
-    from disttrain.use.inference import outputs
-
-    model = accelerator.unwrap_model(model)  # plain forward: no DDP collectives per batch
-    model.eval()
-    _sync_buffers(accelerator, model)
-    sums = EvalSums(num_classes, accelerator.device, tta=tta_n > 0)
-    for images, labels in loader:
-        if not len(labels):  # nothing of the batch decoded (data.decode=gpu: DecodeOnDevice); counted as skipped
-            continue
-        logits, _, tta = outputs(model, augment(images, train=False), accelerator.autocast, tta_n, tta_beta, tta_max)
-        sums.add(logits, labels, tta)
-    return sums.result(lambda totals: accelerator.reduce(totals, reduction="sum"), skipped=loader.take_skipped())

@@ -37,7 +37,8 @@ from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
-from disttrain.use.inference import batch_outputs, eval_view, read_model_file, saved_network
+from disttrain.use.inference import read_model_file, saved_network
+from disttrain.models.forward import batch_outputs, eval_view
 from disttrain.use.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
 from disttrain.use.interpret import DEFAULT_K, SampleRecorder, write_interpretation
 from disttrain.dist.jobgroup import JobGroup
@@ -121,7 +122,7 @@ def evaluate_shards(cfg, accelerator, group: JobGroup, model, view, classes: lis
     """data.format=shards: the manifest's validation split through the training loaders."""
     from disttrain.data.setup import build_loaders, load_data
     from disttrain.tracking import ConsoleReporter
-    from disttrain.train.trainer import evaluate as validate
+    from disttrain.models.forward import evaluate as validate
 
     data = load_data(cfg, group, ConsoleReporter(accelerator.is_main_process, progress=False))
     if data.classes != classes:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from disttrain.dist.cores import compute_threads
-from disttrain.use.inference import eval_view
+from disttrain.models.forward import eval_view
 from disttrain.models.build import WeightsError
 
 INPUT_LAYOUT = "NHWC uint8 RGB"

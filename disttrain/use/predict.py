@@ -44,7 +44,8 @@ from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
 from disttrain.use.exported import OnnxModel, is_onnx_file
-from disttrain.use.inference import SavedModel, batch_outputs, eval_view, load_saved_model
+from disttrain.use.inference import SavedModel, load_saved_model
+from disttrain.models.forward import batch_outputs, eval_view
 from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
 from disttrain.dist.jobgroup import JobGroup
 

@@ -43,7 +43,7 @@ def _train(root: Path, weights: Path) -> None:
     from disttrain.train.checkpoint import save_weights
     from disttrain.config import ModelConfig
     from disttrain.data.decode import load_presized
-    from disttrain.use.inference import eval_view
+    from disttrain.models.forward import eval_view
     from disttrain.models.build import build_model
 
     pictures = [(_picture(root / c / f"{i}.png", c, f"train/{c}/{i}"), label) for label, c in enumerate(CLASSES) for i in range(8)]

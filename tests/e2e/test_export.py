@@ -24,7 +24,8 @@ from disttrain.config import ModelConfig
 from disttrain.data.decode import load_presized
 from disttrain.use.export import ExportError, export, serving_model
 from disttrain.use.exported import INPUT_LAYOUT, METADATA_FILE, eval_pixels, from_props
-from disttrain.use.inference import eval_view, outputs, read_model_file
+from disttrain.use.inference import read_model_file
+from disttrain.models.forward import eval_view, outputs
 from disttrain.models.build import build_model
 
 pytestmark = pytest.mark.e2e

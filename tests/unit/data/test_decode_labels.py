@@ -22,7 +22,7 @@ from disttrain.data.folder import DataError
 from disttrain.data.loader import DecodeOnDevice, DeviceLoader, make_loader
 from disttrain.data.prepare import PrepareSettings, prepare
 from disttrain.data.shards import ShardDataset, load_manifest
-from disttrain.train.trainer import evaluate
+from disttrain.models.forward import evaluate
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (230, 20, 230)]
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from torch import nn
 
 from disttrain.use.export import ServingModel, verification_pixels
 from disttrain.use.exported import eval_pixels, from_props, is_onnx_file, metadata, onnx_props
-from disttrain.use.inference import eval_view, outputs
+from disttrain.models.forward import eval_view, outputs
 
 
 def _squares(n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,8 @@ from disttrain.train.checkpoint import save_weights
 from disttrain.config import ConfigError, build_config
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
-from disttrain.use.inference import MAX_TTA_VIEWS, check_tta, outputs, read_model_file, tta_view
+from disttrain.use.inference import read_model_file
+from disttrain.models.forward import MAX_TTA_VIEWS, check_tta, outputs, tta_view
 from disttrain.use.inputs import batch_loader, choose_split, list_inputs, list_labelled, parse_extensions, rank_batches
 from disttrain.models.build import WeightsError
 

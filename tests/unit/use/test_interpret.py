@@ -132,7 +132,7 @@ def _picture(path, colour: int, size=(40, 30)):
 
 def test_grids_show_what_the_model_saw_and_views_without_candidates_are_not_written(tmp_path):
     from disttrain.data.decode import load_presized
-    from disttrain.use.inference import eval_view
+    from disttrain.models.forward import eval_view
 
     paths = [_picture(tmp_path / f"{i}.png", i % 2) for i in range(4)]
     view = eval_view(24, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], channels_last=True)
