@@ -49,7 +49,7 @@ def _inference_args(parser: argparse.ArgumentParser) -> None:
     """Options predict and evaluate share: TTA, batches, file suffixes."""
     parser.add_argument("--tta", action="store_true", help="also with test-time augmentation (flips and corner crops)")
     parser.add_argument("--tta-n", type=int, default=5,
-                        help="TTA views, 1 to 10 (default 5: the whole image flipped, then the four corners; see the README)")
+                        help="TTA views, 1 to 10 (default 5: the whole image flipped, then the four corners; see docs/using-models.md)")
     parser.add_argument("--tta-beta", type=float, default=0.25, help="the plain pass's weight in the TTA blend, in [0, 1] (default 0.25)")
     parser.add_argument("--tta-max", action="store_true", help="combine the passes by their maximum instead of the blend")
     parser.add_argument("--batch-size", type=int, default=32,
