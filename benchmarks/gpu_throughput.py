@@ -15,10 +15,10 @@ import time
 import torch
 
 from disttrain.train.build import build_trainer
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.data.decode import decode_jpeg_batch
 from disttrain.data.shards import load_manifest, read_range
-from disttrain.dist.runtime import build_accelerator
+from disttrain.dist.runtime import build_runtime
 
 
 def sync(device: torch.device) -> None:
@@ -44,8 +44,9 @@ def main() -> None:
         f"model.name={args.model}", "train.precision=bf16", "optim.lr=0.1", "optim.name=sgd", "log.progress=false",
         "run.name=gpu_throughput", "run.output_dir=/tmp/disttrain-bench", "log.wandb.mode=disabled",
     ])
-    accelerator = build_accelerator(cfg)
-    trainer, _ = build_trainer(cfg, accelerator)
+    runtime = build_runtime(cfg)
+    accelerator = runtime.accelerator
+    trainer, _ = build_trainer(cfg, runtime)
     device = accelerator.device
     warmup = 5
 

@@ -52,7 +52,7 @@ CASES = {
 
 
 def _config(case: str, data: str, source: str, extra: list[str]):
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
 
     overrides = [f"data.root={data}", f"data.format={source}", "log.progress=false", "checkpoint.every_n_steps=null",
                  "run.output_dir=" + tempfile.mkdtemp(prefix="overhead-"), *CASES[case]["overrides"], *extra]
@@ -80,7 +80,8 @@ class BareLoop:
         from torch import nn
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from disttrain.models.build import build_model, decay_groups, make_optimizer
+        from disttrain.models.build import build_model
+        from disttrain.models.optim import decay_groups, make_optimizer
 
         self.device, self.torch = acc.device, torch
         model = build_model(cfg.model, num_classes=classes).to(self.device)
@@ -119,29 +120,27 @@ def run_job(args) -> dict:
     import torch
 
     from disttrain.train.build import build_trainer
-    from disttrain.dist.runtime import build_accelerator
+    from disttrain.dist.runtime import build_runtime
     from disttrain.config import run_stages
 
     case = CASES[args.case]
     cfg = _config(args.case, args.data, args.source, args.overrides)
-    acc = build_accelerator(cfg)
-    trainer, data = build_trainer(cfg, acc, stage=case["stage"])
+    runtime = build_runtime(cfg)
+    acc = runtime.accelerator
+    trainer, data = build_trainer(cfg, runtime, stage=case["stage"])
     if case["lr"] is not None:
         trainer.schedule.set_peak_lr(case["lr"])
     stage = run_stages(cfg)[case["stage"]]
     bare = BareLoop(cfg, acc, stage, len(data.classes), bool(trainer.fixed_norms), args.compile)
     ours: list[float] = []
     clock = [0.0]
-    step = trainer.step
 
-    def stamped(group):
-        out = step(group)
+    def stamped(_seconds: float) -> None:  # each step's end, from the previous one's (its batch's wait counted)
         now = _stamp(acc.device)
         ours.append(now - clock[0])
         clock[0] = now
-        return out
 
-    trainer.step = stamped
+    trainer.observe_steps(stamped)
     per_epoch = trainer.optimizer_steps_per_epoch
     result = {"bare": [], "disttrain": []}
     for epoch in range(args.epochs):

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from disttrain.config import ModelConfig, OptimConfig
-from disttrain.models.build import build_model, build_optimizer
+from disttrain.models.build import build_model
+from disttrain.models.optim import build_optimizer
 from disttrain.dist.precision import device_facts, resolve_precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -17,10 +17,10 @@ import argparse
 import time
 
 from disttrain.train.build import build_trainer
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.data.demo import write_demo_data
 from disttrain.train.lr_sweep import lr_sweep, restore, snapshot, sweep_lrs
-from disttrain.dist.runtime import build_accelerator
+from disttrain.dist.runtime import build_runtime
 
 
 def plain_steps(trainer, lrs: list[float]) -> None:
@@ -53,20 +53,13 @@ def main() -> None:
         [f"data.root={args.data}", "log.progress=false", f"sweep.num_iter={args.steps}",
          "sweep.start_lr=1e-6", "sweep.end_lr=1e-3", "sweep.divergence=1e9", "log.wandb.mode=disabled"] + args.overrides,
     )
-    accelerator = build_accelerator(cfg)
-    trainer, _ = build_trainer(cfg, accelerator)
+    runtime = build_runtime(cfg)
+    accelerator = runtime.accelerator
+    trainer, _ = build_trainer(cfg, runtime)
     lrs = sweep_lrs(cfg.sweep.start_lr, cfg.sweep.end_lr, cfg.sweep.num_iter)
     plain_steps(trainer, lrs[:5])  # warm-up: workers started, kernels chosen
     inside = []  # seconds spent inside trainer.step, per step
-    step = trainer.step
-
-    def timed_step(group):
-        t0 = time.perf_counter()
-        out = step(group)
-        inside.append(time.perf_counter() - t0)
-        return out
-
-    trainer.step = timed_step
+    trainer.observe_steps(inside.append)
     start = snapshot(trainer)  # every timing starts from this state (untimed for the plain steps)
     plain, sweep, machinery = [], [], []
     for rep in range(args.repeats):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import netrc
 import os
@@ -90,13 +89,6 @@ class ConsoleReporter:
             self.line(format_row(COLUMNS))
             self._header_done = True
         self.line(format_row((str(epoch), f"{train_loss:.6f}", f"{valid_loss:.6f}", f"{accuracy:.6f}", format_time(seconds))))
-
-
-def setup_logging(rank: int, is_main: bool) -> None:
-    """Warnings and errors only, each line carrying the rank (other ranks print nothing else)."""
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
-    logging.captureWarnings(True)
 
 
 def has_wandb_credentials() -> bool:

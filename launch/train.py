@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     # imported here, not at the top: loader workers import this script again, and need none of it
     from disttrain.cli import run_user_errors, train
     from disttrain.cli.parsers import parse_with_overrides, train_parser
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
 
     args = parse_with_overrides(train_parser(), argv)
     return run_user_errors(lambda: train(load_config(args.config, args.overrides), find_lr_only=args.find_lr))

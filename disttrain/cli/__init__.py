@@ -12,7 +12,8 @@ from disttrain.cli.launch import main as launch
 from disttrain.cli.launch import report_to_front
 from disttrain.cli.parsers import command_parser, parse_with_overrides
 from disttrain.train.checkpoint import PREEMPTED_EXIT, Preempted
-from disttrain.config import ConfigError, load_config
+from disttrain.config import ConfigError
+from disttrain.models.checks import load_config
 from disttrain.data.loader import LoaderStalled
 from disttrain.train.lr_sweep import SweepError
 from disttrain.errors import UserError

@@ -52,7 +52,8 @@ def _is_ours(args) -> bool:
 def check_config(args) -> str | None:
     """The run config the workers will load, loaded here first. Returns the error line, or None."""
     from disttrain.cli.parsers import command_parser, train_parser
-    from disttrain.config import ConfigError, load_config
+    from disttrain.config import ConfigError
+    from disttrain.models.checks import load_config
     from disttrain.dist.precision import resolve_precision
 
     words = list(args.training_script_args)

@@ -1,4 +1,8 @@
-"""Loading a run config: YAML plus `section.key=value` overrides, typed by the dataclass fields."""
+"""Loading a run config: YAML plus `section.key=value` overrides, typed by the dataclass fields.
+
+These are the unchecked builders: they know no model family, so they do not check model.name, nor
+give a model its own input size. A run's config comes from disttrain.models.checks's `load_config`
+/ `build_config`, which pass them the family's defaults and checks."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Mapping, Union
 
 import yaml
 
@@ -250,8 +254,17 @@ def _build(cls: type, prefix: str, flat: dict[str, Any]):
     return cls(**kwargs)
 
 
-def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Build a validated Config from a nested dict (YAML) plus `key=value` override strings."""
+Defaults = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+"""Given the keys set so far (`{"section.key": value}`), values for keys they do not set."""
+Check = Callable[[Config], None]
+"""A check of the built config that raises ConfigError."""
+
+
+def build_config_unchecked(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = (), defaults: Defaults | None = None,
+                           check: Check | None = None) -> Config:
+    """A Config from a nested dict (YAML) plus `key=value` override strings, each section's values
+    checked, but NOT against a model family (use disttrain.models.checks.build_config for a run).
+    `defaults` fills keys neither sets, before the sections are built; `check` runs on the result."""
     raw = dict(raw or {})
     if not isinstance(raw, dict):
         raise ConfigError("the config file must be a mapping of sections (run:, data:, ...)")
@@ -267,41 +280,25 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
         if key not in leaves:
             raise _unknown(key, list(leaves))
         flat[key] = value
-    _model_sizes(flat)
+    if defaults is not None:
+        for key, value in defaults(dict(flat)).items():
+            flat.setdefault(key, value)
     cfg = _build(Config, "", flat)
     cfg.stages = _build_stages(raw_stages, stage_overrides, flat, cfg)
     run_stages(cfg)  # the implicit stage of a run without stages is checked too (e.g. sgdr epochs)
     if cfg.train.interpret and cfg.data.format != "folder":
         raise ConfigError("train.interpret: needs data.format=folder (it shows images by their paths; shards hold none); "
                           "set train.interpret=false and run `disttrain evaluate --interpret DIR --data <image folder>`")
-    if cfg.stages:  # finetune.groups against model.name, built on the meta device (no weights, no memory)
-        from disttrain.models.groups import check_groups
-
-        check_groups(cfg.model.name, cfg.finetune.groups)
+    if check is not None:
+        check(cfg)
     return cfg
 
 
-def _model_sizes(flat: dict[str, Any]) -> None:
-    """A timm model's input size and presize from its pretrained_cfg, where data.image_size /
-    data.load_size are not given (set in `flat` before the sections are built and checked)."""
-    name = flat.get("model.name")
-    if not isinstance(name, str) or not name.startswith("timm/") or {"data.image_size", "data.load_size"} <= set(flat):
-        return
-    from disttrain.models import timm as zoo
-
-    zoo.check_name(name)
-    own = zoo.preprocess(name)
-    flat.setdefault("data.image_size", own.image_size)
-    if "data.load_size" not in flat:
-        try:
-            size = int(flat["data.image_size"])
-        except (TypeError, ValueError):
-            return  # not a number: building data.image_size says so
-        flat["data.load_size"] = zoo.default_load_size(size, own.crop_pct)
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
-    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+def load_config_unchecked(path: str | Path | None, overrides: list[str] | tuple = (), defaults: Defaults | None = None,
+                          check: Check | None = None) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides, NOT
+    checked against a model family (use disttrain.models.checks.load_config for a run); `defaults`
+    and `check` as `build_config_unchecked`'s. A ConfigError names the file."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -312,14 +309,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> C
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
-        return build_config(raw, overrides)
+        return build_config_unchecked(raw, overrides, defaults, check)
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (readable back with `load_config`)."""
+    """Write the resolved config as YAML (readable back with disttrain.models.checks.load_config)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

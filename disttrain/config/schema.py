@@ -8,7 +8,6 @@ them where the config and the families are both known, before any process starts
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -185,48 +184,7 @@ class ModelConfig:
     The classifier is sized to the data's classes: a head of another size starts fresh."""
     channels_last: bool = True
     """Keep weights and activations in channels_last memory format (faster convs with AMP)."""
-
-    def __post_init__(self) -> None:
-        if self.name.startswith("timm/"):
-            self._check_timm()
-            return
-        import torchvision
-
-        if self.pretrained == TIMM:
-            raise ConfigError(f"model.pretrained: `{TIMM}` is for timm models (model.name: timm/<name>); for torchvision's "
-                              f"{self.name} use `{IMAGENET}` or a state dict's path")
-        names = torchvision.models.list_models(module=torchvision.models)
-        if self.name not in names:
-            close = difflib.get_close_matches(self.name, names, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"model.name: {self.name!r} is not a torchvision classification model{hint}")
-        if self.pretrained == IMAGENET:
-            weights = torchvision.models.get_model_weights(self.name) if self.name in names else None
-            if weights is None or not hasattr(weights, "DEFAULT"):
-                raise ConfigError(
-                    f"model.pretrained: torchvision has no ImageNet weights for {self.name}; pick another "
-                    "model.name or give the path of a state dict"
-                )
-        elif self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
-            raise ConfigError(
-                f"model.pretrained: {self.pretrained!r} is not a file; give the path of a local state "
-                f"dict, `{IMAGENET}` for torchvision's weights, or set model.pretrained=null"
-            )
-
-    def _check_timm(self) -> None:
-        from disttrain.models import timm as zoo
-
-        zoo.check_name(self.name)
-        if self.pretrained == IMAGENET:
-            raise ConfigError(f"model.pretrained: `{IMAGENET}` is torchvision's weights; for {self.name} use `{TIMM}` "
-                              "(timm's weights from the local Hugging Face cache) or a weights file's path")
-        if self.pretrained == TIMM:
-            zoo.cached_weights(self.name)  # ZooError (a ConfigError) naming the file looked for and how to fetch it
-        elif self.pretrained is not None and not Path(self.pretrained).expanduser().is_file():
-            raise ConfigError(
-                f"model.pretrained: {self.pretrained!r} is not a file; give the path of a state dict or safetensors file, "
-                f"`{TIMM}` for timm's weights, or set model.pretrained=null"
-            )
+    # does `name` exist, does `pretrained` fit its family: disttrain.models.checks (it needs the families)
 
 
 @dataclass

@@ -15,13 +15,13 @@ import functools
 import math
 import os
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from disttrain.dist.cores import worker_cores
 from disttrain.data.decode import decode_jpeg_batch, load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
@@ -182,12 +182,24 @@ def loader_generator(seed: int, rank: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"loader:{seed}:{rank}:{name}".encode()))
 
 
+@dataclass(frozen=True)
+class Workers:
+    """How a rank's loaders decode, as the run planned it (disttrain/dist/cores.py, resolved once):
+    `count` worker processes (0: in the training process), moved to `cores` (empty: they stay where
+    they start)."""
+
+    count: int = 0
+    cores: tuple[int, ...] = ()
+
+
 def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: Sampler | None = None,
-                timeout: float = 0.0, collate_fn=None, generator: torch.Generator | None = None) -> DataLoader:
+                timeout: float = 0.0, collate_fn=None, generator: torch.Generator | None = None,
+                worker_cores: tuple[int, ...] = ()) -> DataLoader:
     """A DataLoader over a map-style dataset with a batch sampler (`RankBatchSampler`, ...), or (no
     sampler) over an iterable dataset that yields whole batches itself. Its workers start from a
-    fork server (disttrain/data/workers.py). `timeout`: seconds without a batch from the workers
-    before it raises (0: wait forever; `watched` turns it into `LoaderStalled`).
+    fork server (disttrain/data/workers.py) and move to `worker_cores` (empty: where they start).
+    `timeout`: seconds without a batch from the workers before it raises (0: wait forever;
+    `watched` turns it into `LoaderStalled`).
 
     Every `iter()` of a DataLoader draws its workers' base seed from `generator` (workers or not):
     from torch's global generator when it is None, which would shift the training process's random
@@ -203,7 +215,7 @@ def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: S
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
-        worker_init_fn=functools.partial(worker_init, cores=worker_cores()),
+        worker_init_fn=functools.partial(worker_init, cores=worker_cores),
         timeout=timeout if num_workers > 0 else 0.0,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
         generator=generator if generator is not None else torch.Generator(),

@@ -21,10 +21,14 @@ import multiprocessing
 import os
 import signal
 import threading
+from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 
 import torch
+
+from disttrain.dist.cores import pin_worker
+from disttrain.dist.logs import setup_logging
 
 PRELOAD = ["torch", "numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "simplejpeg",
            "disttrain.data.decode", "disttrain.data.loader", "disttrain.data.shards", "disttrain.tracking",
@@ -43,8 +47,6 @@ def worker_context() -> BaseContext:
     caller's work."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    from multiprocessing import forkserver
-
     forkserver.ensure_running()
     return ctx
 
@@ -93,9 +95,6 @@ def worker_init(_: int, cores: tuple[int, ...] = ()) -> None:
     torch ops there must not fight the training process for cores; its warnings (a corrupt shard
     sample) carry the rank, as the training process's do; and it lets go of the fork server's
     "alive" pipe (see `_release_fork_server`)."""
-    from disttrain.dist.cores import pin_worker
-    from disttrain.tracking import setup_logging
-
     _end_with_rank()
     pin_worker(cores)
     torch.set_num_threads(1)
@@ -129,8 +128,6 @@ def _release_fork_server() -> None:
     the training process is SIGKILLed, neither would ever exit. A worker starts no processes, so it
     closes its copy; then the training process's death ends the server, and the worker ends
     with the training process itself (`_end_with_rank`)."""
-    from multiprocessing import forkserver
-
     server = getattr(forkserver, "_forkserver", None)
     fd = getattr(server, "_forkserver_alive_fd", None)
     if fd is not None:

@@ -8,7 +8,7 @@ Sizes. Each rank counts an equal share of the job's cores (k = cores // local ra
 threads and workers from that share, pinned or not: loader workers on a quarter of it on a
 CPU-trained run of 4+ cores per rank, one where it has 2-3 (sharing them), none where it has one (a
 worker there could only take turns with the compute on that core, and its hand-over of each batch
-costs more than it saves: measured with benchmarks/overhead.py, README "Measured"); a GPU rank
+costs more than it saves: measured with benchmarks/overhead.py, docs/figures.md); a GPU rank
 decodes on all but the cores its training process keeps (below).
 
 Pinning (`train.pin_cores`). A pinned rank keeps every thread on its own contiguous slice, so two
@@ -72,6 +72,11 @@ class CoreSplit:
     """The threads are kept on `compute_cores` and the workers on `worker_cores`."""
     why: str
     """Why pinned or not, for the "training on" line."""
+
+    def loader_cores(self) -> tuple[int, ...]:
+        """Where this rank's loader workers are moved: `worker_cores` when pinned; empty (they stay
+        where they start) when not."""
+        return self.worker_cores if self.pinned else ()
 
     def describe(self) -> str:
         """For the "training on" line: e.g. `cores 0-7 (pinned: ...): 6 thread(s), 2 loader worker(s)
@@ -168,12 +173,15 @@ def slurm_cpus_on_node(environ: dict | None = None) -> int | None:
     return int(value) if value.isdigit() and same_everywhere else None
 
 
-_start_affinity: tuple[int, ...] | None = None  # the process's affinity before `apply` narrowed it
+_STARTED_ON: tuple[int, ...] = tuple(sorted(os.sched_getaffinity(0)))
+"""The cores this process could run on when it imported this module, before any `apply` narrowed
+them: a fact of the process, read once and never changed (a second plan in one process starts from
+it, not from the slice the first one pinned)."""
 
 
 def machine_here() -> Machine:
     """This process's facts (its affinity as it started, before any `apply` of this process)."""
-    available = _start_affinity or tuple(sorted(os.sched_getaffinity(0)))
+    available = _STARTED_ON
     return Machine(available, max(online_cores(), len(available)), slurm_cpus_on_node())
 
 
@@ -184,46 +192,22 @@ def plan_here(device_type: str, threads: int | str = AUTO, workers: int | str = 
     return plan(machine_here(), local_rank, local_world, device_type, threads, workers, pin)
 
 
-_worker_cores: tuple[int, ...] = ()  # set by `apply`; the loaders hand it to their workers
-_current: CoreSplit | None = None
-
-
 def apply(split: CoreSplit) -> None:
-    """A pinned split: run this process on its compute cores (every thread it has, and those it
-    starts from now on) and remember the workers' cores for the loaders (`worker_cores`). Any
-    split: its thread count."""
-    global _worker_cores, _current, _start_affinity
-    _current = split
-    _worker_cores = ()
+    """Put `split` into effect in this process: pinned, every thread it has (and those it starts from
+    now on) runs on the compute cores; any split, torch uses its thread count. The split itself is
+    the caller's value to hand on (the loaders take `loader_cores()`, the "training on" line
+    `describe()`): nothing is remembered here."""
     if split.pinned:
-        _start_affinity = _start_affinity or tuple(sorted(os.sched_getaffinity(0)))
         for task in os.listdir("/proc/self/task"):  # sched_setaffinity moves one thread: move them all
             try:
                 os.sched_setaffinity(int(task), split.compute_cores)
             except OSError:  # a thread that ended meanwhile
                 pass
-        _worker_cores = split.worker_cores
     torch.set_num_threads(split.threads)
 
 
-def current() -> CoreSplit | None:
-    """The split `apply` made in this process (None before)."""
-    return _current
-
-
-def compute_threads() -> int:
-    """Threads for compute this process runs outside torch (onnxruntime): the planned split's
-    (its share of the cores less its loader workers'), else every core it may run on."""
-    return _current.threads if _current is not None else len(os.sched_getaffinity(0))
-
-
-def worker_cores() -> tuple[int, ...]:
-    """The cores this process's loader workers should run on (empty: wherever they start)."""
-    return _worker_cores
-
-
 def pin_worker(cores: tuple[int, ...]) -> None:
-    """In a loader worker: move to `cores` (from `worker_cores` in the training process)."""
+    """In a loader worker: move to `cores` (the split's `loader_cores()`, handed to the loader)."""
     if cores:
         try:
             os.sched_setaffinity(0, cores)

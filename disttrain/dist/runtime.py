@@ -1,11 +1,12 @@
 """The one place that builds the Accelerator: device choice, the cores (disttrain/dist/cores.py), one
 precision for the job (each rank's device facts exchanged, then agreed: disttrain/dist/precision.py),
-accumulation, seeds."""
+accumulation, seeds. What it resolves comes back as one value (`Runtime`) that the caller hands on."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -17,37 +18,45 @@ from accelerate.utils import InitProcessGroupKwargs
 from disttrain.dist import cores
 from disttrain.dist import precision
 from disttrain.config import Config
+from disttrain.dist.cores import CoreSplit
 from disttrain.dist.precision import DeviceFacts, Precision
 
-_agreed: tuple[str, Precision] | None = None  # (train.precision, what the job agreed on): build_accelerator's
+@dataclass(frozen=True)
+class Runtime:
+    """What `build_runtime` resolved for this rank, handed down whole: nothing of it is kept elsewhere
+    or written back into the config (whose `auto` values stay as the user gave them)."""
+
+    accelerator: Accelerator
+    cores: CoreSplit
+    """This rank's cores, threads and loader workers (disttrain/dist/cores.py), in effect already."""
+    precision: Precision
+    """The precision the job agreed on, the same on every rank (disttrain/dist/precision.py)."""
 
 
-def build_accelerator(cfg: Config, compute: str | None = None) -> Accelerator:
+def build_runtime(cfg: Config, compute: str | None = None) -> Runtime:
     """An Accelerator for this machine: CPU (gloo) when CUDA is absent; this rank's cores split
     between its threads and its loader workers, pinned only where the job owns them
     (disttrain/dist/cores.py: `train.pin_cores`; `auto` values of train.threads and data.num_workers are
-    resolved in `cfg`; `compute`: where the work runs when not on the accelerator's device, e.g.
+    resolved into `Runtime.cores`; `compute`: where the work runs when not on the accelerator's device, e.g.
     `cpu` for an ONNX file under onnxruntime); one precision for the job (`every_ranks_facts`,
-    then precision.agree: the same decision on every rank; `job_precision` returns it).
+    then precision.agree: the same decision on every rank, `Runtime.precision`).
 
     Works under `accelerate launch`, `torchrun` and plain `python` (one process). Gradient
     accumulation (`train.grad_accum`) is done by the Trainer with `no_sync` over exactly the
     micro-batches of each group (also the shorter last group of an epoch), so Accelerate's own
     accumulation counter, which would divide the loss a second time, is left at 1.
     """
-    global _agreed
     cuda = torch.cuda.is_available()
     timeout = timedelta(seconds=cfg.train.collective_timeout)
     _init_after_restart(cuda, timeout)
     state = PartialState(cpu=not cuda, timeout=timeout)  # the process group, and this rank's own device set
     split = cores.plan_here(compute or state.device.type, cfg.train.threads, cfg.data.num_workers, cfg.train.pin_cores)
-    cores.apply(split)  # this rank's threads on its own cores where the job owns them; its loaders' workers on theirs
-    cfg.data.num_workers = split.workers  # `auto` resolved: every loader of this process reads it
+    cores.apply(split)  # this rank's threads on its own cores where the job owns them (its loaders' workers: split.loader_cores())
     if cfg.train.deterministic:  # cuDNN: the same algorithms, the same sums, every run (bitwise resume on GPUs)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     agreed = precision.agree(cfg.train.precision, every_ranks_facts(state))  # a ConfigError on every rank alike
-    _agreed = (cfg.train.precision, agreed)
-    return Accelerator(cpu=not cuda, mixed_precision=agreed.mode, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=agreed.mode, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    return Runtime(accelerator, split, agreed)
 
 
 def every_ranks_facts(state: PartialState) -> list[DeviceFacts]:
@@ -59,14 +68,6 @@ def every_ranks_facts(state: PartialState) -> list[DeviceFacts]:
     gathered: list[DeviceFacts | None] = [None] * state.num_processes
     dist.all_gather_object(gathered, mine)
     return list(gathered)
-
-
-def job_precision(requested: str, device: torch.device) -> Precision:
-    """The precision the job agreed on in `build_accelerator` (the same on every rank), for
-    `train.precision` = `requested`; an Accelerator built elsewhere (one process): `device`'s own."""
-    if _agreed is not None and _agreed[0] == requested:
-        return _agreed[1]
-    return precision.resolve_precision(requested, device)
 
 
 def _init_after_restart(cuda: bool, timeout: timedelta) -> None:

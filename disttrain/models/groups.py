@@ -1,44 +1,34 @@
-"""Layer groups of any torchvision classifier, freezing (`freeze_to`, `train_bn`), the per-group
-learning rates of `lr_ratio`, and which parameters get weight decay.
+"""Layer groups of any classifier, freezing (`freeze_to`, `train_bn`), the per-group learning
+rates of `lr_ratio`, and their optimizer param groups, written once against the model families
+(disttrain/models/family.py).
 
-Layer groups are a per-family fact, as fastai's splitters and timm's `group_matcher` state them.
-FAMILIES states, per torchvision model class, the body's natural units in forward order (a stem,
-stages or blocks; the final norm joins the last unit) and where the default 3 groups cut them:
-group 0 is the units whose output is at stride <= 8, group 1 starts at the first unit whose output
-is at stride 16 (fastai's resnet and densenet splits; its vgg16_bn split too), ViT's encoder is
-halved, and the head (the classifier: `fc`, `classifier`, `heads`, `head`) is the last group. The
-tests measure the strides of every variant in torchvision's list of each family. With 2 groups the
-body is one group; with more than 3 the units are cut into body groups of about equal parameter
-counts, never inside a unit. timm models (`timm/<name>`) are one family: their units are timm's own
-coarse `group_matcher` groups (the stem, then each stage; disttrain/models/timm.py), the head is their
-`pretrained_cfg`'s classifier, and group 1 starts after the last stage at stride <= 8 by their
-`feature_info` (an isotropic model, ViT's, is halved after its stem). Models without a family (alexnet, googlenet, inception, squeezenet,
-shufflenet, mnasnet, maxvit) are cut at block boundaries into groups of about equal parameter
-counts, blocks being the children of `nn.Sequential` / `nn.ModuleList` containers, a module too
-large for one group split into its children. The printed header says which rule made the split.
+A family states, per model, the body's natural units in forward order (a stem, stages or blocks)
+and where the default 3 groups cut them (its `split_rule`: torchvision's per model class as
+fastai's splitters, timm's from its `group_matcher`), and names the head (the classifier). With 2
+groups the body is one group; with more than 3 the units are cut into body groups of about equal
+parameter counts, never inside a unit. Models without a stated split (torchvision's alexnet,
+googlenet, inception, squeezenet, shufflenet, mnasnet, maxvit; a network no family built) are cut
+at block boundaries into groups of about equal parameter counts, blocks being the children of
+`nn.Sequential` / `nn.ModuleList` containers, a module too large for one group split into its
+children. The printed header says which rule made the split.
 
 Frozen means `requires_grad=False`: no gradient is ever computed for it, so the optimizer never
 sees it (no weight decay, no momentum), and DDP, built per stage from the unwrapped model after the
-freezing (see stage.py), neither expects nor all-reduces it.
+freezing (see disttrain/train/stages.py), neither expects nor all-reduces it.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
 from torch import nn
 
-from disttrain.models import timm as zoo
 from disttrain.config import ConfigError
-from disttrain.models.build import decay_groups
+from disttrain.models.families import family_of_model
+from disttrain.models.family import SplitRule, Unit, last_child_with_parameters, parameter_count
+from disttrain.models.optim import decay_groups
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
-
-Unit = tuple[str, ...]
-"""A natural unit of a body: the names of its modules and directly held parameters, in forward order."""
 
 
 class SplitError(ConfigError):
@@ -64,19 +54,6 @@ class LayerGroup:
         return f"group {self.index}{' (head)' if self.head else ''}: {span} ({_count(self.size)} parameters)"
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    units: Callable[[nn.Module], list[Unit]]
-    """The body's natural units in forward order; every body parameter is in exactly one."""
-    cut: Callable[[nn.Module, list[Unit]], int]
-    """The index of the unit that starts group 1 of the default 3 groups."""
-    source: str | None = None
-    """Whose split the 3 groups are (None: disttrain's stated split), for the printed header."""
-    layout: str = "stride <= 8 | stride 16 and 32"
-    """What the 2 body groups of the default 3 hold, for the printed header."""
-
-
 def _count(n: int) -> str:
     for unit, size in (("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -84,124 +61,20 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _size(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _holding(parent: nn.Module, prefix: str) -> list[str]:
-    """`prefix.child` for each child of `parent` that holds parameters, in order."""
-    return [f"{prefix}.{name}" for name, child in parent.named_children() if _size(child) > 0]
-
-
-def _resnet_units(model: nn.Module) -> list[Unit]:  # ResNet, ResNeXt, Wide ResNet
-    return [("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)]
-
-
-def _densenet_units(model: nn.Module) -> list[Unit]:  # conv0, norm0, denseblock1, transition1, .., denseblock4, norm5
-    names = _holding(model.features, "features")
-    return [tuple(names[:2]), *((name,) for name in names[2:-2]), tuple(names[-2:])]
-
-
-def _vgg_units(model: nn.Module) -> list[Unit]:
-    """The 5 stages: the convolutions up to and including each max-pool."""
-    units, current = [], []
-    for name, child in model.features.named_children():
-        if _size(child) > 0:
-            current.append(f"features.{name}")
-        if isinstance(child, nn.MaxPool2d) and current:
-            units.append(tuple(current))
-            current = []
-    return units + ([tuple(current)] if current else [])
-
-
-def _features_units(model: nn.Module) -> list[Unit]:  # MobileNet v2/v3, EfficientNet v1/v2, ConvNeXt
-    return [(name,) for name in _holding(model.features, "features")]
-
-
-def _regnet_units(model: nn.Module) -> list[Unit]:
-    return [("stem",), *((name,) for name in _holding(model.trunk_output, "trunk_output"))]
-
-
-def _vit_units(model: nn.Module) -> list[Unit]:
-    layers = _holding(model.encoder.layers, "encoder.layers")
-    return [("conv_proj", "class_token", "encoder.pos_embedding"), *((name,) for name in layers[:-1]), (layers[-1], "encoder.ln")]
-
-
-def _swin_units(model: nn.Module) -> list[Unit]:
-    stages = _holding(model.features, "features")
-    return [*((name,) for name in stages[:-1]), (stages[-1], "norm")]
-
-
-def _starting(member: str) -> Callable[[nn.Module, list[Unit]], int]:
-    """The cut before the unit that starts with `member`."""
-    return lambda model, units: next(i for i, unit in enumerate(units) if unit[0] == member)
-
-
-def _first_at_stride_16(model: nn.Module, units: list[Unit]) -> int:
-    """The cut before the first unit whose output is at stride 16, from the strides of its
-    convolutions (models whose downsampling convolutions are all on the main path)."""
-    stride = 1
-    for i, unit in enumerate(units):
-        for member in unit:
-            stride *= _conv_stride(model.get_submodule(member))
-        if stride >= 16:
-            return i
-    raise RuntimeError(f"{type(model).__name__}: no unit reaches stride 16; its family entry in disttrain.models.groups is wrong")
-
-
-def _conv_stride(module: nn.Module) -> int:
-    stride = 1
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv2d):
-            stride *= conv.stride[0]
-    return stride
-
-
-def _vit_cut(model: nn.Module, units: list[Unit]) -> int:
-    return 1 + len(model.encoder.layers) // 2  # after the stem, half of the encoder blocks
-
-
-def _families() -> dict[type, Family]:
-    from torchvision import models
-
-    halves = "the encoder's first half | its second half"
-    return {
-        models.ResNet: Family("resnet", _resnet_units, _starting("layer3"), "fastai's resnet split"),
-        models.DenseNet: Family("densenet", _densenet_units, _starting("features.transition2"), "fastai's densenet split"),
-        models.VGG: Family("vgg", _vgg_units, lambda model, units: 3, "after the 3rd max-pool as fastai's vgg16_bn split"),
-        models.MobileNetV2: Family("mobilenet_v2", _features_units, _first_at_stride_16),
-        models.MobileNetV3: Family("mobilenet_v3", _features_units, _first_at_stride_16),
-        models.EfficientNet: Family("efficientnet", _features_units, _first_at_stride_16),
-        models.ConvNeXt: Family("convnext", _features_units, _first_at_stride_16),
-        models.RegNet: Family("regnet", _regnet_units, _starting("trunk_output.block3")),
-        models.SwinTransformer: Family("swin", _swin_units, _starting("features.4")),
-        models.VisionTransformer: Family("vit", _vit_units, _vit_cut, layout=halves),
-    }
-
-
-TIMM_FAMILY = Family(
-    "timm", lambda model: zoo.units(model, zoo.classifier_name(model)), zoo.first_stride_16_unit,
-    "timm's group_matcher stages, cut by its feature_info",
-)
-
-
-def family_of(model: nn.Module) -> Family | None:
-    """The model's family entry (by exact class: a subclass may be built otherwise; every timm model
-    is the timm family), or None."""
-    if zoo.is_timm_model(model):
-        return TIMM_FAMILY
-    return _families().get(type(model))
+def split_rule(model: nn.Module) -> SplitRule | None:
+    """The split its family states for `model`, or None (no family, or none stated for its class)."""
+    family = family_of_model(model)
+    return family.split_rule(model) if family is not None else None
 
 
 def head_name(model: nn.Module) -> str:
-    """The classifier the data's classes size: a timm model's `pretrained_cfg` names it (`head.fc`,
-    ...); otherwise the last top-level child holding parameters."""
-    if zoo.is_timm_model(model):
-        return zoo.classifier_name(model)
-    with_params = [name for name, child in model.named_children() if _size(child) > 0]
-    if not with_params:
+    """The classifier the data's classes size: the one its family names (timm's `pretrained_cfg`:
+    `head.fc`, ...), else the last top-level child holding parameters."""
+    family = family_of_model(model)
+    name = family.classifier_name(model) if family is not None else last_child_with_parameters(model)
+    if name is None:
         raise SplitError(f"model.name: {type(model).__name__} has no top-level module with parameters to use as the head")
-    return with_params[-1]
+    return name
 
 
 def _named(model: nn.Module, member: str) -> list[tuple[str, nn.Parameter]]:
@@ -224,11 +97,11 @@ def _blocks(model: nn.Module, head: str, target: float) -> list[tuple[str, list[
     def visit(name: str, module: nn.Module) -> None:
         children = list(module.named_children())
         container = type(module) in (nn.Sequential, nn.ModuleList)
-        if children and (container or _size(module) > target):
+        if children and (container or parameter_count(module) > target):
             direct(name + ".", module)
             for child_name, child in children:
                 visit(f"{name}.{child_name}", child)
-        elif _size(module) > 0:
+        elif parameter_count(module) > 0:
             blocks.append((name, list(module.named_parameters(prefix=name))))
 
     direct("", model)
@@ -238,13 +111,13 @@ def _blocks(model: nn.Module, head: str, target: float) -> list[tuple[str, list[
     return blocks
 
 
-def _units(model: nn.Module, head: str, groups: int) -> tuple[list[Unit], Family | None]:
+def _units(model: nn.Module, head: str, groups: int) -> tuple[list[Unit], SplitRule | None]:
     """The units the body groups are made of: the family's, or (without one) blocks small enough
     for `groups - 1` balanced groups."""
-    family = family_of(model)
-    if family is not None:
-        return family.units(model), family
-    body = _size(model) - _size(model.get_submodule(head))
+    rule = split_rule(model)
+    if rule is not None:
+        return rule.units(model), rule
+    body = parameter_count(model) - parameter_count(model.get_submodule(head))
     blocks = _blocks(model, head, body / max(1, groups - 1))
     if len(blocks) < groups - 1:
         blocks = _blocks(model, head, 0)  # the finest cut: every module with children split
@@ -257,18 +130,18 @@ def split_layer_groups(model: nn.Module, groups: int, name: str | None = None) -
     Raises SplitError when the body has fewer units than `groups - 1`."""
     label = name or type(model).__name__
     head = head_name(model)
-    units, family = _units(model, head, groups)
+    units, rule = _units(model, head, groups)
     named = [[pair for member in unit for pair in _named(model, member)] for unit in units]
     units, named = [u for u, n in zip(units, named) if n], [n for n in named if n]  # a unit without parameters adds nothing
     if len(units) < groups - 1:
-        kind = "units" if family else "blocks"
+        kind = "units" if rule else "blocks"
         span = f" ({units[0][0]} .. {units[-1][-1]})" if units else ""
         raise SplitError(
             f"finetune.groups: {groups} is too many for {label}, whose body has {len(units)} {kind} to cut between{span}; "
             f"use 2 to {max(2, len(units) + 1)}"
         )
-    if groups == 3 and family is not None:
-        cuts = [family.cut(model, units)]
+    if groups == 3 and rule is not None:
+        cuts = [rule.cut(model, units)]
     else:
         cuts = _balanced_cuts([sum(p.numel() for _, p in pairs) for pairs in named], groups - 1)
     out = []
@@ -280,24 +153,22 @@ def split_layer_groups(model: nn.Module, groups: int, name: str | None = None) -
     out.append(LayerGroup(groups - 1, [head], [p for _, p in head_pairs], head=True, names=[n for n, _ in head_pairs]))
     seen = [id(p) for group in out for p in group.params]
     if len(seen) != len(set(seen)) or set(seen) != {id(p) for p in model.parameters()}:
-        if family is not None:
-            raise RuntimeError(f"{label}: disttrain.models.groups's {family.name} units do not cover each parameter once")
+        if rule is not None:
+            raise RuntimeError(f"{label}: the {rule.name} units of its family's split_rule do not cover each parameter once")
         raise SplitError(f"model.name: {label} shares parameters between modules; layer groups need each once")
     return out
 
 
 def layer_groups_header(name: str, model: nn.Module, groups: int) -> str:
     """The line printed above the groups' `describe()`: the model, finetune.groups and the rule that made the split."""
-    family = family_of(model)
+    stated = split_rule(model)
     if groups == 2:
         rule = "the body | the head"
-    elif family is not None and groups == 3:
-        source = family.source or f"disttrain's stated split for {name}"
-        layout = "the stem and the first half of the blocks | the second half" if family is TIMM_FAMILY and zoo.isotropic(model) else family.layout
-        rule = f"{layout} | head, {source}"
-    elif family is not None:
-        units = len(family.units(model))
-        rule = f"{family.name}'s {units} units in {groups - 1} body groups balanced by parameter count | head"
+    elif stated is not None and groups == 3:
+        source = stated.source or f"disttrain's stated split for {name}"
+        rule = f"{stated.layout} | head, {source}"
+    elif stated is not None:
+        rule = f"{stated.name}'s {len(stated.units(model))} units in {groups - 1} body groups balanced by parameter count | head"
     else:
         rule = f"blocks balanced by parameter count | head; no stated split for {type(model).__name__}"
     return f"layer groups of {name} (finetune.groups={groups}: {rule}):"
@@ -317,31 +188,6 @@ def _balanced_cuts(sizes: list[int], parts: int) -> list[int]:
         high = len(sizes) - (parts - k)
         cuts.append(min(range(low, high + 1), key=lambda i: (abs(running[i] - total * k / parts), i)))
     return cuts
-
-
-def empty_model(name: str, num_classes: int = 2) -> nn.Module:
-    """Model `name` (torchvision's, or timm's `timm/<name>`) on the meta device: shapes only, no
-    memory, no initialization cost."""
-    import torchvision
-
-    if zoo.is_timm(name):
-        return zoo.empty(name, num_classes)
-    try:
-        with torch.device("meta"):
-            return torchvision.models.get_model(name, num_classes=num_classes)
-    except NotImplementedError:  # RegNet computes its widths with tensors: only its parameters go to meta
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            model = torchvision.models.get_model(name, num_classes=num_classes)
-        return model.to("meta")
-
-
-@functools.lru_cache(maxsize=None)
-def check_groups(name: str, groups: int) -> None:
-    """Raise SplitError (a ConfigError) when model `name` cannot be cut into `groups` layer groups:
-    checked when the config is built, before any process starts."""
-    split_layer_groups(empty_model(name), groups, name)
 
 
 def freeze(model: nn.Module, groups: list[LayerGroup], frozen: int, train_bn: bool, keep_bn_stats: bool = False) -> list[nn.Module]:

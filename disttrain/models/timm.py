@@ -1,21 +1,26 @@
 """timm's model zoo behind `model.name: timm/<name>`: the names, building a model with the data's
-classes, timm's pretrained weights from the local Hugging Face cache only, the model's own
-preprocessing (`pretrained_cfg`), and its layer units as timm's `group_matcher` states them.
+classes, timm's pretrained weights from the local Hugging Face cache only (`model.pretrained: timm`),
+the model's own preprocessing (`pretrained_cfg`), and its layer units as timm's `group_matcher`
+states them: every timm model is one layer-group rule, its units timm's coarse groups (the stem,
+then each stage), its head the `pretrained_cfg`'s classifier, and group 1 of the default 3 starts
+after the last stage at stride <= 8 by its `feature_info` (an isotropic model, ViT's, is halved
+after its stem).
 
-timm is imported here alone, and only for a timm model: it costs seconds to import.
+timm (and huggingface_hub's cache lookup) are imported inside the functions that need them, and
+only for a timm model: they cost about a second to import, which a torchvision run never pays.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from disttrain.config import ConfigError
+from disttrain.config import IMAGENET, TIMM, ConfigError, ModelConfig
+from disttrain.models.family import InputSize, SplitRule, Unit
 
 PREFIX = "timm/"
 """`model.name` of a timm model: `timm/<timm name>`, e.g. `timm/convnext_tiny`, `timm/resnet50.a1_in1k`."""
@@ -140,7 +145,7 @@ def classifier_name(model: nn.Module) -> str:
     return name
 
 
-def units(model: nn.Module, head: str) -> list[tuple[str, ...]]:
+def units(model: nn.Module, head: str) -> list[Unit]:
     """The body's units in forward order from timm's coarse `group_matcher` (the stem, then each
     stage): each unit the smallest modules holding exactly its parameters. What the matcher leaves
     after the last stage besides the classifier (a final norm, `conv_head`) joins the last unit."""
@@ -179,7 +184,7 @@ def _modules(model: nn.Module, names: list[str]) -> tuple[str, ...]:
     return tuple(members)
 
 
-def first_stride_16_unit(model: nn.Module, units_: list[tuple[str, ...]]) -> int:
+def first_stride_16_unit(model: nn.Module, units_: list[Unit]) -> int:
     """The unit that starts group 1 of the default 3: the one after the last feature stage at
     stride <= 8 (timm's `feature_info`); for an isotropic model (every stage at stride 16 or more,
     ViT's) after the stem and half of the blocks."""
@@ -211,6 +216,64 @@ def empty(name: str, num_classes: int = 2) -> nn.Module:
         return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes)
 
 
-def default_load_size(image_size: int, crop_pct: float) -> int:
-    """The presize for `image_size` by the model's crop_pct (timm's eval resize: image_size / crop_pct)."""
-    return max(image_size, math.floor(image_size / crop_pct))
+class TimmFamily:
+    """timm's models as `timm/<name>` (see the module docstring)."""
+
+    name = "timm"
+    prefix = PREFIX
+    weights = TIMM
+
+    def check(self, model: ModelConfig) -> None:
+        check_name(model.name)
+        if model.pretrained == IMAGENET:
+            raise ConfigError(f"model.pretrained: `{IMAGENET}` is torchvision's weights; for {model.name} use `{TIMM}` "
+                              "(timm's weights from the local Hugging Face cache) or a weights file's path")
+        if model.pretrained == TIMM:
+            cached_weights(model.name)  # ZooError (a ConfigError) naming the file looked for and how to fetch it
+        elif model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
+            raise ConfigError(
+                f"model.pretrained: {model.pretrained!r} is not a file; give the path of a state dict or safetensors file, "
+                f"`{TIMM}` for timm's weights, or set model.pretrained=null"
+            )
+
+    def create(self, name: str, num_classes: int, pretrained: str | None) -> nn.Module:
+        return create(name, num_classes, cached_weights(name) if pretrained == TIMM else None)
+
+    def empty(self, name: str, num_classes: int) -> nn.Module:
+        return empty(name, num_classes)
+
+    def weights_file(self, name: str) -> Path | None:
+        return None  # `create` loads timm's own weights the timm way
+
+    def fit_head(self, model: nn.Module, skipped: list[str], num_classes: int) -> None:
+        """A fresh head as timm makes one for pretrained weights (`reset_classifier`), where the file's did not fit:
+        timm's from-scratch init of some families (EfficientNet's, MobileNet's) is scaled for 1000 classes, large logits for 2."""
+        if any(name.startswith(classifier_name(model) + ".") for name in skipped):
+            model.reset_classifier(num_classes)
+
+    def owns_model(self, model: nn.Module) -> bool:
+        return is_timm_model(model)
+
+    def classifier_name(self, model: nn.Module) -> str | None:
+        return classifier_name(model)
+
+    def split_rule(self, model: nn.Module) -> SplitRule:
+        layout = "the stem and the first half of the blocks | the second half" if isotropic(model) else SplitRule.layout
+        return SplitRule("timm", lambda m: units(m, classifier_name(m)), first_stride_16_unit,
+                         "timm's group_matcher stages, cut by its feature_info", layout)
+
+    def normalization(self, name: str, pretrained: str | None) -> tuple[list[float], list[float], str]:
+        """The `pretrained_cfg`'s, pretrained or not."""
+        own = preprocess(name)
+        return own.mean, own.std, f"timm's pretrained_cfg of {timm_name(name)}"
+
+    def interpolation(self, name: str) -> tuple[str, str]:
+        return preprocess(name).interpolation, f"timm's pretrained_cfg of {timm_name(name)}"
+
+    def input_size(self, name: str) -> InputSize:
+        check_name(name)
+        own = preprocess(name)
+        return InputSize(own.image_size, own.crop_pct)
+
+
+FAMILY = TimmFamily()

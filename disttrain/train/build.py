@@ -5,7 +5,6 @@ Everything a user could get wrong fails here, before step one."""
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
 
 from disttrain.train.checkpoint import Checkpointer, PreemptionFlag, Resume, stop_if_preempted
 from disttrain.config import IMAGENET, Config, save_config
@@ -16,29 +15,32 @@ from disttrain.data.shards import Manifest
 from disttrain.models.groups import layer_groups_header, split_layer_groups
 from disttrain.models import timm as zoo
 from disttrain.config import TIMM
-from disttrain.models.build import build_model, fetch_imagenet_weights, interpolation, normalization
-from disttrain.dist.runtime import job_precision, rank_seed, seed_everything
-from disttrain.train.stages import enter_stage, plan_stages
+from disttrain.models.build import build_model, interpolation, normalization
+from disttrain.models.torchvision import fetch_imagenet_weights
+from disttrain.dist.runtime import Runtime, rank_seed, seed_everything
+from disttrain.train.stages import StagePlan, enter_stage, plan_stages
 from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.train.trainer import Trainer
 
 
 def build_trainer(
-    cfg: Config, accelerator: Accelerator, resume: Resume | None = None, flag: PreemptionFlag | None = None, stage: int = 0,
-    find_lr_only: bool = False,
+    cfg: Config, runtime: Runtime, plans: list[StagePlan] | None = None, resume: Resume | None = None,
+    flag: PreemptionFlag | None = None, stage: int = 0, find_lr_only: bool = False,
 ) -> tuple[Trainer, ImageFolderData | Manifest]:
-    """The run's trainer, set up for stage `stage` (0 unless resuming in a later one). A resumed
-    run's weights go into the model before the stage is entered (a precompute stage computes its
-    activations from them); the rest of the checkpoint is the caller's (`Trainer.load_state`).
+    """The run's trainer, set up for stage `stage` of `plans` (0 unless resuming in a later one; `plans`:
+    the run's, `plan_stages(cfg)` when not given). `runtime`: what build_runtime resolved (the
+    accelerator, this rank's cores and loader workers, the job's precision). A resumed run's weights
+    go into the model before the stage is entered (a precompute stage computes its activations from
+    them); the rest of the checkpoint is the caller's (`Trainer.load_state`).
     `find_lr_only` (`disttrain find-lr`): the tracker keeps its records apart from the run's."""
+    accelerator, precision = runtime.accelerator, runtime.precision  # the job's precision, agreed by every rank
     reporter = ConsoleReporter(accelerator.is_main_process, progress=cfg.log.progress)
     if accelerator.is_main_process:
         save_config(cfg, cfg.run.dir / "config.yaml")
-    precision = job_precision(cfg.train.precision, accelerator.device)  # the job's, agreed by every rank
     if precision.warning:
         reporter.line(precision.warning)
     job = JobGroup(accelerator.num_processes)  # for what the main process alone reads or fetches, and the saves
-    data = load_data(cfg, job, reporter)
+    data = load_data(cfg, job, reporter.line, runtime.cores.workers)
     stop_if_preempted(flag, job, resume.path if resume else None, "during the data scan")
     if resume is not None:
         resume.check(cfg.model.name, data.classes, data_identity(data))
@@ -65,7 +67,7 @@ def build_trainer(
         reporter.line(layer_groups_header(cfg.model.name, model, cfg.finetune.groups))
         for group in groups:
             reporter.line(f"  {group.describe()}")
-    plans = plan_stages(cfg)
+    plans = plans if plans is not None else plan_stages(cfg)
     trainer = Trainer(
         accelerator,
         model,
@@ -86,6 +88,7 @@ def build_trainer(
         ),
         precision_reason=precision.reason if cfg.train.precision == "auto" else "",
         layer_groups=groups,
+        cores=runtime.cores,
     )
     trainer.use(enter_stage(trainer, cfg, data, plans[stage]))
     torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank

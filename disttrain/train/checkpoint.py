@@ -12,17 +12,14 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from disttrain import durable
 from disttrain.models.build import WeightsError
+from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import rng_state
 from disttrain.errors import UserError
-
-if TYPE_CHECKING:
-    from disttrain.dist.jobgroup import JobGroup
 
 
 def atomic_save(obj: object, path: str | Path) -> Path:
@@ -330,7 +327,7 @@ class Checkpointer:
     """When and where the trainer saves, and what goes with it (the run's identity); `last` is the
     checkpoint that holds the run's state (the one resumed from, then each one saved)."""
 
-    def __init__(self, run_dir: Path, every_n_steps: int | None, keep_last: int, meta: dict, group: "JobGroup",
+    def __init__(self, run_dir: Path, every_n_steps: int | None, keep_last: int, meta: dict, group: JobGroup,
                  flag: PreemptionFlag | None = None):
         self.run_dir = Path(run_dir)
         self.every_n_steps = every_n_steps
@@ -339,6 +336,15 @@ class Checkpointer:
         self.group = group  # the saves' barriers wait on it
         self.flag = flag or PreemptionFlag()
         self.last: Path | None = None
+
+    def resumed_from(self, path: Path) -> None:
+        """The run continues from the checkpoint at `path`: it holds the run's state until the next save."""
+        self.last = path
+
+    def record(self, key: str, value) -> None:
+        """`value` goes into the meta of every checkpoint saved from now on, as `key` (the last LR
+        sweep's outcome: a resume does not sweep again)."""
+        self.meta[key] = value
 
     def due(self, global_step: int) -> bool:
         return self.every_n_steps is not None and global_step % self.every_n_steps == 0

@@ -413,7 +413,7 @@ def lr_sweep(trainer, cfg: SweepConfig) -> SweepResult:
 
     try:
         lrs, losses, smoothed, local, stopped = run_curve(step, lambda t: acc.reduce(t, reduction="sum"), world, cfg,
-                                                          stop=trainer._stop_requested)
+                                                          stop=trainer.stop_requested)
     finally:
         groups.close()
         restore(trainer, state)

@@ -18,6 +18,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
+from disttrain.config import Config
+from disttrain.data.setup import eval_loader
+from disttrain.data.workers import start_worker_server
+from disttrain.dist.logs import setup_logging
+from disttrain.dist.runtime import build_runtime
+from disttrain.models.forward import eval_view, evaluate
+from disttrain.models.families import family_of
+from disttrain.train.build import build_trainer
 from disttrain.train.checkpoint import (
     PreemptionFlag,
     Preempted,
@@ -29,7 +39,6 @@ from disttrain.train.checkpoint import (
     set_aside_later,
     stop_if_preempted,
 )
-from disttrain.config import Config
 from disttrain.train.interpretation import interpret_run
 from disttrain.train.lr_sweep import SweepInterrupted, find_lr
 from disttrain.train.stages import StagePlan, describe, enter_stage, plan_stages
@@ -40,21 +49,17 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
     """Build everything from the config; resume from a checkpoint (checkpoint.resume); run the
     stages (sweeping the LR where a stage asks, or only the first stage's sweep with
     `find_lr_only`); save `model.pt` and `results.json` in the run dir; track in metrics.jsonl and W&B."""
-    from disttrain.train.build import build_trainer
-    from disttrain.data.workers import start_worker_server
-    from disttrain.dist.runtime import build_accelerator
-    from disttrain.tracking import setup_logging
-
     flag = PreemptionFlag().install()  # first: from here on SIGUSR1/SIGTERM stop the run at its next check point
-    accelerator = build_accelerator(cfg)  # resolves data.num_workers=auto
-    start_worker_server(cfg.data.num_workers)
+    runtime = build_runtime(cfg)  # data.num_workers=auto and the rest resolved into runtime.cores; cfg stays as given
+    accelerator = runtime.accelerator
+    start_worker_server(runtime.cores.workers)
     setup_logging(accelerator.process_index, accelerator.is_main_process)
     resume_from = None if find_lr_only else _resume_path(cfg, accelerator)
     # every rank refuses another world size the same way, before building
     resume = Resume.read(resume_from, accelerator.process_index, accelerator.num_processes) if resume_from else None
     plans = plan_stages(cfg)
     first, continuing = _resume_stage(plans, resume.meta) if resume else (0, False)
-    trainer, data = build_trainer(cfg, accelerator, resume=resume, flag=flag, stage=first, find_lr_only=find_lr_only)
+    trainer, data = build_trainer(cfg, runtime, plans, resume=resume, flag=flag, stage=first, find_lr_only=find_lr_only)
     try:
         history = _run(cfg, trainer, data, plans, first, continuing, find_lr_only, resume)
     except BaseException as err:
@@ -68,8 +73,6 @@ def train(cfg: Config, find_lr_only: bool = False) -> list[EpochResult]:
 def _resume_path(cfg: Config, accelerator) -> Path | None:
     """checkpoint.resume: `never`, `auto` (the run dir's newest complete checkpoint, if any) or a
     path. Decided on the main process and broadcast, so every rank resumes from the same one."""
-    from accelerate.utils import broadcast_object_list
-
     choice: list = [None]
     if accelerator.is_main_process:
         if cfg.checkpoint.resume == "auto":
@@ -94,11 +97,11 @@ def _resume_stage(plans: list[StagePlan], meta: dict) -> tuple[int, bool]:
 def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_lr_only: bool, resume: Resume | None) -> list:
     from_step = None  # the step continued from, when that checkpoint is one of this run dir's own
     if resume is not None:
-        trainer.checkpointer.last = resume.path
+        trainer.checkpointer.resumed_from(resume.path)
         meta = resume.meta
         trainer.load_state(meta, resume.shared, resume.rank_state, optimizer=continuing)
         if "lr_sweep" in meta:  # the last sweep's outcome goes on into this run's checkpoints
-            trainer.checkpointer.meta["lr_sweep"] = meta["lr_sweep"]
+            trainer.checkpointer.record("lr_sweep", meta["lr_sweep"])
         if resume.path.resolve().parent == checkpoint_root(cfg.run.dir).resolve():
             from_step = meta["global_step"]
         acc = trainer.accelerator
@@ -151,9 +154,9 @@ def _sweep(cfg: Config, trainer: Trainer, plan: StagePlan) -> None:
         of = f" of {plan.name}" if plan.staged else ""
         where = f"during the LR sweep{of} (after its step {stop.step} of {stop.of})"
         raise Preempted(trainer.checkpointer.last, saved=False, where=where) from None
-    trainer.tracker.log_sweep(sweep, cfg.run.dir / f"{stem}.png", step=trainer.global_step, extra=trainer._stage_key())
-    trainer.checkpointer.meta["lr_sweep"] = {"suggestion": sweep.suggestion, "method": sweep.method,
-                                             "suggestions": sweep.suggestions, "precision": sweep.precision}
+    trainer.tracker.log_sweep(sweep, cfg.run.dir / f"{stem}.png", step=trainer.global_step, extra=trainer.stage_key())
+    trainer.checkpointer.record("lr_sweep", {"suggestion": sweep.suggestion, "method": sweep.method,
+                                             "suggestions": sweep.suggestions, "precision": sweep.precision})
     trainer.schedule.set_peak_lr(sweep.suggestion)
 
 
@@ -166,15 +169,11 @@ def _stop_if_preempted(trainer: Trainer, where: str) -> None:
 def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
     """train.tta: the final model on the validation images, plain and with TTA (on images also
     after a precomputed last stage: TTA needs the whole model)."""
-    from disttrain.data.setup import eval_loader
-    from disttrain.models.forward import eval_view
-    from disttrain.models.forward import evaluate
-
     train, acc = cfg.train, trainer.accelerator
     if plan.cfg.precompute:
         view = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last,
                          trainer.augment.interpolation)
-        loader = eval_loader(cfg, data.valid, acc, plan.cfg.load_size, plan.cfg.batch_size * 2, name="valid (TTA)")
+        loader = eval_loader(cfg, data.valid, acc, trainer.workers, plan.cfg.load_size, plan.cfg.batch_size * 2, name="valid (TTA)")
         result = evaluate(acc, trainer.module, loader, view, len(trainer.classes), train.tta_n, train.tta_beta, train.tta_max)
     else:
         result = trainer.evaluate(None, train.tta_n, train.tta_beta, train.tta_max)
@@ -183,7 +182,7 @@ def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
         f"TTA ({train.tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f} "
         f"({result.tta_correct}/{result.count}); without: valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}"
     )
-    trainer.tracker.log({"valid/tta_loss": result.tta_loss, "valid/tta_accuracy": result.tta_accuracy, **trainer._stage_key()},
+    trainer.tracker.log({"valid/tta_loss": result.tta_loss, "valid/tta_accuracy": result.tta_accuracy, **trainer.stage_key()},
                         step=trainer.global_step)
 
 
@@ -195,7 +194,7 @@ def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
             cfg.run.dir / "model.pt", trainer.module.state_dict(), data.classes, cfg.model.name,
             normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
             image_size=last.image_size, load_size=last.load_size, precision=acc.mixed_precision,
-            interpolation=trainer.augment.interpolation, family="timm" if cfg.model.name.startswith("timm/") else "torchvision",
+            interpolation=trainer.augment.interpolation, family=family_of(cfg.model.name).name,
         )
         results = {
             "world_size": acc.num_processes,

@@ -17,7 +17,6 @@ with the random state its checkpoint holds.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,8 @@ from disttrain.config import Config, StageConfig, frozen_groups, run_stages
 from disttrain.data.setup import build_loaders, eval_loader, release_loaders
 from disttrain.models.groups import freeze, group_lrs
 from disttrain.models.groups import param_groups as layer_param_groups
-from disttrain.models.build import decay_groups, make_optimizer
+from disttrain.models.optim import decay_groups, make_optimizer
+from disttrain.train import precompute as precomputing
 from disttrain.train.schedule import Schedule
 from disttrain.train.trainer import StageSetup, Trainer, epoch_steps
 
@@ -58,22 +58,6 @@ def plan_stages(cfg: Config) -> list[StagePlan]:
     return plans
 
 
-def _release(trainer: Trainer) -> None:
-    """Drop the previous stage's wrapper and optimizer (Accelerate's references too) and give the
-    bare module back its own forward; stop its loaders' workers and drop the loaders, with the
-    decoded images they cache or the activations precomputed for it, before the next stage builds
-    its own (and data.cache=auto measures the memory left for them)."""
-    acc = trainer.accelerator
-    if trainer.model is not None:
-        bare = acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        bare.__dict__.pop("_is_accelerate_prepared", None)
-    release_loaders(trainer.train_loader, trainer.valid_loader)
-    trainer.model = trainer.optimizer = trainer.schedule = trainer.compiled = None
-    trainer.train_loader = trainer.valid_loader = None
-    acc.free_memory()
-    gc.collect()  # the old DDP reducer removes its autograd hooks when it is destroyed
-
-
 def enter_stage(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
     """The stage's setup, built from the trainer's bare model (whose weights must already be the
     ones the stage starts from: a resumed run loads its checkpoint's before this)."""
@@ -83,7 +67,7 @@ def enter_stage(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSe
 
 def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
     acc, stage, module = trainer.accelerator, plan.cfg, trainer.module
-    _release(trainer)
+    trainer.release_stage()
     groups = trainer.layer_groups
     frozen = frozen_groups(stage.freeze_to, len(groups)) if groups else 0
     # a precompute stage never runs the body in training: its norms cannot train there (train_bn)
@@ -101,15 +85,13 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
     view = augment if stage.augment else (lambda images, train: augment(images, train=False))
     target: nn.Module = module
     if stage.precompute:
-        from disttrain.train.precompute import precompute
-
         head_name = groups[-1].blocks[0]
         target = module.get_submodule(head_name)
         bs, world = stage.batch_size, acc.num_processes
         steps = -(-len(data.train) // (world * bs))  # as the image path's RankBatchSampler: equal on every rank
-        shares = (eval_loader(cfg, data.train, acc, stage.load_size, bs * 2, name="precompute train"),
-                  eval_loader(cfg, data.valid, acc, stage.load_size, bs * 2, name="precompute valid"))
-        features = precompute(acc, module, target, view, *shares, bs, steps, cfg.run.seed)
+        shares = (eval_loader(cfg, data.train, acc, trainer.workers, stage.load_size, bs * 2, name="precompute train"),
+                  eval_loader(cfg, data.valid, acc, trainer.workers, stage.load_size, bs * 2, name="precompute valid"))
+        features = precomputing.precompute(acc, module, target, view, *shares, bs, steps, cfg.run.seed)
         release_loaders(*shares)
         dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[features.dtype]
         trainer.reporter.line(
@@ -121,7 +103,7 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
         transform, fixed_norms = (lambda inputs, train: inputs), []
         inputs = f"precomputed activations, {features.bytes_per_rank / 2**20:.2f} MB of {dtype} per rank"
     else:
-        train_loader, valid_loader = build_loaders(cfg, data, acc, stage.load_size, stage.batch_size)
+        train_loader, valid_loader = build_loaders(cfg, data, acc, trainer.workers, stage.load_size, stage.batch_size)
         transform = view
         inputs = "augmented" if stage.augment else "no augmentation"
     model, optimizer = acc.prepare(target, optimizer)

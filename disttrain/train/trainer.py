@@ -1,12 +1,15 @@
 """fit / train_epoch / evaluate. Metrics are exact across ranks: sums and counts, all-reduced.
 
 The trainer knows nothing about where results go; it hands rows to a reporter. `.item()` (a device
-sync) happens only at progress-bar updates and epoch ends, never per step.
+sync) happens only at progress-bar updates and epoch ends, never per step. What a logged row holds
+(the window since the last log point, train/* and valid/*, the samples shown once) is
+disttrain/train/step_log.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import math
 import time
@@ -18,17 +21,17 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from disttrain.dist import cores
-from disttrain.train.checkpoint import Checkpointer, Preempted
 from disttrain.data.augment import DeviceAugment
-from disttrain.data.loader import DeviceLoader
+from disttrain.data.loader import DeviceLoader, Workers
+from disttrain.data.setup import release_loaders
+from disttrain.dist.cores import CoreSplit
+from disttrain.dist.runtime import set_rng_state
 from disttrain.metrics import EvalResult
 from disttrain.models.forward import evaluate
-from disttrain.dist.runtime import set_rng_state
-from disttrain.train.schedule import Schedule
 from disttrain.tracking import ConsoleReporter, Tracker
-
-SAMPLE_GRID = 16  # augmented images shown once in W&B (train/samples)
+from disttrain.train.checkpoint import Checkpointer, Preempted
+from disttrain.train.schedule import Schedule
+from disttrain.train.step_log import LogWindow, SampleLog, epoch_metrics, train_metrics
 
 
 def epoch_batches(loader_batches: int, grad_accum: int, max_steps_per_epoch: int | None) -> int:
@@ -107,6 +110,7 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         precision_reason: str = "",
         layer_groups: list | None = None,
+        cores: CoreSplit | None = None,
     ):
         self.accelerator = accelerator
         self.module = module  # the whole bare model (checkpoints, sweep snapshots)
@@ -123,11 +127,13 @@ class Trainer:
         self.checkpointer = checkpointer
         self.precision_reason = precision_reason  # why this precision (train.precision=auto: agreed by every rank from its device)
         self.layer_groups = layer_groups or []  # finetune.groups of a staged run (disttrain/models/groups.py)
+        self.cores = cores  # this rank's split (disttrain/dist/cores.py, from build_runtime): the loaders' workers, the line
         self.history: list[EpochResult] = []
         self.global_step = 0  # optimizer steps of training (the sweep's do not count)
         self.last_grad_norm: torch.Tensor | None = None
-        self._samples_logged = False
-        self._window = _Window(accelerator.device)  # loss and images since the last log point
+        self._samples = SampleLog(tracker, augment.mean, augment.std)
+        self._window = LogWindow(accelerator.device)  # loss and images since the last log point
+        self._step_observer: Callable[[float], None] | None = None
         self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
         self._resumed_sums: dict | None = None
         self._history_shown = False
@@ -150,6 +156,33 @@ class Trainer:
         self.fixed_norms, self.lr_owner, self.images, self.inputs = setup.fixed_norms, setup.lr_owner, setup.images, setup.inputs
         self.compiled = setup.compiled
         self.train_mode()
+
+    def release_stage(self) -> None:
+        """Let go of the stage in use: drop its wrapper and optimizer (Accelerate's references too) and
+        give the bare module back its own forward; stop its loaders' workers and drop the loaders, with
+        the decoded images they cache or the activations precomputed for it, before the next stage
+        builds its own (and data.cache=auto measures the memory left for them)."""
+        acc = self.accelerator
+        if self.model is not None:
+            bare = acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            bare.__dict__.pop("_is_accelerate_prepared", None)
+        release_loaders(self.train_loader, self.valid_loader)
+        self.model = self.optimizer = self.schedule = self.compiled = None
+        self.train_loader = self.valid_loader = None
+        acc.free_memory()
+        gc.collect()  # the old DDP reducer removes its autograd hooks when it is destroyed
+
+    @property
+    def workers(self) -> Workers:
+        """How this rank's loaders decode: the split's worker count and cores (no workers without one)."""
+        if self.cores is None:
+            return Workers()
+        return Workers(self.cores.workers, self.cores.loader_cores())
+
+    def observe_steps(self, observer: Callable[[float], None] | None) -> None:
+        """Call `observer(seconds)` after every optimizer step (`step`, in training and in the LR
+        sweep) with the seconds it took; None: stop. For benchmarks that time the steps."""
+        self._step_observer = observer
 
     def train_mode(self) -> None:
         """Training mode, with the normalization layers of frozen groups (train_bn=false) in eval mode."""
@@ -210,8 +243,7 @@ class Trainer:
         """The "training on" line: processes, device, precision, each rank's cores, the batch."""
         acc = self.accelerator
         world, per_rank = acc.num_processes, self.train_loader.batch_size
-        split = cores.current()
-        where = f"; per rank {split.describe()}" if split is not None else ""
+        where = f"; per rank {self.cores.describe()}" if self.cores is not None else ""
         cached = sum(getattr(loader, "cache_bytes", 0) for loader in (self.train_loader, self.valid_loader))  # 0: precomputed
         if cached:
             where += f"; images decoded once, then read from memory ({cached / 2**20:.0f} MB per rank: data.cache)"
@@ -228,6 +260,7 @@ class Trainer:
         each (gradients all-reduced only on the last), clip, step. Returns this rank's loss sum (a
         device tensor: no device sync) and sample count. The schedule is the caller's business."""
         acc, model = self.accelerator, self.model
+        started = time.perf_counter() if self._step_observer is not None else 0.0
         forward = model if self.compiled is None else self.compiled
         if self.compiled is not None:
             graphs, t0 = compiled_graphs(), time.perf_counter()
@@ -235,9 +268,8 @@ class Trainer:
             x = self.transform(images, train=True)
             if self.compiled is not None:  # batches differ in size by one (the sampler): one graph for both
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-            if not self._samples_logged and self.tracker is not None and self.images:
-                self.tracker.log_samples(x[:SAMPLE_GRID], self.augment.mean, self.augment.std, step=self.global_step)
-                self._samples_logged = True
+            if self.images:
+                self._samples.show(x, self.global_step)
             last = j == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
@@ -252,6 +284,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.compiled is not None and compiled_graphs() != graphs:
             self._compiled(compiled_graphs() - graphs, time.perf_counter() - t0, x.shape)
+        if self._step_observer is not None:
+            self._step_observer(time.perf_counter() - started)
         return loss_sum, sum(len(labels) for _, labels in batches)
 
     def _compiled(self, graphs: int, seconds: float, shape) -> None:
@@ -304,7 +338,7 @@ class Trainer:
         bar.close()
         window.pause()  # evaluation time does not count towards train/images_per_sec
         local = torch.stack([loss_total, loss_total.new_tensor(count), loss_total.new_tensor(self.train_loader.take_skipped()),
-                             loss_total.new_tensor(float(self._stop_requested()))])
+                             loss_total.new_tensor(float(self.stop_requested()))])
         loss_sum, images, skipped, stops = self.accelerator.reduce(local, reduction="sum").tolist()  # one sync
         mean_loss = loss_sum / images
         self._report_skipped(f"epoch {epoch}: {{}} unreadable training sample(s) skipped and replaced by others", skipped)
@@ -315,7 +349,7 @@ class Trainer:
             )
         return mean_loss, int(images), stops > 0
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
         """This rank got a preemption signal (reduced across ranks where it is read)."""
         return self.checkpointer is not None and self.checkpointer.flag.requested
 
@@ -336,7 +370,7 @@ class Trainer:
         """This rank's own: augmentation generator, the unfinished epoch's sums, the log window."""
         state = {
             "augment": self.augment.state_dict(),
-            "window": {"loss": self._window.loss.detach().cpu(), "images": self._window.images, "seconds": self._window.seconds},
+            "window": self._window.state_dict(),
         }
         if partial is not None:
             state["partial"] = {"loss_total": partial["loss_total"].detach().cpu(), "count": partial["count"]}
@@ -353,43 +387,30 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(shared["scaler"])
         self.history = [EpochResult(**row) for row in shared["history"]]
         self.augment.load_state_dict(rank_state["augment"])
-        window = rank_state["window"]
-        self._window.loss.copy_(window["loss"].to(self._window.loss.device))
-        self._window.images, self._window.seconds = window["images"], window["seconds"]
+        self._window.load_state_dict(rank_state["window"])
         self._resumed_sums = rank_state.get("partial")
         set_rng_state(rank_state["rng"])
         self.global_step = meta["global_step"]
         self.start = (meta["epoch"], meta["steps_done_in_epoch"])
-        self._samples_logged = True
+        self._samples.done()
 
-    def _log_train(self, window: _Window, epoch: float, bar) -> bool:
+    def _log_train(self, window: LogWindow, epoch: float, bar) -> bool:
         """Log train/* at this step; returns whether any rank was asked to stop (preemption)."""
-        loss, images, seconds, stop = window.take(self.accelerator, self._stop_requested())
-        metrics = {"train/loss": loss, "train/images_per_sec": images / seconds, "epoch": epoch, **self._stage_key()}
+        loss, images, seconds, stop = window.take(self.accelerator, self.stop_requested())
         lrs = self.schedule.get_last_lr()
-        named = dict(zip(self.lr_owner, lrs)) if self.lr_owner is not None else dict(enumerate(lrs))  # by layer group
-        if self.lr_owner is None and len(set(lrs)) == 1:  # decay / no-decay groups share one LR: one series
-            metrics["train/lr"] = lrs[0]
-        else:
-            metrics.update({f"train/lr/group{g}": lr for g, lr in named.items()})
-        if self.last_grad_norm is not None:
-            metrics["train/grad_norm"] = float(self.last_grad_norm)
         if self.tracker is not None:
+            metrics = train_metrics(loss, images, seconds, epoch, lrs, self.lr_owner, self.last_grad_norm, self.stage_key())
             self.tracker.log(metrics, step=self.global_step)
         if not bar.disable:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs):.2e}", img_s=f"{images / seconds:.0f}")
         return stop
 
     def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
-        if self.tracker is None:
-            return
-        metrics = {"valid/loss": result.loss, "valid/accuracy": result.accuracy, "epoch_time_sec": seconds, "epoch": epoch + 1,
-                   **self._stage_key()}
-        if result.top5 is not None:
-            metrics["valid/top5"] = result.top5
-        self.tracker.log(metrics, step=self.global_step)
+        if self.tracker is not None:
+            self.tracker.log(epoch_metrics(result, seconds, epoch, self.stage_key()), step=self.global_step)
 
-    def _stage_key(self) -> dict:
+    def stage_key(self) -> dict:
+        """`{"stage": index}` in a run with stages (what every logged row of it carries), else empty."""
         return {"stage": self.stage} if self.stage is not None else {}
 
     def evaluate(self, loader: DeviceLoader | None = None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False) -> EvalResult:
@@ -407,41 +428,6 @@ class Trainer:
 
 def compiled_graphs() -> int:
     """Graphs torch.compile has made in this process so far (dynamo's own count)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # lazily: importing dynamo costs every process that never compiles
 
     return counters["stats"]["unique_graphs"]
-
-
-class _Window:
-    """Loss and images since the last log point (device tensors, read only at the log point) and
-    the training time they took (the clock is paused outside train_epoch)."""
-
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.images = 0
-        self.seconds = 0.0
-        self._since: float | None = None
-
-    def resume(self) -> None:
-        self._since = time.perf_counter()
-
-    def pause(self) -> None:
-        if self._since is not None:
-            self.seconds += time.perf_counter() - self._since
-            self._since = None
-
-    def add(self, loss_sum: torch.Tensor, images: int) -> None:
-        self.loss += loss_sum
-        self.images += images
-
-    def take(self, accelerator: Accelerator, flag: bool = False) -> tuple[float, int, float, bool]:
-        """(mean loss over all ranks, images on all ranks, training seconds, any rank's `flag`) since
-        the last call: one all-reduce, called on every rank at the same step."""
-        local = torch.stack([self.loss, self.loss.new_tensor(self.images), self.loss.new_tensor(float(flag))])
-        loss_sum, images, flags = accelerator.reduce(local, reduction="sum").tolist()
-        self.pause()
-        seconds = max(self.seconds, 1e-9)
-        self.loss.zero_()
-        self.images, self.seconds = 0, 0.0
-        self.resume()
-        return loss_sum / images, int(images), seconds, flags > 0

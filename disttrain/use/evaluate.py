@@ -36,14 +36,14 @@ import torch
 from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
-from disttrain.data.loader import watched
+from disttrain.data.loader import Workers, watched
 from disttrain.use.inference import read_model_file, saved_network
 from disttrain.models.forward import batch_outputs, eval_view
 from disttrain.use.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
 from disttrain.use.interpret import DEFAULT_K, SampleRecorder, write_interpretation
 from disttrain.dist.jobgroup import JobGroup
 from disttrain.metrics import EvalResult, EvalSums, most_confused, per_class
-from disttrain.models.build import WeightsError
+from disttrain.models.build import WeightsError, normalization
 from disttrain.tracking import MATRIX_CLASSES, MOST_CONFUSED, write_confusion
 
 
@@ -79,8 +79,6 @@ def _sized(cfg, state: dict):
 def _model(state: dict, cfg, device: torch.device):
     """The model and its eval view; the normalization from model.pt, or (an older model.pt without
     it) what the config resolves to."""
-    from disttrain.models.build import normalization
-
     model = saved_network(state, device)
     saved = state.get("normalize")  # what the weights were trained with, else what the config resolves to
     mean, std, _ = (saved["mean"], saved["std"], "") if saved else normalization(cfg.model, cfg.augment)
@@ -89,7 +87,7 @@ def _model(state: dict, cfg, device: torch.device):
 
 def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, num_classes: int, load_size: int, workers: int,
                    worker_timeout: float, options: EvaluateOptions, progress: bool = True,
-                   recorder: SampleRecorder | None = None) -> tuple[EvalResult, list[tuple[str, str]]]:
+                   recorder: SampleRecorder | None = None, worker_cores: tuple[int, ...] = ()) -> tuple[EvalResult, list[tuple[str, str]]]:
     """This rank's batches of a labelled listing, the sums reduced across ranks once (on `group`,
     which waits for the slowest rank): (result, every rank's undecodable files with the reason).
     `recorder` also keeps each image's scalars of the same forward pass (its `gather` is the caller's)."""
@@ -98,7 +96,8 @@ def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, nu
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     labels = torch.tensor(inputs.labels)
     batches = rank_batches(len(inputs.paths), options.batch_size, world, rank)
-    loader = batch_loader(inputs.paths, batches, options.batch_size, load_size, workers, worker_timeout, pin_memory=device.type == "cuda")
+    loader = batch_loader(inputs.paths, batches, options.batch_size, load_size, workers, worker_timeout, pin_memory=device.type == "cuda",
+                          worker_cores=worker_cores)
     sums = EvalSums(num_classes, device, tta=options.tta_n > 0)
     bad: list[tuple[str, str]] = []
     total = len(inputs.paths)
@@ -118,16 +117,17 @@ def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, nu
     return result, [item for part in group.gather(bad) for item in part]
 
 
-def evaluate_shards(cfg, accelerator, group: JobGroup, model, view, classes: list[str], weights: str, options: EvaluateOptions) -> EvalResult:
+def evaluate_shards(cfg, accelerator, group: JobGroup, model, view, classes: list[str], weights: str, options: EvaluateOptions,
+                    workers: Workers) -> EvalResult:
     """data.format=shards: the manifest's validation split through the training loaders."""
     from disttrain.data.setup import build_loaders, load_data
     from disttrain.tracking import ConsoleReporter
     from disttrain.models.forward import evaluate as validate
 
-    data = load_data(cfg, group, ConsoleReporter(accelerator.is_main_process, progress=False))
+    data = load_data(cfg, group, ConsoleReporter(accelerator.is_main_process, progress=False).line, workers.count)
     if data.classes != classes:
         raise WeightsError(f"{weights}: trained on classes {classes}, but the shards in {cfg.data.root} have {data.classes}")
-    _, valid_loader = build_loaders(cfg, data, accelerator)
+    _, valid_loader = build_loaders(cfg, data, accelerator, workers)
     return validate(accelerator, model, valid_loader, view, len(classes), options.tta_n, options.tta_beta, options.tta_max)
 
 
@@ -183,13 +183,14 @@ def _write_json(summary: dict, path: Path) -> None:
 def run(cfg, options: EvaluateOptions) -> dict:
     """The whole job, on every rank (the arguments are checked by the CLI before this); returns the
     JSON summary."""
-    from disttrain.dist.runtime import build_accelerator
+    from disttrain.dist.runtime import build_runtime
 
     check_interpret(cfg, options)
     state = read_model_file(options.weights, need_inference_keys=False)
     cfg = _sized(cfg, state)
     classes = list(state["classes"])
-    accelerator = build_accelerator(cfg)
+    runtime = build_runtime(cfg)
+    accelerator, workers = runtime.accelerator, Workers(runtime.cores.workers, runtime.cores.loader_cores())
     group = JobGroup(accelerator.num_processes)
     model, view = _model(state, cfg, accelerator.device)
     bad: list[tuple[str, str]] = []
@@ -199,7 +200,7 @@ def run(cfg, options: EvaluateOptions) -> dict:
         options = dataclasses.replace(options, data=None)
     if cfg.data.format == "shards" and options.data is None:
         where = str(Path(cfg.data.root).expanduser())
-        result = evaluate_shards(cfg, accelerator, group, model, view, classes, options.weights, options)
+        result = evaluate_shards(cfg, accelerator, group, model, view, classes, options.weights, options, workers)
     else:
         root = options.data if options.data is not None else cfg.data.root
         split = options.split or (cfg.data.valid_dir if options.data is None and cfg.data.valid_dir != "auto" else None)
@@ -209,8 +210,8 @@ def run(cfg, options: EvaluateOptions) -> dict:
             print(f"evaluating {where}: {len(inputs.paths)} image file(s) in {len(set(inputs.labels))} class folder(s) (model.pt has "
                   f"{len(classes)} classes) on {accelerator.num_processes} process(es)", flush=True)
         recorder = SampleRecorder() if options.interpret else None
-        result, bad = evaluate_files(accelerator, group, model, view, inputs, len(classes), cfg.data.load_size, cfg.data.num_workers,
-                                     cfg.data.worker_timeout, options, recorder=recorder)
+        result, bad = evaluate_files(accelerator, group, model, view, inputs, len(classes), cfg.data.load_size, workers.count,
+                                     cfg.data.worker_timeout, options, recorder=recorder, worker_cores=workers.cores)
         records = recorder.gather(group) if recorder is not None else None
     if accelerator.is_main_process:
         for path, reason in bad:

@@ -19,11 +19,11 @@ or the fixed number), `disttrain_version`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from disttrain.dist.cores import compute_threads
 from disttrain.models.forward import eval_view
 from disttrain.models.build import WeightsError
 
@@ -94,9 +94,9 @@ class OnnxModel:
     `image_size`, `load_size` and `probabilities(presized uint8 batch)`."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        """`threads`: onnxruntime's intra-op threads (default: this process's compute threads as
-        disttrain/dist/cores.py planned them, its share of the cores less its decoding workers', or every
-        core it may run on; never onnxruntime's own default, a thread per physical core of the
+        """`threads`: onnxruntime's intra-op threads (`disttrain predict` gives the compute threads
+        disttrain/dist/cores.py planned, its share of the cores less its decoding workers'; default:
+        every core this process may run on; never onnxruntime's own default, a thread per physical core of the
         machine, each pinned to its core, which two processes on one machine would share)."""
         path = Path(path).expanduser()
         expected = "expected an ONNX file written by `disttrain export --format onnx`"
@@ -107,7 +107,7 @@ class OnnxModel:
         except ImportError:
             raise WeightsError(f"{path}: running an ONNX file needs onnxruntime; pip install 'disttrain[export]'") from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or compute_threads()
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
         try:

@@ -216,11 +216,13 @@ what decoding about 1,000 photos costs; a smaller share is decoded by the rank i
 
 
 def batch_loader(paths: list[str], batches: range, batch_size: int, load_size: int, workers: int, timeout: float,
-                 pin_memory: bool = False, pay_off: int = WORKERS_PAY_OFF) -> DataLoader:
+                 pin_memory: bool = False, pay_off: int = WORKERS_PAY_OFF, worker_cores: tuple[int, ...] = ()) -> DataLoader:
     """This rank's batches (`rank_batches`), decoded and presized by `workers` processes (0, or a
     share under `pay_off` images: here), which deliver a batch within `timeout` seconds
-    (data.worker_timeout) or the job stops (iterate it through `disttrain.data.loader.watched`)."""
+    (data.worker_timeout) or the job stops (iterate it through `disttrain.data.loader.watched`);
+    the workers move to `worker_cores` (the run's planned split; empty: where they start)."""
     sampler = _BatchIndices(batches, batch_size, len(paths))
     if sum(len(batch) for batch in sampler) < pay_off:
         workers = 0
-    return make_loader(FileImages(paths, load_size), workers, pin_memory, sampler, timeout, collate_fn=collate)
+    return make_loader(FileImages(paths, load_size), workers, pin_memory, sampler, timeout, collate_fn=collate,
+                       worker_cores=worker_cores)

@@ -148,7 +148,7 @@ def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions
 
 
 def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, parts: Path, options: PredictOptions,
-                  worker_timeout: float) -> tuple[int, int]:
+                  worker_timeout: float, worker_cores: tuple[int, ...] = ()) -> tuple[int, int]:
     """This rank's batches -> its part files; returns (images predicted, files skipped)."""
     from tqdm import tqdm
 
@@ -156,7 +156,7 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, pa
     paths = inputs.paths
     batches = rank_batches(len(paths), options.batch_size, world, rank)
     loader = batch_loader(paths, batches, options.batch_size, saved.load_size, options.workers, worker_timeout,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", worker_cores=worker_cores)
     probabilities = _forward(accelerator, saved, options)
     done = skipped = 0
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (options.progress and accelerator.is_main_process), file=sys.stderr)
@@ -211,8 +211,8 @@ def _print_skipped(parts: Path, world: int) -> None:
 
 def run(options: PredictOptions) -> PredictSummary:
     """The whole job, on every rank (the arguments are checked by the CLI before this)."""
-    from disttrain.config import build_config
-    from disttrain.dist.runtime import build_accelerator
+    from disttrain.models.checks import build_config
+    from disttrain.dist.runtime import build_runtime
 
     onnx = is_onnx_file(options.weights)
     if onnx and options.tta_n:
@@ -220,13 +220,14 @@ def run(options: PredictOptions) -> PredictSummary:
                           "predict with the model.pt for TTA")
     # an ONNX file computes in fp32, on the CPU: its threads are planned as a CPU rank's, beside --workers decoders
     cfg = build_config({"train": {"precision": "no" if onnx else options.precision}, "data": {"num_workers": options.workers}})
-    accelerator = build_accelerator(cfg, compute="cpu" if onnx else None)
+    runtime = build_runtime(cfg, compute="cpu" if onnx else None)
+    accelerator = runtime.accelerator
     group = JobGroup(accelerator.num_processes)
-    saved = OnnxModel(options.weights) if onnx else load_saved_model(options.weights, accelerator.device)
+    saved = OnnxModel(options.weights, runtime.cores.threads) if onnx else load_saved_model(options.weights, accelerator.device)
     inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))
     parts = Path(parts)
     start = time.perf_counter()
-    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout)
+    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout, runtime.cores.loader_cores())
     images, skipped = (int(v) for v in group.sum(torch.tensor([done, skipped], dtype=torch.float64)).tolist())  # every rank done
     seconds = time.perf_counter() - start
     world = accelerator.num_processes

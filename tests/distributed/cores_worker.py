@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from disttrain.dist import cores
-from disttrain.config import load_config
-from disttrain.dist.runtime import build_accelerator
+from disttrain.models.checks import load_config
+from disttrain.dist.runtime import build_runtime
 
 
 def allowed(task: str) -> str:
@@ -25,9 +24,10 @@ def allowed(task: str) -> str:
 
 if __name__ == "__main__":
     out, job, words = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    accelerator = build_accelerator(load_config(None, words))
+    runtime = build_runtime(load_config(None, words))
+    accelerator = runtime.accelerator
     threads = {task: allowed(task) for task in os.listdir("/proc/self/task")}
-    report = {"threads": threads, "cores": cores.current().describe()}
+    report = {"threads": threads, "cores": runtime.cores.describe()}
     (out / f"{job}-rank{accelerator.process_index}.json").write_text(json.dumps(report))
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -32,7 +32,7 @@ import disttrain.data.shards
 import disttrain.data.workers
 import stall_hook
 from disttrain.cli import run_user_errors, train
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.train.trainer import Trainer
 
 mode, at, markers, overrides = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]

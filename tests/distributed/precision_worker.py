@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import disttrain.dist.precision
-from disttrain.config import ConfigError, load_config
+from disttrain.config import ConfigError
+from disttrain.models.checks import load_config
 from disttrain.dist.precision import DeviceFacts, gpu_facts
-from disttrain.dist.runtime import build_accelerator, job_precision
+from disttrain.dist.runtime import build_runtime
 
 RANK = int(os.environ["RANK"])
 AUTO_FACTS = [DeviceFacts("cpu", "CPU (test: native bf16)", True), DeviceFacts("cpu", "CPU (test: AVX2)", False)]
@@ -30,11 +31,12 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     disttrain.dist.precision.device_facts = lambda device: AUTO_FACTS[RANK]  # read at call time by the runtime
     cfg = load_config(None, ["train.precision=auto"])
-    accelerator = build_accelerator(cfg)
-    write(out, "auto", {"mode": accelerator.mixed_precision, "reason": job_precision("auto", accelerator.device).reason})
+    runtime = build_runtime(cfg)
+    accelerator = runtime.accelerator
+    write(out, "auto", {"mode": accelerator.mixed_precision, "reason": runtime.precision.reason})
     disttrain.dist.precision.device_facts = lambda device: EXPLICIT_FACTS[RANK]
     try:
-        build_accelerator(load_config(None, ["train.precision=bf16"]))
+        build_runtime(load_config(None, ["train.precision=bf16"]))
         write(out, "bf16", {"error": None})
     except ConfigError as err:
         write(out, "bf16", {"error": str(err)})

@@ -15,7 +15,7 @@ if __name__ == "__main__":  # loader workers import this script again (disttrain
     from accelerate import Accelerator
 
     from disttrain.cli import run_user_errors
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
     from disttrain.train.run import train
 
     count, config, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3:]

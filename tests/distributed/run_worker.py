@@ -20,7 +20,7 @@ import torch
 
 import disttrain.train.checkpoint as checkpoint
 from disttrain.cli import run_user_errors
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.train.run import train
 from disttrain.train.trainer import Trainer
 

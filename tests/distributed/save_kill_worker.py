@@ -19,7 +19,7 @@ import torch
 
 import disttrain.train.checkpoint as checkpoint
 from disttrain.cli import run_user_errors, train
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 
 where, at, marker, overrides = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
 target = checkpoint.step_name(at) + ".tmp"

@@ -21,7 +21,7 @@ def main() -> int:
 
     import disttrain.train.checkpoint as checkpoint
     from disttrain.cli import run_user_errors, train
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
 
     at, markers, overrides = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     cfg = load_config("configs/demo.yaml", overrides)

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from disttrain.config import SweepConfig, load_config
-from disttrain.dist.runtime import build_accelerator
+from disttrain.config import SweepConfig
+from disttrain.models.checks import load_config
+from disttrain.dist.runtime import build_runtime
 
 
 def state_of(trainer) -> dict:
@@ -62,8 +63,9 @@ def real(out: Path, overrides: list[str]) -> None:
     from disttrain.train.build import build_trainer
 
     cfg = load_config(None, overrides)
-    accelerator = build_accelerator(cfg)
-    trainer, _ = build_trainer(cfg, accelerator)
+    runtime = build_runtime(cfg)
+    accelerator = runtime.accelerator
+    trainer, _ = build_trainer(cfg, runtime)
     trainer.train_epoch(0)  # optimizer state (Adam moments, step counts) exists and must survive the sweep too
     before = state_of(trainer)
     during = {}
@@ -93,10 +95,10 @@ def real(out: Path, overrides: list[str]) -> None:
 
 
 def constructed(out: Path) -> None:
-    from disttrain.config import build_config
+    from disttrain.models.checks import build_config
     from disttrain.train.lr_sweep import run_curve
 
-    accelerator = build_accelerator(build_config({}, ["train.precision=no"]))
+    accelerator = build_runtime(build_config({}, ["train.precision=no"])).accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg = SweepConfig(num_iter=40, beta=0.0, divergence=4.0, skip_start=0, skip_end=0)
     # Rank r's loss jumps from 1 to 6 at step 10 + 5r: alone, rank 0 would stop at step 10 (6 > 4 x 1),

@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 from disttrain.train.build import build_trainer
-from disttrain.config import load_config
-from disttrain.dist.runtime import build_accelerator
+from disttrain.models.checks import load_config
+from disttrain.dist.runtime import build_runtime
 
 if __name__ == "__main__":  # loader workers import this script again (disttrain/data/workers.py)
     out = Path(sys.argv[1])
     cfg = load_config(None, sys.argv[2:])
-    accelerator = build_accelerator(cfg)
-    trainer, _ = build_trainer(cfg, accelerator)
+    runtime = build_runtime(cfg)
+    accelerator = runtime.accelerator
+    trainer, _ = build_trainer(cfg, runtime)
     model = accelerator.unwrap_model(trainer.model)
     if accelerator.is_main_process:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "init.pt")

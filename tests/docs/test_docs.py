@@ -85,3 +85,15 @@ def test_the_site_builds_strictly(tmp_path):
                            "-d", str(tmp_path / "site")], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "configuration" / "index.html").is_file()
+
+
+def test_every_file_of_the_project_the_pages_name_exists():
+    """A page that names disttrain/old_module.py after a move sends the reader nowhere."""
+    import re
+
+    named = {(page.name, path) for page in pages()
+             for path in re.findall(r"\b(?:disttrain|benchmarks|tests|launch|configs)/[\w/.\-]+\.(?:py|yaml|sh|sbatch)\b",
+                                    page.read_text(encoding="utf-8"))}
+    assert len(named) > 20
+    missing = sorted((page, path) for page, path in named if not (REPO / path).exists())
+    assert not missing, missing

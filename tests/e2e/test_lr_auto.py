@@ -8,7 +8,7 @@ import torch
 
 from conftest import launch
 from disttrain.train.checkpoint import load_checkpoint
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.train.lr_sweep import DebiasedEMA, suggest, sweep_lrs
 from disttrain.train.schedule import Schedule
 

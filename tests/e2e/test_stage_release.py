@@ -14,15 +14,14 @@ STAGES_RUN = r"""
 import json, os, sys, weakref
 from pathlib import Path
 
-from accelerate import Accelerator
-
 import disttrain.train.precompute
 import disttrain.train.stages as stage
 from disttrain.train.build import build_trainer
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
+from disttrain.dist.runtime import build_runtime
 
 cfg = load_config(sys.argv[1], [])
-trainer, data = build_trainer(cfg, Accelerator(cpu=True))
+trainer, data = build_trainer(cfg, build_runtime(cfg))
 plans = stage.plan_stages(cfg)
 pids, alive = [], []  # loader workers started so far; what was still there when a stage built its loaders
 held = {}  # weak references to what a stage holds

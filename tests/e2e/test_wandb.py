@@ -166,12 +166,12 @@ def test_train_interpret_writes_the_files_and_logs_the_grids_and_the_top_losses_
 
 GROUP_LRS_RUN = """
 import json, sys
-from accelerate import Accelerator
 from disttrain.train.build import build_trainer
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
+from disttrain.dist.runtime import build_runtime
 
 cfg = load_config(None, sys.argv[1:])
-trainer, _ = build_trainer(cfg, Accelerator(cpu=True))
+trainer, _ = build_trainer(cfg, build_runtime(cfg))
 state = trainer.schedule.state_dict()
 # different LRs per param group, set directly here (a staged run gets them from lr_ratio, per layer group)
 trainer.schedule.load_state_dict({**state, "base_lrs": [max(state["base_lrs"]) / 10**g for g in range(len(state["base_lrs"]))]})
@@ -185,7 +185,7 @@ def test_groups_with_different_lrs_are_logged_per_group(tmp_path, mnist_small):
     """A real Trainer (one CPU process) whose param groups have different LRs logs
     `train/lr/group<i>` (and no `train/lr`) at every log point: each group's LR of the schedule, in
     metrics.jsonl and in the offline W&B run."""
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
     from disttrain.train.schedule import Schedule
 
     proc = launch(["-c", GROUP_LRS_RUN, f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "run.name=g",
@@ -283,7 +283,7 @@ def test_disabled_creates_no_wandb_files(tmp_path, mnist_small):
 
 
 def test_a_resumed_tracker_continues_the_same_run(tmp_path, monkeypatch):
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
     from disttrain.tracking import ConsoleReporter, Tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -330,7 +330,7 @@ def test_environment_wins_over_the_config_and_credentials_pick_the_mode(tmp_path
 
 RAISING_RUN = """
 import sys
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.tracking import ConsoleReporter, Tracker
 
 tracker = Tracker(load_config(None, sys.argv[1:]), True, ConsoleReporter(False))

@@ -28,7 +28,7 @@ def main() -> int:
     import disttrain.train.lr_sweep as lr_sweep
     import disttrain.train.precompute as precompute
     from disttrain.cli import run_user_errors, train
-    from disttrain.config import load_config
+    from disttrain.models.checks import load_config
 
     where = WHERE.get(int(os.environ.get("SLURM_RESTART_COUNT") or 0))
     rank0 = os.environ.get("RANK", "0") == "0"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 
-from disttrain.config import load_config
+from disttrain.models.checks import load_config
 from disttrain.tracking import ConsoleReporter, Tracker
 
 

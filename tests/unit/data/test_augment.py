@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from disttrain.config import AugmentConfig, ConfigError, build_config
+from disttrain.config import AugmentConfig, ConfigError
+from disttrain.models.checks import build_config
 from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
 
 OFF = dict(flip=False, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], max_rotate=0.0, max_zoom=1.0, brightness=0.0, contrast=0.0)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_folder
 from disttrain.config import Config
 from disttrain.data.folder import DataError, scan_image_folder
-from disttrain.data.loader import FolderDataset, RankBatchSampler, make_loader
+from disttrain.data.loader import FolderDataset, RankBatchSampler, Workers, make_loader
 from disttrain.data.setup import build_loaders, use_cache
 
 
@@ -54,7 +54,7 @@ def test_a_rank_caches_only_its_validation_share_and_takes_pages_as_it_fills_the
     shares = []
     for rank in range(3):
         rank_of_3 = SimpleNamespace(num_processes=3, process_index=rank, device=torch.device("cpu"))
-        train, valid = build_loaders(cfg, data, rank_of_3, load_size=24, batch_size=2)
+        train, valid = build_loaders(cfg, data, rank_of_3, Workers(0), load_size=24, batch_size=2)
         share = [i for batch in valid.source for i in batch]
         assert valid.cache_bytes == len(share) * image and train.cache_bytes == len(data.train) * image
         dataset = valid.loader.dataset

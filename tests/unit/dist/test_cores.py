@@ -11,7 +11,8 @@ import torch
 
 from disttrain.dist import cores
 from disttrain.dist.cores import Machine
-from disttrain.config import ConfigError, load_config
+from disttrain.config import ConfigError
+from disttrain.models.checks import load_config
 
 RANKS, MACHINES = [1, 2, 4, 8], [8, 16, 64]
 
@@ -121,20 +122,21 @@ def _restore(before: set[int], threads: int) -> None:
         except OSError:
             pass
     torch.set_num_threads(threads)
-    cores._current, cores._worker_cores, cores._start_affinity = None, (), None  # later tests in this process build loaders
 
 
 def test_apply_pins_every_thread_of_a_pinned_split_and_moves_nothing_otherwise():
     before, threads = os.sched_getaffinity(0), torch.get_num_threads()
     mine = tuple(sorted(before)[:1])
     try:
-        cores.apply(cores.plan(Machine(mine, len(before) + 1), 0, 1, "cpu"))  # one core of a larger machine: an allocation
-        assert os.sched_getaffinity(0) == set(mine) and torch.get_num_threads() == 1 and cores.worker_cores() == mine
+        pinned = cores.plan(Machine(mine, len(before) + 1), 0, 1, "cpu")  # one core of a larger machine: an allocation
+        cores.apply(pinned)
+        assert os.sched_getaffinity(0) == set(mine) and torch.get_num_threads() == 1 and pinned.loader_cores() == mine
         assert cores.machine_here().available == tuple(sorted(before)), "planned again: from the affinity it started with"
         _restore(before, threads)
-        cores.apply(cores.plan(Machine(tuple(sorted(before)), len(before)), 0, 1, "cpu"))
-        assert os.sched_getaffinity(0) == before and cores.worker_cores() == ()
-        assert cores.compute_threads() == cores.current().threads
+        shared = cores.plan(Machine(tuple(sorted(before)), len(before)), 0, 1, "cpu")
+        cores.apply(shared)
+        assert os.sched_getaffinity(0) == before and shared.loader_cores() == ()
+        assert torch.get_num_threads() == shared.threads
     finally:
         _restore(before, threads)
 
@@ -149,3 +151,28 @@ def test_pin_cores_reads_yaml_on_and_off(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  pin_cores: on\n")  # YAML 1.1: a boolean
     assert load_config(tmp_path / "c.yaml").train.pin_cores == "on"
     assert load_config(None, ["train.pin_cores=off"]).train.pin_cores == "off"
+
+
+def test_the_split_is_a_value_and_no_dist_module_keeps_state_of_its_own():
+    """The plan is handed down (build_runtime returns it): it cannot be changed after the fact, and no
+    module of disttrain/dist rebinds a module global (`global`) for other modules to read."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    import disttrain.dist
+
+    split = cores.plan(Machine((0, 1, 2, 3), 4), 0, 1, "cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        split.workers = 3
+    folder = Path(disttrain.dist.__file__).parent
+    rebinding = [f"{path.name}:{node.lineno}" for path in sorted(folder.glob("*.py"))
+                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Global)]
+    assert rebinding == []
+
+
+def test_loader_cores_are_the_workers_own_only_where_pinned():
+    pinned = cores.plan(Machine(tuple(range(8)), 16), 0, 1, "cpu")  # an allocation of 8 of 16 cores
+    shared = cores.plan(Machine(tuple(range(8)), 8), 0, 1, "cpu")  # the whole machine: not pinned
+    assert pinned.pinned and pinned.loader_cores() == pinned.worker_cores == (6, 7)
+    assert not shared.pinned and shared.workers == 2 and shared.loader_cores() == ()

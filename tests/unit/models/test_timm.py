@@ -9,11 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from disttrain.train.checkpoint import save_weights
-from disttrain.config import AugmentConfig, ConfigError, ModelConfig, build_config
+from disttrain.config import AugmentConfig, ConfigError, ModelConfig
+from disttrain.config.parse import build_config_unchecked
 from disttrain.data.augment import DeviceAugment
-from disttrain.models.groups import empty_model, freeze, layer_groups_header, split_layer_groups
+from disttrain.models.build import build_model, empty_model, interpolation, normalization
+from disttrain.models.checks import build_config, load_config
+from disttrain.models.families import family_of, family_of_model
+from disttrain.models.groups import freeze, layer_groups_header, split_layer_groups
+from disttrain.models.timm import FAMILY
 from disttrain.use.inference import load_saved_model
-from disttrain.models.build import build_model, interpolation, normalization
 
 
 def _config(**model):
@@ -24,6 +28,13 @@ def test_a_timm_name_is_checked_with_the_closest_names_as_a_hint():
     with pytest.raises(ConfigError, match=r"model.name: 'convnxt_tiny' is not a timm model \(did you mean timm/convnext_tiny"):
         _config(name="timm/convnxt_tiny")
     assert _config(name="timm/resnet50.a1_in1k").model.name == "timm/resnet50.a1_in1k"  # a pretrained tag is a name too
+
+
+def test_a_timm_name_is_the_timm_family_and_its_sizes_come_only_with_the_family():
+    assert family_of("timm/test_resnet") is FAMILY and family_of_model(empty_model("timm/test_resnet")) is FAMILY
+    pure = build_config_unchecked({"model": {"name": "timm/test_convnext"}})  # no family: the config's own defaults
+    assert (pure.data.image_size, pure.data.load_size) == (224, 256)
+    assert build_config_unchecked({"model": {"name": "timm/convnxt_tiny"}}).model.name == "timm/convnxt_tiny"
 
 
 @pytest.mark.parametrize("name, pretrained, message", [
@@ -172,8 +183,6 @@ def test_a_timm_model_pt_rebuilds_the_same_network(tmp_path):
 
 
 def test_the_timm_recipe_config_takes_its_sizes_from_the_model():
-    from disttrain.config import load_config
-
     cfg = load_config("configs/finetune_timm.yaml", ["model.pretrained=null"])  # its weights file is made from ../shared
     assert (cfg.model.name, cfg.data.image_size, cfg.data.load_size) == ("timm/mobilenetv2_100", 224, 256)
     assert [s.name for s in cfg.stages] == ["head", "unfreeze"] and cfg.stages[0].precompute

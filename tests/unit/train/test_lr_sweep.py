@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from disttrain.config import ConfigError, SweepConfig, build_config
+from disttrain.config import ConfigError, SweepConfig
+from disttrain.models.checks import build_config
 from disttrain.train.lr_sweep import DebiasedEMA, minimum, run_curve, slide, steep, suggest, sweep_lrs, useful_part, valley
 
 FIXTURE = Path(__file__).parents[2] / "data" / "fastai_lr_rules.json"

@@ -74,11 +74,11 @@ def test_shards_are_counted_from_their_manifest(tmp_path):
 
 
 def test_train_deterministic_sets_cudnn_deterministic_mode():
-    """In a process of its own (build_accelerator sets up this process's cores and distributed state)."""
+    """In a process of its own (build_runtime sets up this process's cores and distributed state)."""
     code = (
-        "import torch; from disttrain.config import load_config; from disttrain.dist.runtime import build_accelerator; "
+        "import torch; from disttrain.models.checks import load_config; from disttrain.dist.runtime import build_runtime; "
         "torch.backends.cudnn.benchmark = True; "
-        "build_accelerator(load_config(None, ['train.deterministic=true'])); "
+        "build_runtime(load_config(None, ['train.deterministic=true'])); "
         "print(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)

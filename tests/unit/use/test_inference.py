@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from disttrain.train.checkpoint import save_weights
-from disttrain.config import ConfigError, build_config
+from disttrain.config import ConfigError
+from disttrain.models.checks import build_config
 from disttrain.data.folder import DataError
 from disttrain.data.loader import watched
 from disttrain.use.inference import read_model_file

@@ -168,7 +168,8 @@ def test_grids_show_what_the_model_saw_and_views_without_candidates_are_not_writ
 
 
 def test_interpret_options_outside_their_ranges_are_config_errors(tmp_path):
-    from disttrain.config import ConfigError, load_config
+    from disttrain.config import ConfigError
+    from disttrain.models.checks import load_config
     from disttrain.use.evaluate import EvaluateOptions, check_interpret
 
     with pytest.raises(ConfigError, match=r"^train.interpret: needs data.format=folder"):
