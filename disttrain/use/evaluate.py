@@ -37,14 +37,17 @@ from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import Workers, watched
+from disttrain.data.setup import build_loaders, load_data
+from disttrain.dist.runtime import build_runtime
 from disttrain.use.inference import read_model_file, saved_network
 from disttrain.models.forward import batch_outputs, eval_view
+from disttrain.models.forward import evaluate as validate
 from disttrain.use.inputs import Inputs, batch_loader, choose_split, list_labelled, rank_batches
 from disttrain.use.interpret import DEFAULT_K, SampleRecorder, write_interpretation
 from disttrain.dist.jobgroup import JobGroup
 from disttrain.metrics import EvalResult, EvalSums, most_confused, per_class
 from disttrain.models.build import WeightsError, normalization
-from disttrain.tracking import MATRIX_CLASSES, MOST_CONFUSED, write_confusion
+from disttrain.tracking import MATRIX_CLASSES, MOST_CONFUSED, ConsoleReporter, write_confusion
 
 
 @dataclass
@@ -120,10 +123,6 @@ def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, nu
 def evaluate_shards(cfg, accelerator, group: JobGroup, model, view, classes: list[str], weights: str, options: EvaluateOptions,
                     workers: Workers) -> EvalResult:
     """data.format=shards: the manifest's validation split through the training loaders."""
-    from disttrain.data.setup import build_loaders, load_data
-    from disttrain.tracking import ConsoleReporter
-    from disttrain.models.forward import evaluate as validate
-
     data = load_data(cfg, group, ConsoleReporter(accelerator.is_main_process, progress=False).line, workers.count)
     if data.classes != classes:
         raise WeightsError(f"{weights}: trained on classes {classes}, but the shards in {cfg.data.root} have {data.classes}")
@@ -183,8 +182,6 @@ def _write_json(summary: dict, path: Path) -> None:
 def run(cfg, options: EvaluateOptions) -> dict:
     """The whole job, on every rank (the arguments are checked by the CLI before this); returns the
     JSON summary."""
-    from disttrain.dist.runtime import build_runtime
-
     check_interpret(cfg, options)
     state = read_model_file(options.weights, need_inference_keys=False)
     cfg = _sized(cfg, state)

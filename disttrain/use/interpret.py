@@ -49,7 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from disttrain.data.decode import load_presized
 from disttrain.metrics import Confusion, most_confused
+from disttrain.tracking import write_confusion
 
 TITLE = "predicted / actual / loss / probability of actual"
 DEFAULT_K = 9
@@ -281,8 +283,6 @@ def seen_images(paths: list[str], load_size: int, view) -> tuple[np.ndarray, lis
     the eval `view` (a DeviceAugment: its resample, `view(x, train=False)`), its normalization undone;
     uint8 (N, S, S, 3) on the CPU, and whether each file still decoded (one that no longer does is a
     grey square)."""
-    from disttrain.data.decode import load_presized
-
     arrays, ok = [], []
     for path in paths:
         try:
@@ -327,8 +327,6 @@ def write_interpretation(records: Records, paths: list[str], classes: list[str],
     """Every file of the module docstring into `folder` (made if missing), from the gathered records
     (`paths`: the listing the records' indices point into; `load_size` and `view`: the presize and
     eval view the model saw them through; `seed`: the random views'). Call on the main process only."""
-    from disttrain.tracking import write_confusion
-
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     out = Interpretation(folder)

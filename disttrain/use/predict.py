@@ -48,6 +48,8 @@ from disttrain.use.inference import SavedModel, load_saved_model
 from disttrain.models.forward import batch_outputs, eval_view
 from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
 from disttrain.dist.jobgroup import JobGroup
+from disttrain.dist.runtime import build_runtime
+from disttrain.models.checks import build_config
 
 
 @dataclass
@@ -211,9 +213,6 @@ def _print_skipped(parts: Path, world: int) -> None:
 
 def run(options: PredictOptions) -> PredictSummary:
     """The whole job, on every rank (the arguments are checked by the CLI before this)."""
-    from disttrain.models.checks import build_config
-    from disttrain.dist.runtime import build_runtime
-
     onnx = is_onnx_file(options.weights)
     if onnx and options.tta_n:
         raise ConfigError(f"--tta: not with an exported ONNX file ({options.weights} computes the plain pass only); "
