@@ -19,7 +19,6 @@ import io
 import json
 import multiprocessing
 import os
-import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from webdataset import TarWriter
 
 from disttrain.data.decode import open_image
 from disttrain.data.folder import DataError, list_image_folder
@@ -89,32 +89,32 @@ def encode_sample(path: str, presize: int, quality: int) -> bytes:
     return out.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o444
-    info.mtime = 0  # the same input gives the same bytes
-    info.uname = info.gname = "disttrain"
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(task: ShardTask, out_dir: str, presize: int, quality: int) -> dict:
-    """Write one shard (temporary name, then rename); returns its progress record."""
+    """Write one shard (temporary name, then rename); returns its progress record.
+
+    webdataset's `TarWriter` writes the members (sorted by extension: `.cls`, `.jpg`, `.path`) as a
+    plain POSIX tar; `mtime=0` and fixed owner names make the same input give the same bytes, and
+    `encoder=False` stores our bytes as they are (its default encoder would re-encode images).
+    Its `ShardWriter` is not used: it cuts shards by count in one process and writes final names,
+    while here a split is cut into shards of equal size (+-1) up front, written by a process pool,
+    each under a temporary name and recorded for resuming."""
     final = Path(out_dir) / task.name
     tmp = final.with_name(final.name + ".tmp")
     bad, samples = [], 0
     with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with TarWriter(fh, user="disttrain", group="disttrain", mode=0o444, mtime=0, encoder=False) as sink:
             for i, (path, label) in enumerate(task.files):
                 try:
                     jpeg = encode_sample(path, presize, quality)
                 except Exception as err:  # any decode failure means "cannot train on this file"
                     bad.append({"path": path, "reason": f"{type(err).__name__}: {err}".strip()})
                     continue
-                key = f"{task.first_key + i:08d}"
-                _add_member(tar, f"{key}.cls", str(label).encode())
-                _add_member(tar, f"{key}.jpg", jpeg)
-                _add_member(tar, f"{key}.path", os.path.relpath(path, task.split_dir).encode())
+                sink.write({
+                    "__key__": f"{task.first_key + i:08d}",
+                    "cls": str(label).encode(),
+                    "jpg": jpeg,
+                    "path": os.path.relpath(path, task.split_dir).encode(),
+                })
                 samples += 1
         fh.flush()
         os.fsync(fh.fileno())
@@ -280,7 +280,7 @@ def _run_tasks(todo, out, settings, workers, total, fingerprint, done, progress)
             for task in todo:
                 record(write_shard(task, str(out), settings.presize, settings.quality))
             return
-        # spawn: workers start clean (no inherited threads or CUDA state) and import only PIL here
+        # spawn: workers start clean (no inherited threads or CUDA state)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             pending = {pool.submit(write_shard, t, str(out), settings.presize, settings.quality) for t in todo}
             while pending:

@@ -19,6 +19,10 @@ evaluation reduces sums at the end, so ranks may run different numbers of batche
 
 Corrupt data (a truncated shard, a payload that is not an image, a sample without `.cls`) is
 skipped, counted and reported with each batch; training batch counts do not change.
+
+webdataset reads the tar members and groups them into samples (`tar_file_expander`,
+`group_by_keys`); the split, the counting and the batches are ours, because webdataset's would not
+give every rank the same batch count nor count what is skipped (docs/design.md, "Shards").
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from disttrain.data.decode import load_presized
 from disttrain.data.folder import DataError
@@ -164,62 +169,58 @@ class RawSample:
     label: int
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """`dir/KEY.ext.more` -> (`dir/KEY`, `ext.more`), the webdataset convention."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
+def _check_sample(path: Path, sample: dict, skipped: dict[str, int], num_classes: int) -> RawSample | None:
+    """A grouped sample (webdataset's dict: `__key__` and one entry per extension) as a RawSample,
+    or None (counted in `skipped` by reason) when it has no image, no label or a label out of range."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    reason = None
+    if ext is None:
+        reason = "no image member"
+    elif "cls" not in sample:
+        reason = "no .cls member"
+    else:
+        try:
+            label = int(sample["cls"].decode().strip())
+        except ValueError:
+            label = -1
+        if not 0 <= label < num_classes:
+            reason = "bad label"
+    if reason:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        log.warning("%s: sample %s skipped (%s)", path, sample["__key__"], reason)
+        return None
+    return RawSample(sample["__key__"], sample[ext], label)
+
+
+def _keep_first(err: Exception) -> bool:
+    """webdataset handler for a member name repeated within a sample: keep the first, go on."""
+    log.warning("%s", err.args[0] if err.args else err)
+    return True
 
 
 def read_range(path: Path, start: int, stop: int, skipped: dict[str, int], num_classes: int) -> Iterator[RawSample]:
-    """Samples `start..stop-1` of one shard (counted by key groups), streamed. Unusable samples and
-    the samples a truncated shard no longer holds are counted in `skipped` (by reason)."""
-    index, key, members = -1, None, {}
-
-    def finish() -> RawSample | None:
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        reason = None
-        if ext is None:
-            reason = "no image member"
-        elif "cls" not in members:
-            reason = "no .cls member"
-        else:
-            try:
-                label = int(members["cls"].decode().strip())
-            except ValueError:
-                label = -1
-            if not 0 <= label < num_classes:
-                reason = "bad label"
-        if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            log.warning("%s: sample %s skipped (%s)", path, key, reason)
-            return None
-        return RawSample(key, members[ext], label)
-
+    """Samples `start..stop-1` of one shard, streamed: webdataset reads the tar's members
+    (`tar_file_expander`) and groups them by key (`group_by_keys`, the webdataset convention
+    `dir/KEY.ext`); samples are counted by those groups. Unusable samples and the samples a
+    truncated shard no longer holds are counted in `skipped` (by reason). A sample is complete when
+    the next one's first member has been read (webdataset's grouping), so a shard cut inside a
+    sample's first member also loses the sample before it."""
+    seen = 0  # complete samples of this shard read so far
     try:
-        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = _split_name(member.name)
-                if member_key != key:
-                    if start <= index < stop:
-                        sample = finish()
-                        if sample is not None:
-                            yield sample
-                    index, key, members = index + 1, member_key, {}
-                    if index >= stop:
-                        return
-                if start <= index < stop:
-                    members[ext] = tar.extractfile(member).read()
-        if start <= index < stop:
-            sample = finish()
-            if sample is not None:
-                yield sample
-        index += 1
+        with open(path, "rb") as fh:
+            members = tar_file_expander([{"url": str(path), "stream": fh}], eof_value=None)
+            for sample in group_by_keys(members, handler=_keep_first):
+                seen += 1
+                if seen > start:
+                    usable = _check_sample(path, sample, skipped, num_classes)
+                    if usable is not None:
+                        yield usable
+                if seen >= stop:
+                    return
     except (tarfile.TarError, EOFError, OSError) as err:
-        log.warning("%s: unreadable after sample %d (%s); the rest of this shard's range is skipped", path, index, err)
-    lost = stop - max(start, index)
+        reason = str(err.args[0]).partition(" @ ")[0] if err.args else repr(err)  # webdataset appends " @ <file>"
+        log.warning("%s: unreadable after sample %d (%s); the rest of this shard's range is skipped", path, seen, reason)
+    lost = stop - max(start, seen)
     if lost > 0:
         skipped["truncated shard"] = skipped.get("truncated shard", 0) + lost
 

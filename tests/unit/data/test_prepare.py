@@ -75,6 +75,23 @@ def test_same_input_gives_the_same_bytes(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
+def test_shards_are_plain_tars_with_fixed_headers(tmp_path):
+    """What keeps the bytes reproducible and the shards standard webdataset: per sample KEY.cls,
+    KEY.jpg, KEY.path in that order, regular files with mtime 0, mode 0444, owner disttrain (uid 0),
+    no pax headers; the label and the path under the split folder as text."""
+    src = make_folder(tmp_path / "src", {"train": {"a": 2, "b": 1}, "valid": {"a": 1}})
+    prepare(src, tmp_path / "out", PrepareSettings(samples_per_shard=10), workers=1, progress=False, log=_quiet)
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [f"{k:08d}.{e}" for k in range(3) for e in ("cls", "jpg", "path")]
+        assert {(m.type, m.mtime, m.mode, m.uname, m.gname, m.uid, m.gid, m.pax_headers == {}) for m in members} == {
+            (tarfile.REGTYPE, 0, 0o444, "disttrain", "disttrain", 0, 0, True)
+        }
+        text = {m.name: tar.extractfile(m).read().decode() for m in members if not m.name.endswith(".jpg")}
+    pairs = {(text[f"{k:08d}.path"], text[f"{k:08d}.cls"]) for k in range(3)}
+    assert pairs == {("a/000.png", "0"), ("a/001.png", "0"), ("b/000.png", "1")}
+
+
 # Runs `disttrain prepare` with a hook that holds the process still at a chosen sample: the test
 # kills it there, so the kill lands at the same point of the run on any machine.
 HOLD_AT_SAMPLE = """

@@ -282,6 +282,29 @@ def test_read_range_counts_what_it_skips(tmp_path):
     assert keys == ["t02", "t03"] and skipped == {"truncated shard": 4}
 
 
+def test_read_range_follows_webdatasets_grouping_and_counts_every_sample(tmp_path):
+    """Every sample of the range is delivered or counted. webdataset's grouping closes a sample when
+    the next one's first member has been read, so a cut inside that member also costs the (complete)
+    sample before it; a member name repeated within a sample keeps the first."""
+    path = tmp_path / "edge.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            _member(tar, f"e{i}.cls", b"7" if i == 1 else b"0")  # e1: a label out of range
+            _member(tar, f"e{i}.jpg", _jpeg(i))
+            if i == 2:
+                _member(tar, "e2.jpg", b"a second e2.jpg")
+    skipped: dict[str, int] = {}
+    samples = list(read_range(path, 0, 6, skipped, num_classes=2))
+    assert [s.key for s in samples] == ["e0", "e2", "e3", "e4", "e5"] and skipped == {"bad label": 1}
+    assert samples[1].image == _jpeg(2) and all(s.label == 0 for s in samples)
+    with tarfile.open(path) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "e4.cls").offset_data
+    path.write_bytes(path.read_bytes()[:cut])  # e4.cls's header is there, its byte is not
+    skipped = {}
+    assert [s.key for s in read_range(path, 1, 6, skipped, num_classes=2)] == ["e2"]
+    assert skipped == {"bad label": 1, "truncated shard": 3}  # e3 (complete, not yet closed), e4, e5
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_members_are_skipped_without_changing_batch_counts(tmp_path, workers):
     root = _corrupt_shards(tmp_path)
