@@ -97,3 +97,11 @@ def test_every_file_of_the_project_the_pages_name_exists():
     assert len(named) > 20
     missing = sorted((page, path) for page, path in named if not (REPO / path).exists())
     assert not missing, missing
+
+
+def test_no_page_for_users_names_an_issue():
+    """What landed when is CHANGELOG.md's; the pages say what the code does now."""
+    import re
+
+    named = [(page.name, hit) for page in pages() for hit in re.findall(r"(?i)\bissues? ?#?\d+", page.read_text(encoding="utf-8"))]
+    assert not named, named
