@@ -82,3 +82,15 @@ def test_only_models_knows_the_model_families():
         if zoo:
             outside[str(path.relative_to(REPO))] = sorted(zoo)
     assert outside == {}
+
+
+def test_pytest_collects_every_test_folder(pytestconfig):
+    """pytest skips folders named like build outputs (`dist`, `build`) unless told otherwise: a test
+    folder that mirrors such a package would silently never run."""
+    from fnmatch import fnmatch
+
+    patterns = pytestconfig.getini("norecursedirs")
+    folders = [d for d in (REPO / "tests").rglob("*") if d.is_dir() and d.name != "__pycache__"]
+    assert (REPO / "tests" / "unit" / "dist") in folders
+    hidden = [str(d.relative_to(REPO)) for d in folders if any(fnmatch(d.name, pattern) for pattern in patterns)]
+    assert not hidden
