@@ -11,6 +11,8 @@ import pytest
 import torch
 import torchvision
 
+from group_checks import each_parameter_once_in_forward_order
+
 from disttrain.config import ConfigError, ScheduleConfig, frozen_groups, run_stages
 from disttrain.models.build import empty_model
 from disttrain.models.checks import build_config
@@ -21,17 +23,6 @@ from disttrain.train.schedule import Schedule
 def _meta(name: str) -> torch.nn.Module:
     """Shapes only (no memory, no init cost); splitting does not change the model, so tests share it."""
     return empty_model(name, num_classes=7)
-
-
-def _each_parameter_once_in_forward_order(model, groups) -> None:
-    names = [n for g in groups for n in g.names]
-    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each once
-    by_name = dict(model.named_parameters())
-    assert all(by_name[n] is p for g in groups for n, p in zip(g.names, g.params, strict=True))
-    head = groups[-1].blocks[0]
-    if type(model) is not torchvision.models.VisionTransformer:  # its conv_proj runs before the class token it holds
-        assert names == [n for n, _ in model.named_parameters() if not n.startswith(head + ".")] + [
-            n for n, _ in model.named_parameters() if n.startswith(head + ".")]
 
 
 @pytest.mark.parametrize("name, n, expected", [
@@ -48,7 +39,7 @@ def test_other_group_counts_cut_the_units_whole_into_balanced_groups(name, n, ex
     model = _meta(name)
     groups = split_layer_groups(model, n, name)
     assert len(groups) == n and groups[-1].head and not any(g.head for g in groups[:-1])
-    _each_parameter_once_in_forward_order(model, groups)
+    each_parameter_once_in_forward_order(model, groups)
     header = layer_groups_header(name, model, n)
     if expected is not None:
         assert [(g.blocks[0], g.blocks[-1]) for g in groups[:-1]] == expected, [g.describe() for g in groups]

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torchvision
 
+from group_checks import each_parameter_once_in_forward_order
+
 from disttrain.config import AugmentConfig, ConfigError, ModelConfig
 from disttrain.models.build import WeightsError, build_model, empty_model, normalization
 from disttrain.models.families import family_of, family_of_model
@@ -50,7 +52,7 @@ def test_three_groups_are_each_familys_stated_split_at_the_measured_stride_16(na
     assert [g.head for g in groups] == [False, False, True] and [g.index for g in groups] == [0, 1, 2]
     header = layer_groups_header(name, model, 3)
     assert header.startswith(f"layer groups of {name} (finetune.groups=3: ") and source in header, header
-    _each_parameter_once_in_forward_order(model, groups)
+    each_parameter_once_in_forward_order(model, groups)
     if name.startswith("vit"):
         assert groups[0].names[:4] == ["conv_proj.weight", "conv_proj.bias", "class_token", "encoder.pos_embedding"]
         return
@@ -73,17 +75,6 @@ def test_three_groups_are_each_familys_stated_split_at_the_measured_stride_16(na
 def _stride(images: torch.Tensor) -> int:
     height = images.shape[2] if images.shape[2] == images.shape[3] else images.shape[1]  # NCHW, or Swin's NHWC
     return 224 // height
-
-
-def _each_parameter_once_in_forward_order(model, groups) -> None:
-    names = [n for g in groups for n in g.names]
-    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each once
-    by_name = dict(model.named_parameters())
-    assert all(by_name[n] is p for g in groups for n, p in zip(g.names, g.params, strict=True))
-    head = groups[-1].blocks[0]
-    if type(model) is not torchvision.models.VisionTransformer:  # its conv_proj runs before the class token it holds
-        assert names == [n for n, _ in model.named_parameters() if not n.startswith(head + ".")] + [
-            n for n, _ in model.named_parameters() if n.startswith(head + ".")]
 
 
 def test_names_without_a_prefix_and_torchvisions_networks_are_the_torchvision_family():
