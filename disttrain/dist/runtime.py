@@ -21,6 +21,7 @@ from disttrain.config import Config
 from disttrain.dist.cores import CoreSplit
 from disttrain.dist.precision import DeviceFacts, Precision
 
+
 @dataclass(frozen=True)
 class Runtime:
     """What `build_runtime` resolved for this rank, handed down whole: nothing of it is kept elsewhere
