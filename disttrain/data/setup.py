@@ -1,9 +1,10 @@
 """What a run feeds its model: the scanned image folder or the shard manifest (read once, on the
 main process), this rank's loaders at a stage's sizes, and the on-device augmentation.
 
-build.py (the trainer) and stage.py (a stage's loaders) both use this module; it uses neither. What
-it needs of the run comes in as values: the resolved loader workers (`Workers`), a group that reads on
-the main process for every rank (`MainFirst`, the job's JobGroup) and a `report(line)` callable.
+disttrain/train/build.py (the trainer) and train/stages.py (a stage's loaders) both use this
+module; it uses neither. What it needs of the run comes in as values: the resolved loader workers
+(`Workers`), a group that reads on the main process for every rank (`MainFirst`, the job's JobGroup)
+and a `report(line)` callable.
 """
 
 from __future__ import annotations

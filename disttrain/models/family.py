@@ -71,6 +71,10 @@ class Family(Protocol):
     def empty(self, name: str, num_classes: int) -> nn.Module:
         """The network on the meta device: shapes only, no memory, no initialization cost."""
 
+    def fetch_weights(self, name: str, progress: bool) -> tuple[Path, str]:
+        """Where the family's own weights of `name` are, made local first where the family downloads
+        them (run by the main process alone), and what they are, for the line the run prints."""
+
     def weights_file(self, name: str) -> Path | None:
         """Where the family's own weights of `name` are, for disttrain to load by name and shape;
         None where `create` loads them."""

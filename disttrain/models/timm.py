@@ -242,6 +242,9 @@ class TimmFamily:
     def empty(self, name: str, num_classes: int) -> nn.Module:
         return empty(name, num_classes)
 
+    def fetch_weights(self, name: str, progress: bool) -> tuple[Path, str]:
+        return cached_weights(name), f"timm's weights of {timm_name(name)}"  # never downloaded: the cache or a ZooError
+
     def weights_file(self, name: str) -> Path | None:
         return None  # `create` loads timm's own weights the timm way
 

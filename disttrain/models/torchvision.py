@@ -199,6 +199,9 @@ class TorchvisionFamily:
                 model = torchvision.models.get_model(name, num_classes=num_classes)
             return model.to("meta")
 
+    def fetch_weights(self, name: str, progress: bool) -> tuple[Path, str]:
+        return fetch_imagenet_weights(name, progress=progress), f"torchvision's ImageNet weights of {name}"
+
     def weights_file(self, name: str) -> Path | None:
         """The hub cache's file (there already: `fetch_imagenet_weights` puts it there first)."""
         return imagenet_file(name)[0]

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from disttrain.train.checkpoint import Checkpointer, PreemptionFlag, Resume, stop_if_preempted
-from disttrain.config import IMAGENET, Config, save_config
+from disttrain.config import Config, save_config
 from disttrain.data.folder import ImageFolderData
 from disttrain.data.setup import build_augment, load_data
-from disttrain.dist.jobgroup import JobGroup
 from disttrain.data.shards import Manifest
-from disttrain.models.groups import layer_groups_header, split_layer_groups
-from disttrain.models import timm as zoo
-from disttrain.config import TIMM
-from disttrain.models.build import build_model, interpolation, normalization
-from disttrain.models.torchvision import fetch_imagenet_weights
+from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import Runtime, rank_seed, seed_everything
-from disttrain.train.stages import StagePlan, enter_stage, plan_stages
+from disttrain.models.build import build_model, interpolation, normalization
+from disttrain.models.families import family_of
+from disttrain.models.groups import layer_groups_header, split_layer_groups
 from disttrain.tracking import ConsoleReporter, Tracker
+from disttrain.train.checkpoint import Checkpointer, PreemptionFlag, Resume, stop_if_preempted
+from disttrain.train.stages import StagePlan, enter_stage, plan_stages
 from disttrain.train.trainer import Trainer
 
 
@@ -46,16 +44,15 @@ def build_trainer(
         resume.check(cfg.model.name, data.classes, data_identity(data))
     tracker = Tracker(cfg, accelerator.is_main_process, reporter, resume_step=resume.meta["global_step"] if resume else None,
                       find_lr_only=find_lr_only)
-    if cfg.model.pretrained == IMAGENET:  # downloaded by the main process when missing; the others wait
-        path = job.from_main(lambda: fetch_imagenet_weights(cfg.model.name, progress=cfg.log.progress))
-        reporter.line(f"pretrained: torchvision's ImageNet weights of {cfg.model.name} from {path}")
-    elif cfg.model.pretrained == TIMM:
-        reporter.line(f"pretrained: timm's weights of {zoo.timm_name(cfg.model.name)} from {zoo.cached_weights(cfg.model.name)}")
+    family = family_of(cfg.model.name)
+    if cfg.model.pretrained == family.weights:  # the family's own: fetched by the main process when missing; the others wait
+        path, what = job.from_main(lambda: family.fetch_weights(cfg.model.name, progress=cfg.log.progress))
+        reporter.line(f"pretrained: {what} from {path}")
     mean, std, source = normalization(cfg.model, cfg.augment)
     resample, resample_source = interpolation(cfg.model, cfg.augment)
     if cfg.model.pretrained is not None or cfg.augment.mean is None:
         reporter.line(f"normalization: mean {_fmt(mean)}, std {_fmt(std)} ({source})")
-    if zoo.is_timm(cfg.model.name) or cfg.augment.interpolation != "auto":
+    if family.input_size(cfg.model.name) is not None or cfg.augment.interpolation != "auto":  # the model states its input
         reporter.line(f"input: {cfg.data.image_size} px from a {cfg.data.load_size} px presize, {resample} resampling ({resample_source})")
 
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
