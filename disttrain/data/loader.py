@@ -26,6 +26,7 @@ from disttrain.data.decode import decode_jpeg_batch, load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
 from disttrain.data.workers import StartTimedOut, start_deadline, worker_context, worker_init
+from disttrain.dist.cores import CoreSplit
 
 
 class FolderDataset(Dataset):
@@ -190,6 +191,11 @@ class Workers:
 
     count: int = 0
     cores: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, split: CoreSplit | None) -> "Workers":
+        """A split's loader workers (None, no split: decoding in the training process)."""
+        return cls() if split is None else cls(split.workers, split.loader_cores())
 
 
 def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: Sampler | None = None,

@@ -26,8 +26,8 @@ def interpret_run(cfg, trainer, data, stage) -> None:
     inputs = Inputs(list(data.valid.paths), list(data.valid.labels), folder=str(data.valid.dir))
     recorder = SampleRecorder()
     options = EvaluateOptions(str(cfg.run.dir / "model.pt"), batch_size=stage.batch_size * 2)
-    evaluate_files(acc, group, model, view, inputs, len(trainer.classes), stage.load_size, trainer.workers.count,
-                   cfg.data.worker_timeout, options, progress=cfg.log.progress, recorder=recorder, worker_cores=trainer.workers.cores)
+    evaluate_files(acc, group, model, view, inputs, len(trainer.classes), stage.load_size, trainer.workers,
+                   cfg.data.worker_timeout, options, progress=cfg.log.progress, recorder=recorder)
     records = recorder.gather(group)
 
     def write() -> None:

@@ -175,9 +175,7 @@ class Trainer:
     @property
     def workers(self) -> Workers:
         """How this rank's loaders decode: the split's worker count and cores (no workers without one)."""
-        if self.cores is None:
-            return Workers()
-        return Workers(self.cores.workers, self.cores.loader_cores())
+        return Workers.of(self.cores)
 
     def observe_steps(self, observer: Callable[[float], None] | None) -> None:
         """Call `observer(seconds)` after every optimizer step (`step`, in training and in the LR

@@ -88,9 +88,9 @@ def _model(state: dict, cfg, device: torch.device):
     return model, eval_view(cfg.data.image_size, mean, std, cfg.model.channels_last, state.get("interpolation", "bilinear"))
 
 
-def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, num_classes: int, load_size: int, workers: int,
+def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, num_classes: int, load_size: int, workers: Workers,
                    worker_timeout: float, options: EvaluateOptions, progress: bool = True,
-                   recorder: SampleRecorder | None = None, worker_cores: tuple[int, ...] = ()) -> tuple[EvalResult, list[tuple[str, str]]]:
+                   recorder: SampleRecorder | None = None) -> tuple[EvalResult, list[tuple[str, str]]]:
     """This rank's batches of a labelled listing, the sums reduced across ranks once (on `group`,
     which waits for the slowest rank): (result, every rank's undecodable files with the reason).
     `recorder` also keeps each image's scalars of the same forward pass (its `gather` is the caller's)."""
@@ -99,8 +99,7 @@ def evaluate_files(accelerator, group: JobGroup, model, view, inputs: Inputs, nu
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     labels = torch.tensor(inputs.labels)
     batches = rank_batches(len(inputs.paths), options.batch_size, world, rank)
-    loader = batch_loader(inputs.paths, batches, options.batch_size, load_size, workers, worker_timeout, pin_memory=device.type == "cuda",
-                          worker_cores=worker_cores)
+    loader = batch_loader(inputs.paths, batches, options.batch_size, load_size, workers, worker_timeout, pin_memory=device.type == "cuda")
     sums = EvalSums(num_classes, device, tta=options.tta_n > 0)
     bad: list[tuple[str, str]] = []
     total = len(inputs.paths)
@@ -187,7 +186,7 @@ def run(cfg, options: EvaluateOptions) -> dict:
     cfg = _sized(cfg, state)
     classes = list(state["classes"])
     runtime = build_runtime(cfg)
-    accelerator, workers = runtime.accelerator, Workers(runtime.cores.workers, runtime.cores.loader_cores())
+    accelerator, workers = runtime.accelerator, Workers.of(runtime.cores)
     group = JobGroup(accelerator.num_processes)
     model, view = _model(state, cfg, accelerator.device)
     bad: list[tuple[str, str]] = []
@@ -207,8 +206,8 @@ def run(cfg, options: EvaluateOptions) -> dict:
             print(f"evaluating {where}: {len(inputs.paths)} image file(s) in {len(set(inputs.labels))} class folder(s) (model.pt has "
                   f"{len(classes)} classes) on {accelerator.num_processes} process(es)", flush=True)
         recorder = SampleRecorder() if options.interpret else None
-        result, bad = evaluate_files(accelerator, group, model, view, inputs, len(classes), cfg.data.load_size, workers.count,
-                                     cfg.data.worker_timeout, options, recorder=recorder, worker_cores=workers.cores)
+        result, bad = evaluate_files(accelerator, group, model, view, inputs, len(classes), cfg.data.load_size, workers,
+                                     cfg.data.worker_timeout, options, recorder=recorder)
         records = recorder.gather(group) if recorder is not None else None
     if accelerator.is_main_process:
         for path, reason in bad:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from disttrain.data.decode import IMAGE_EXTENSIONS, load_presized
 from disttrain.data.folder import DataError
-from disttrain.data.loader import make_loader
+from disttrain.data.loader import Workers, make_loader
 
 SPLITS = ("valid", "val", "test")
 """The folders `choose_split` looks for, in this order."""
@@ -215,14 +215,13 @@ imports torch and the decoders, disttrain/data/workers.py) costs about 2-3 s on 
 what decoding about 1,000 photos costs; a smaller share is decoded by the rank itself."""
 
 
-def batch_loader(paths: list[str], batches: range, batch_size: int, load_size: int, workers: int, timeout: float,
-                 pin_memory: bool = False, pay_off: int = WORKERS_PAY_OFF, worker_cores: tuple[int, ...] = ()) -> DataLoader:
-    """This rank's batches (`rank_batches`), decoded and presized by `workers` processes (0, or a
-    share under `pay_off` images: here), which deliver a batch within `timeout` seconds
-    (data.worker_timeout) or the job stops (iterate it through `disttrain.data.loader.watched`);
-    the workers move to `worker_cores` (the run's planned split; empty: where they start)."""
+def batch_loader(paths: list[str], batches: range, batch_size: int, load_size: int, workers: Workers, timeout: float,
+                 pin_memory: bool = False, pay_off: int = WORKERS_PAY_OFF) -> DataLoader:
+    """This rank's batches (`rank_batches`), decoded and presized by `workers.count` processes (0, or
+    a share under `pay_off` images: here) on `workers.cores` (the run's planned split), which deliver
+    a batch within `timeout` seconds (data.worker_timeout) or the job stops (iterate it through
+    `disttrain.data.loader.watched`)."""
     sampler = _BatchIndices(batches, batch_size, len(paths))
-    if sum(len(batch) for batch in sampler) < pay_off:
-        workers = 0
-    return make_loader(FileImages(paths, load_size), workers, pin_memory, sampler, timeout, collate_fn=collate,
-                       worker_cores=worker_cores)
+    count = 0 if sum(len(batch) for batch in sampler) < pay_off else workers.count
+    return make_loader(FileImages(paths, load_size), count, pin_memory, sampler, timeout, collate_fn=collate,
+                       worker_cores=workers.cores)

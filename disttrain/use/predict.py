@@ -42,7 +42,7 @@ from disttrain import durable
 from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
-from disttrain.data.loader import watched
+from disttrain.data.loader import Workers, watched
 from disttrain.use.exported import OnnxModel, is_onnx_file
 from disttrain.use.inference import SavedModel, load_saved_model
 from disttrain.models.forward import batch_outputs, eval_view
@@ -150,15 +150,15 @@ def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions
 
 
 def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, parts: Path, options: PredictOptions,
-                  worker_timeout: float, worker_cores: tuple[int, ...] = ()) -> tuple[int, int]:
+                  worker_timeout: float, workers: Workers) -> tuple[int, int]:
     """This rank's batches -> its part files; returns (images predicted, files skipped)."""
     from tqdm import tqdm
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     paths = inputs.paths
     batches = rank_batches(len(paths), options.batch_size, world, rank)
-    loader = batch_loader(paths, batches, options.batch_size, saved.load_size, options.workers, worker_timeout,
-                          pin_memory=device.type == "cuda", worker_cores=worker_cores)
+    loader = batch_loader(paths, batches, options.batch_size, saved.load_size, workers, worker_timeout,
+                          pin_memory=device.type == "cuda")
     probabilities = _forward(accelerator, saved, options)
     done = skipped = 0
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (options.progress and accelerator.is_main_process), file=sys.stderr)
@@ -226,7 +226,7 @@ def run(options: PredictOptions) -> PredictSummary:
     inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))
     parts = Path(parts)
     start = time.perf_counter()
-    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout, runtime.cores.loader_cores())
+    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout, Workers.of(runtime.cores))
     images, skipped = (int(v) for v in group.sum(torch.tensor([done, skipped], dtype=torch.float64)).tolist())  # every rank done
     seconds = time.perf_counter() - start
     world = accelerator.num_processes

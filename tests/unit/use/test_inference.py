@@ -13,7 +13,7 @@ from disttrain.train.checkpoint import save_weights
 from disttrain.config import ConfigError
 from disttrain.models.checks import build_config
 from disttrain.data.folder import DataError
-from disttrain.data.loader import watched
+from disttrain.data.loader import Workers, watched
 from disttrain.use.inference import read_model_file
 from disttrain.models.forward import MAX_TTA_VIEWS, check_tta, outputs, tta_view
 from disttrain.use.inputs import batch_loader, choose_split, list_inputs, list_labelled, parse_extensions, rank_batches
@@ -160,14 +160,14 @@ def test_an_undecodable_file_leaves_its_batch_with_the_reason_and_the_rest_keep_
         paths.append(str(path))
     _write(tmp_path / "1.png", "not an image")
     (tmp_path / "3.png").write_bytes(b"")
-    batches = list(batch_loader(paths, range(0, 3), 2, 8, workers=0, timeout=0))
+    batches = list(batch_loader(paths, range(0, 3), 2, 8, workers=Workers(0), timeout=0))
     assert [index for index, _, _ in batches] == [[0], [2], [4]]
     assert [bad for _, _, bad in batches] == [[(1, "not an image (PIL cannot identify the format)")], [(3, "empty file (0 bytes)")], []]
     assert batches[1][1].shape == (1, 8, 8, 3) and int(batches[1][1][0, 0, 0, 0]) == 80
     # the same from a decoding worker (started by the fork server: what a share of 1,000+ images gets)
-    loader = batch_loader(paths, range(0, 3), 2, 8, workers=1, timeout=60, pay_off=0)
+    loader = batch_loader(paths, range(0, 3), 2, 8, workers=Workers(1), timeout=60, pay_off=0)
     assert loader.num_workers == 1 and loader.multiprocessing_context.get_start_method() == "forkserver"
     from_worker = list(watched(loader, "predict"))
     assert [(i, b) for i, _, b in from_worker] == [(i, b) for i, _, b in batches]
     assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(batches, from_worker) if a is not None)
-    assert batch_loader(paths, range(0, 3), 2, 8, workers=1, timeout=60).num_workers == 0  # 5 images: decoded here
+    assert batch_loader(paths, range(0, 3), 2, 8, workers=Workers(1), timeout=60).num_workers == 0  # 5 images: decoded here
