@@ -57,8 +57,8 @@ def format_time(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def format_row(values: Iterable[str]) -> str:
-    return "".join(f"{v:<{max(len(c), 8) + 2}}" for c, v in zip(COLUMNS, values)).rstrip()
+def format_row(values: Iterable[str], columns: Iterable[str] = COLUMNS) -> str:
+    return "".join(f"{v:<{max(len(c), 8) + 2}}" for c, v in zip(columns, values)).rstrip()
 
 
 class ConsoleReporter:
@@ -71,7 +71,7 @@ class ConsoleReporter:
         self.is_main = is_main
         self.show_progress = progress and is_main
         self.stream = stream or sys.stdout
-        self._header_done = False
+        self._header_done: tuple | None = None  # the columns of the header printed
 
     def line(self, text: str) -> None:
         if self.is_main:
@@ -84,11 +84,16 @@ class ConsoleReporter:
             iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.show_progress
         )
 
-    def epoch_row(self, epoch: int, train_loss: float, valid_loss: float, accuracy: float, seconds: float) -> None:
-        if not self._header_done:
-            self.line(format_row(COLUMNS))
-            self._header_done = True
-        self.line(format_row((str(epoch), f"{train_loss:.6f}", f"{valid_loss:.6f}", f"{accuracy:.6f}", format_time(seconds))))
+    def epoch_row(self, epoch: int, train_loss: float, valid_loss: float, metrics: dict[str, float], seconds: float) -> None:
+        """A row of the table: the losses, the task's metric columns (`{"accuracy": ...}`, or the
+        multi-label ones), the time; the header before the first row (and again if the columns change).
+        A NaN (no validation images: data.valid_pct=0) is left blank."""
+        columns = ("epoch", "train_loss", "valid_loss", *metrics, "time")
+        if self._header_done != columns:
+            self.line(format_row(columns, columns))
+            self._header_done = columns
+        cells = (train_loss, valid_loss, *metrics.values())
+        self.line(format_row((str(epoch), *("" if math.isnan(v) else f"{v:.6f}" for v in cells), format_time(seconds)), columns))
 
 
 def has_wandb_credentials() -> bool:
@@ -260,16 +265,17 @@ class Tracker:
             self.wandb_run.log({"valid/most_confused": table, "valid/confusion_summary": wandb.Image(str(self.run_dir / written[-1]))},
                                step=step)
 
-    def log_interpretation(self, grids: dict[str, Path], top_losses: list[tuple], step: int) -> None:
+    def log_interpretation(self, grids: dict[str, Path], top_losses: list[tuple], step: int,
+                           columns: tuple[str, ...] = ("actual", "predicted", "loss", "probability_actual")) -> None:
         """train.interpret (disttrain/use/interpret.py), to W&B only: each grid PNG as `interpret/<name>`
-        and the top losses as the Table `interpret/top_losses_table` (image: what the model saw,
-        actual, predicted, loss, probability_actual)."""
+        and the top losses as the Table `interpret/top_losses_table` (image: what the model saw, then
+        `columns`: actual, predicted, loss, probability_actual; multi-label: the tags, and no probability)."""
         wandb = self.wandb
         if not self.is_main or wandb is None:
             return
         media = {f"interpret/{name}": wandb.Image(str(path)) for name, path in grids.items()}
-        rows = [[wandb.Image(image), actual, predicted, loss, p] for image, actual, predicted, loss, p in top_losses]
-        media["interpret/top_losses_table"] = wandb.Table(columns=["image", "actual", "predicted", "loss", "probability_actual"], data=rows)
+        rows = [[wandb.Image(image), *values] for image, *values in top_losses]
+        media["interpret/top_losses_table"] = wandb.Table(columns=["image", *columns], data=rows)
         self.wandb_run.log(media, step=step)
 
     def finish(self, failed: bool = False) -> None:

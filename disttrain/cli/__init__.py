@@ -69,7 +69,7 @@ def _check_inference_args(args: argparse.Namespace, example: str) -> None:
 def evaluate(args: argparse.Namespace) -> dict:
     """Exact evaluation of a model.pt on a labelled folder (disttrain/use/evaluate.py), on however many
     processes run it."""
-    from disttrain.use.evaluate import EvaluateOptions, run
+    from disttrain.use.evaluate import EvaluateOptions, parse_threshold, run
     from disttrain.use.inputs import parse_extensions
 
     _check_inference_args(args, "result.json")
@@ -78,10 +78,34 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.interpret_k < 1:
         raise ConfigError(f"--interpret-k: must be at least 1 (images per grid), got {args.interpret_k}")
     extensions = parse_extensions(args.ext)
-    cfg = load_config(args.config, args.overrides)
-    options = EvaluateOptions(args.weights, args.data, args.split, args.out, args.out_dir, args.tta_n if args.tta else 0, args.tta_beta,
-                              args.tta_max, args.batch_size, extensions, interpret=args.interpret, interpret_k=args.interpret_k)
+    threshold = parse_threshold(args.threshold)
+    weights, config = _run_files(args) if args.run is not None else (args.weights, args.config)
+    if weights is None:
+        raise ConfigError("--weights: give the model.pt to evaluate (or --run RUN_DIR: a run's model.pt on its own validation images)")
+    cfg = load_config(config, args.overrides)
+    options = EvaluateOptions(weights, args.data, args.split, args.out, args.out_dir, args.tta_n if args.tta else 0, args.tta_beta,
+                              args.tta_max, args.batch_size, extensions, interpret=args.interpret, interpret_k=args.interpret_k,
+                              run=args.run, threshold=threshold)
     return run(cfg, options)
+
+
+def _run_files(args: argparse.Namespace) -> tuple[str, str]:
+    """`evaluate --run RUN_DIR`: (the weights: --weights or RUN_DIR/model.pt, RUN_DIR/config.yaml)."""
+    run_dir = Path(args.run).expanduser()
+    for option, value in (("--config", args.config), ("--data", args.data), ("--split", args.split)):
+        if value is not None:
+            raise ConfigError(f"--run {args.run} and {option} {value}: --run evaluates on the run's own validation images with its "
+                              f"config.yaml; give one or the other")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {args.run}: no such folder; give the run dir a training run wrote (run.output_dir/run.name)")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {args.run}: no config.yaml in it, so not a run dir a training run wrote (run.output_dir/run.name)")
+    if args.weights is not None:
+        return args.weights, str(run_dir / "config.yaml")
+    if not (run_dir / "model.pt").is_file():
+        raise ConfigError(f"--run {args.run}: no model.pt in it (a run writes it when it finishes); finish or resume the run, "
+                          "or give --weights")
+    return str(run_dir / "model.pt"), str(run_dir / "config.yaml")
 
 
 def predict(args: argparse.Namespace):
@@ -92,10 +116,15 @@ def predict(args: argparse.Namespace):
     _check_inference_args(args, "predictions.csv")
     if args.topk is not None and args.topk < 1:
         raise ConfigError(f"--topk: must be at least 1 (classes listed per image), got {args.topk}")
+    if args.topk is not None and args.format != "csv":
+        raise ConfigError(f"--topk: writes its own rows (path, rank, class, probability); not with --format {args.format}")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise ConfigError(f"--threshold: must be between 0 and 1 (a tag's probability is compared with it), got {args.threshold}")
     if args.workers < 0:
         raise ConfigError(f"--workers: must be 0 (decode in each process) or more, got {args.workers}")
     options = PredictOptions(args.weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
-                             args.batch_size, args.workers, args.precision, parse_extensions(args.ext))
+                             args.batch_size, args.workers, args.precision, parse_extensions(args.ext), format=args.format,
+                             threshold=args.threshold)
     return run(options)
 
 
@@ -108,11 +137,54 @@ def export(args: argparse.Namespace):
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    from disttrain.data.prepare import PrepareSettings
+    """Shards from any source (disttrain/data/prepare.py): the source's data.* keys come as overrides."""
+    from disttrain.config import parse_overrides
+    from disttrain.config.parse import build_config_unchecked
+    from disttrain.data.prepare import SOURCE_KEYS, PrepareSettings
     from disttrain.data.prepare import prepare as write_shards
 
-    settings = PrepareSettings(args.samples_per_shard, args.presize, args.quality, args.seed, args.train_dir, args.valid_dir)
-    return write_shards(args.src, args.dst, settings, workers=args.workers, force=args.force, progress=not args.no_progress)
+    if any(path.startswith("data.") and "=" in path for path in (args.src, args.dst)):
+        raise ConfigError(f"prepare {args.src} {args.dst}: SRC and DST come first, then the data.key=value settings")
+    given = dict(parse_overrides(args.overrides))
+    taken = [f"data.{key}" for key in (*SOURCE_KEYS, "train_dir", "valid_dir")]
+    for key in given:
+        if key not in taken:
+            where = "SRC is the data root" if key == "data.root" else "the shard settings are its options (--presize, --quality, ...)"
+            raise ConfigError(f"{key}: disttrain prepare takes only the source's data.* keys ({', '.join(taken)}); {where}")
+    data = build_config_unchecked(None, args.overrides).data
+    dirs = {}
+    for option, key, value in (("--train-dir", "data.train_dir", args.train_dir), ("--valid-dir", "data.valid_dir", args.valid_dir)):
+        if value is not None and key in given and given[key] != value:
+            raise ConfigError(f"{option} {value} and {key}={given[key]}: both set; give one")
+        dirs[key] = value if value is not None else getattr(data, key.split(".")[1])
+    settings = PrepareSettings(args.samples_per_shard, args.presize, args.quality, args.seed,
+                               dirs["data.train_dir"], dirs["data.valid_dir"])
+    return write_shards(args.src, args.dst, settings, workers=args.workers, force=args.force, progress=not args.no_progress, source=data)
+
+
+def inspect_source(args: argparse.Namespace) -> None:
+    """A look at the data before training (disttrain/data/inspect.py): the source listed as training
+    lists it, image headers only, on this one process."""
+    from disttrain.data.inspect import describe, inspect_data, plot_inspection, write_json
+
+    if args.sample < 0:
+        raise ConfigError(f"--sample: must be 0 (every file) or more, got {args.sample}")
+    _check_out_file(args.json, "inspect.json", "--json")
+    _check_out_dir(args.out, "--out")
+    words = [args.data, *args.overrides]  # DATA may come after an override: argparse takes the first word
+    roots = [w for w in words if "=" not in w or Path(w).expanduser().exists()]
+    if len(roots) != 1:
+        given = " ".join(roots) or "none"
+        raise ConfigError(f"disttrain inspect takes one DATA folder and section.key=value overrides; DATA given: {given}")
+    overrides = [w for w in words if w not in roots] + [f"data.root={roots[0]}"]
+    if args.labels is not None:
+        overrides.append(f"data.labels={args.labels}")
+    found = inspect_data(load_config(args.config, overrides).data, args.sample)
+    print("\n".join(describe(found)), flush=True)
+    if args.json is not None:
+        print(f"wrote {write_json(found, Path(args.json).expanduser())}")
+    if args.out is not None:
+        print("wrote " + ", ".join(str(p) for p in plot_inspection(found, Path(args.out).expanduser())))
 
 
 def run_user_errors(fn) -> int:
@@ -174,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.overrides:
             parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
         return run_user_errors(lambda: predict(args))
-    if args.overrides and args.command not in ("train", "find-lr", "evaluate"):
+    if args.overrides and args.command not in ("train", "find-lr", "evaluate", "inspect", "prepare"):
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
 
     if args.command in ("train", "find-lr"):
@@ -185,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_user_errors(lambda: prepare(args))
     if args.command == "export":
         return run_user_errors(lambda: export(args))
+    if args.command == "inspect":
+        return run_user_errors(lambda: inspect_source(args))
     from disttrain.data.demo import write_demo_data
 
     def demo_data() -> None:
-        print(write_demo_data(args.path, args.train_per_class, args.valid_per_class))
+        print(write_demo_data(args.path, args.train_per_class, args.valid_per_class,
+                              layout=args.layout, multi_label=args.multi_label, count=args.count))
 
     return run_user_errors(demo_data)
 

@@ -1,5 +1,5 @@
 """The command line's parsers (shared by the `disttrain launch` front, which checks a run's config
-before any process starts): `disttrain train | find-lr | evaluate | predict | export | prepare | demo-data | launch`.
+before any process starts): `disttrain train | find-lr | evaluate | predict | export | prepare | demo-data | inspect | launch`.
 
     disttrain launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
@@ -8,12 +8,17 @@ before any process starts): `disttrain train | find-lr | evaluate | predict | ex
     accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ [--tta] [--out result.json]
     accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt --data test_images/ --interpret look/   # top losses, grids
     accelerate launch -m disttrain.cli evaluate --weights runs/demo/model.pt data.root=...   # its valid/ or val/
+    accelerate launch -m disttrain.cli evaluate --run runs/planet [--threshold auto]   # a run's model.pt on its own validation split
     accelerate launch -m disttrain.cli predict --weights runs/demo/model.pt --out predictions.csv new_images/ [--tta]
     disttrain predict --weights runs/demo/model.pt --topk 3 photo.jpg
     disttrain export --weights runs/demo/model.pt --format onnx --out model.onnx   # or --format torchscript --out model.ts
     disttrain predict --weights model.onnx --out predictions.csv new_images/        # the exported file, under onnxruntime
+    disttrain predict --weights runs/dogs/model.pt --tta --format submission --out submission.csv.gz test/
     disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
+    disttrain prepare ~/data/planet ~/data/planet-shards data.labels=labels.csv data.suffix=.jpg data.label_delim=" " data.valid_pct=0.2
     disttrain demo-data ~/.cache/disttrain/mnist
+    disttrain demo-data ~/data/digits-csv --layout csv      # or --layout names; --multi-label [--count 2000]
+    disttrain inspect ~/data/dogs --labels labels.csv data.suffix=.jpg data.valid_pct=0.2 [--out look/] [--json look.json]
 """
 
 from __future__ import annotations
@@ -66,7 +71,11 @@ def command_parser() -> argparse.ArgumentParser:
     _config_args(sub.add_parser("find-lr", help="only the LR sweep (same as launch/train.py --find-lr)"))
     ev = sub.add_parser("evaluate", help="exact evaluation of a model.pt on a labelled folder (<class>/*, or valid/, val/ or test/ in it)")
     _config_args(ev)
-    ev.add_argument("--weights", required=True, help="model.pt written by a training run")
+    ev.add_argument("--weights", help="model.pt written by a training run (default with --run: RUN_DIR/model.pt)")
+    ev.add_argument("--run", metavar="RUN_DIR", help="a training run's dir: its model.pt on its own validation images (its "
+                                                     "config.yaml; a drawn split as its split.json lists it)")
+    ev.add_argument("--threshold", help="multi-label: a tag is predicted above this probability (default: model.pt's); "
+                                        "auto: the best F-beta's on the evaluated images")
     ev.add_argument("--data", metavar="DIR", help="labelled folder: DIR/<class>/<images>, or DIR holding valid/, val/ or test/ "
                                                   "(default: data.root's validation folder)")
     ev.add_argument("--split", help="the sub-folder of DIR to evaluate (default: valid, else val, else test)")
@@ -81,7 +90,13 @@ def command_parser() -> argparse.ArgumentParser:
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
     pred.add_argument("--weights", required=True, help="model.pt written by a training run, or a .onnx file written by "
                                                        "disttrain export (run with onnxruntime on the CPU; no --tta)")
-    pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class")
+    pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class "
+                                    "(multi-label: path, labels, one per tag); gzipped when it ends in .gz")
+    pred.add_argument("--format", choices=("csv", "submission", "tags"), default="csv",
+                      help="csv (default); submission: a Kaggle submission, id (the file stem) then one probability column per "
+                           "class; tags: planet's image_name,tags (the predicted tags, space-separated)")
+    pred.add_argument("--threshold", type=float, help="a multi-label model's tags are those above this probability "
+                                                      "(default: the threshold in model.pt)")
     pred.add_argument("--topk", type=int, help="instead of the CSV: the K most probable classes of each image, tab-separated "
                                                "path, rank, class, probability")
     pred.add_argument("--workers", type=int, default=1,
@@ -96,20 +111,41 @@ def command_parser() -> argparse.ArgumentParser:
                      help="any batch size (default); --no-dynamic-batch: exactly --batch-size images (ONNX only)")
     exp.add_argument("--batch-size", type=int, default=1, help="the fixed batch size with --no-dynamic-batch (default 1)")
     prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
-    prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*")
+    prep.usage = f"{prep.prog} SRC DST [options] [data.key=value ...]"
+    prep.epilog = ("The source's data.* keys go anywhere on the line, as in training: data.labels, data.images, data.fname_col, "
+                   "data.label_col, data.suffix, data.label_delim, data.label_regex, data.valid_pct, data.split_seed, "
+                   "data.valid_col, data.stratify (SRC is data.root).")
+    prep.add_argument("src", help="image folder with train/<class>/* and valid/ or val/<class>/*, or a flat folder labelled by "
+                                  "data.labels or data.label_regex")
     prep.add_argument("dst", help="output folder for the shards and manifest.json")
     prep.add_argument("--samples-per-shard", type=int, default=1000, help="target samples per shard (default 1000)")
     prep.add_argument("--presize", type=int, default=256, help="shorter side of the stored JPEGs (default 256)")
     prep.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     prep.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle that fills the shards")
-    prep.add_argument("--train-dir", default="train")
-    prep.add_argument("--valid-dir", default="auto", help="validation folder; auto: valid/ or else val/")
+    prep.add_argument("--train-dir", default=None, help="training folder (data.train_dir; default train)")
+    prep.add_argument("--valid-dir", default=None, help="validation folder (data.valid_dir); auto (default): valid/ or else val/")
     prep.add_argument("--force", action="store_true", help="rewrite a finished or different output")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo = sub.add_parser("demo-data", help="write the bundled MNIST sample as PNG folders")
+    demo = sub.add_parser("demo-data", help="write the bundled MNIST sample as PNG folders, a flat folder + labels.csv, "
+                          "labels in file names, or a multi-label sample (disttrain/data/demo.py)")
     demo.add_argument("path")
-    demo.add_argument("--train-per-class", type=int, default=400)
-    demo.add_argument("--valid-per-class", type=int, default=100)
+    demo.add_argument("--layout", choices=("folder", "csv", "names"), default=None,
+                      help="folder (default): train/<digit>/, valid/<digit>/; csv: train/<id>.png + labels.csv (id,label); "
+                           "names: train/<name>_<row>.png")
+    demo.add_argument("--multi-label", action="store_true",
+                      help="2 to 4 digits per 64x64 image, labels.csv (id,tags); the csv layout")
+    demo.add_argument("--train-per-class", type=int, default=None, help="train images per digit (default 400)")
+    demo.add_argument("--valid-per-class", type=int, default=None, help="valid images per digit (default 100)")
+    demo.add_argument("--count", type=int, default=None, help="images of the --multi-label sample (default 2000)")
+    ins = sub.add_parser("inspect", help="a look at the data before training: class counts, image sizes (headers only), bad files, "
+                         "the split, a suggested data.load_size (disttrain/data/inspect.py)")
+    _config_args(ins)
+    ins.add_argument("data", metavar="DATA", help="the data root (data.root): class folders, or a flat folder with --labels or data.label_regex")
+    ins.add_argument("--labels", metavar="FILE", help="the CSV table of labels (data.labels), relative to DATA or absolute")
+    ins.add_argument("--sample", type=int, default=2000, metavar="N",
+                     help="read the headers of a seeded sample of at most N files (default 2000; 0: every file)")
+    ins.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
+    ins.add_argument("--out", metavar="DIR", help="write shorter_sides.png (a histogram) and class_counts.png here")
     sub.add_parser("launch", help="accelerate launch, with the config checked first and one line per failure (disttrain launch --help)")
     return parser

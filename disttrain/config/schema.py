@@ -8,6 +8,7 @@ them where the config and the families are both known, before any process starts
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -53,11 +54,43 @@ class RunConfig:
 @dataclass
 class DataConfig:
     root: str = "~/.cache/disttrain/mnist"
-    """Dataset root holding `<train_dir>/<class>/*` and `<valid_dir>/<class>/*`."""
+    """Dataset root holding `<train_dir>/<class>/*` and `<valid_dir>/<class>/*` (class folders), or
+    a flat folder of images (`images`) labelled by `labels` or `label_regex`."""
     train_dir: str = "train"
     """Training split folder, relative to `root`."""
     valid_dir: str = "auto"
-    """Validation split folder relative to `root`; `auto` takes `valid/` or else `val/`."""
+    """Validation split folder relative to `root`; `auto` takes `valid/` or else `val/`. Not used
+    when `valid_pct` or `valid_col` makes the split."""
+    labels: Optional[str] = None
+    """A CSV table of labels (relative to `root`, or absolute): one row per image of the flat folder
+    `images`, its file name in `fname_col` and its label(s) in `label_col`; a header row is
+    detected. null: the labels come from class folders (or `label_regex`)."""
+    images: str = "train"
+    """The flat folder of images (relative to `root`) that `labels` or `label_regex` labels."""
+    fname_col: Union[int, str] = 0
+    """The column of `labels` holding the file name: a header name, or a 0-based index."""
+    label_col: Union[int, str] = 1
+    """The column of `labels` holding the label (or the tags): a header name, or a 0-based index."""
+    suffix: str = ""
+    """Appended to every file name of `labels` (`.jpg` where the table holds ids without an extension)."""
+    label_delim: Optional[str] = None
+    """Several labels per row, split on this string (`" "`: planet's space-separated tags): a
+    multi-label task (sigmoid outputs, binary cross-entropy, thresholded metrics). null: one label per image."""
+    label_regex: Optional[str] = None
+    """Labels from file names: the first group of this regular expression, searched in each file
+    name of `images` (`^(.+)_\\d+\\.jpg$` for the pets' `great_pyrenees_173.jpg`)."""
+    valid_pct: Optional[float] = None
+    """Validation split: this fraction of the images, drawn with `split_seed` (the lesson's 0.2),
+    the same on every rank, written to the run dir's split.json; 0 trains on every image (no
+    validation). null: the validation folder (class folders) or `valid_col`; a source with neither
+    needs it."""
+    split_seed: int = 42
+    """Seed of the `valid_pct` split (independent of run.seed: runs with other seeds share a split)."""
+    valid_col: Union[int, str, None] = None
+    """The column of `labels` that marks validation rows (true/false, 1/0, yes/no: fastai's ColSplitter)."""
+    stratify: bool = False
+    """Draw the `valid_pct` split per class (multi-label: per row's rarest tag), so that a class with
+    two or more images has at least one in each part."""
     format: Literal["folder", "shards"] = "folder"
     """`folder`: `root` is an image folder. `shards`: `root` holds the tar shards and manifest.json
     written by `disttrain prepare SRC DST`."""
@@ -105,6 +138,7 @@ class DataConfig:
         if self.num_workers != "auto":
             _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.worker_timeout", self.worker_timeout)
+        self._check_source()
         if self.image_size > self.load_size:
             raise ConfigError(
                 f"data.image_size ({self.image_size}) is larger than data.load_size ({self.load_size}): "
@@ -112,10 +146,47 @@ class DataConfig:
             )
 
 
+    def _check_source(self) -> None:
+        if self.labels is not None and self.label_regex is not None:
+            raise ConfigError("data.labels and data.label_regex: both set; labels come from a table or from file names, choose one")
+        if self.label_regex is not None:
+            try:
+                groups = re.compile(self.label_regex).groups
+            except re.error as err:
+                raise ConfigError(f"data.label_regex: {self.label_regex!r} is not a regular expression ({err})") from None
+            if groups < 1:
+                raise ConfigError(f"data.label_regex: {self.label_regex!r} has no group; put the label in parentheses, e.g. ^(.+)_\\d+\\.jpg$")
+        if self.label_delim is not None and self.labels is None:
+            raise ConfigError("data.label_delim: only a table of labels (data.labels) holds several labels per row; set data.labels")
+        if self.label_delim == "":
+            raise ConfigError("data.label_delim: an empty string cannot split labels; use \" \" for space-separated tags")
+        if self.valid_col is not None and self.labels is None:
+            raise ConfigError("data.valid_col: names a column of data.labels; set data.labels (or use data.valid_pct)")
+        if self.valid_col is not None and self.valid_pct is not None:
+            raise ConfigError("data.valid_pct and data.valid_col: both set; the split comes from one of them")
+        if self.valid_pct is not None and not 0 <= self.valid_pct < 1:
+            raise ConfigError(f"data.valid_pct: must be in [0, 1) (0.2: a fifth of the images for validation), got {self.valid_pct!r}")
+        if self.stratify and self.valid_pct is None:
+            raise ConfigError("data.stratify: stratifies the data.valid_pct split; set data.valid_pct")
+        if self.format == "shards" and (self.labels or self.label_regex or self.valid_pct is not None):
+            raise ConfigError("data.format=shards: shards hold their labels and split (disttrain prepare reads the labels and data.valid_pct)")
+
+    @property
+    def flat(self) -> bool:
+        """Whether the images are a flat folder labelled by a table or by their names."""
+        return self.labels is not None or self.label_regex is not None
+
 @dataclass
 class AugmentConfig:
     flip: bool = True
     """Random horizontal flip, drawn per sample (turn off for digits and text)."""
+    vflip: bool = False
+    """Random vertical flip, drawn per sample: for images without an up (satellite, microscopy, the
+    lesson's transforms_top_down). A model.pt trained with it gets the dihedral TTA views."""
+    dihedral: bool = False
+    """One of the 8 symmetries of the square (identity, 3 rotations by 90 degrees, 4 flips), drawn
+    uniformly per sample: implies horizontal and vertical flips. A model.pt trained with it gets the
+    dihedral TTA views (disttrain/models/forward.py)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     """Random-resized-crop: range of the crop's area as a fraction of the presized square ([1, 1]: no crop)."""
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
@@ -336,7 +407,15 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     """Clip the global gradient norm to this value; null disables clipping."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy loss."""
+    """Label smoothing of the loss: cross-entropy's, or for multi-label data the binary targets'
+    (a tag's 1 becomes 1 - eps + eps/C, a 0 becomes eps/C)."""
+    threshold: Union[float, Literal["auto"]] = 0.5
+    """Multi-label data: a tag is predicted when its sigmoid probability is above this; `auto`:
+    the threshold (0.05 to 0.95, step 0.01) that maximizes F-beta on the validation set at each
+    evaluation (the lesson's opt_th); the last one is stored in model.pt."""
+    fbeta: float = 2.0
+    """Multi-label data: beta of the F-beta score (2: planet's F2, recall weighted above precision),
+    sample-averaged."""
     max_steps_per_epoch: Optional[int] = None
     """Cap the optimizer steps of each epoch (quick smoke runs); null trains on all the data."""
     threads: Union[int, Literal["auto"]] = "auto"
@@ -365,7 +444,9 @@ class TrainConfig:
     under the table, `valid/tta_loss` and `valid/tta_accuracy` in W&B and metrics.jsonl."""
     tta_n: int = 5
     """TTA views besides the plain pass, 1 to 10: the whole image flipped, the four corners, the
-    corners flipped, the whole image (see disttrain/use/inference.py); 5 takes the flip and the corners."""
+    corners flipped, the whole image (see disttrain/models/forward.py); 5 takes the flip and the corners.
+    With augment.vflip or augment.dihedral: the 7 symmetries of the square other than the identity,
+    the centre, the centre flipped about the diagonal, the whole image; 5 takes both flips and the 3 rotations."""
     tta_beta: float = 0.25
     """Weight of the plain pass in the TTA blend (fastai's beta), in [0, 1]: beta x plain + (1 - beta) x views."""
     tta_max: bool = False
@@ -383,6 +464,11 @@ class TrainConfig:
         if self.threads != "auto":
             _positive("train.threads", self.threads)
         _choice("train.pin_cores", self.pin_cores, ("auto", "on", "off"))
+        if self.threshold != "auto" and not 0 < self.threshold < 1:
+            raise ConfigError(f"train.threshold: must be in (0, 1) (a probability) or auto, got {self.threshold!r}")
+        _positive("train.fbeta", self.fbeta)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
         if not 1 <= self.tta_n <= 10:  # disttrain.use.inference.MAX_TTA_VIEWS (not imported: inference imports config)
             raise ConfigError(f"train.tta_n: must be 1 to 10 (the flips of the whole image and of its four corners), got {self.tta_n!r}")
         if not 0 <= self.tta_beta <= 1:

@@ -6,6 +6,10 @@ drawn per sample from this rank's own seeded generator (on the CPU, a few number
 seed gives the same draws on any device). Random-resized-crop, flip, rotation, zoom and translation
 are composed into one 2x3 matrix per image (output coordinates -> source coordinates, both in
 [-1, 1]) and applied by a single resampling to `image_size`: one interpolation, whatever the chain.
+For images without an up, `vflip` (a vertical flip) or `dihedral` (one of the 8 symmetries of the
+square) joins the same matrix: a signed permutation of the axes, exact at the pixel centres. Their
+draws come after all the others and only when they are on, so a run without them draws exactly
+what it drew before they existed.
 The eval path is the same code with the identity matrix (a plain resize of the presized square).
 """
 
@@ -31,6 +35,39 @@ def _window(n: int, area: list[float], ratio: list[float], generator: torch.Gene
     size = _uniform(n, *area, generator)
     log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator)
     return torch.sqrt(size * torch.exp(log_ratio)).clamp(max=1.0), torch.sqrt(size / torch.exp(log_ratio)).clamp(max=1.0)
+
+
+SYMMETRIES = torch.tensor([
+    [[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]],  # identity and the rotations by 90, 180, 270 degrees
+    [[-1, 0], [0, 1]], [[1, 0], [0, -1]], [[0, 1], [1, 0]], [[0, -1], [-1, 0]],  # the horizontal, vertical and two diagonal flips
+], dtype=torch.float64)
+"""The 8 symmetries of the square (the dihedral group) as 2x2 maps of [-1, 1] coordinates (x, y)."""
+
+
+def apply_symmetry(x: torch.Tensor, index: int) -> torch.Tensor:
+    """`SYMMETRIES[index]` applied exactly (no resampling) to square images (..., S, S): what the
+    affine resample of that matrix gives at the pixel centres, for TTA views and tests."""
+    if index in (1, 3, 6, 7) and x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"symmetry {index} swaps the axes: needs square images, got {tuple(x.shape[-2:])}")
+    if index < 4:
+        return torch.rot90(x, index, dims=(-2, -1)) if index else x
+    if index == 4:
+        return x.flip(-1)
+    if index == 5:
+        return x.flip(-2)
+    if index == 6:
+        return x.transpose(-2, -1)
+    if index == 7:
+        return x.flip(-2, -1).transpose(-2, -1)
+    raise IndexError(f"symmetry {index}: there are {len(SYMMETRIES)} (0 to {len(SYMMETRIES) - 1})")
+
+
+def _symmetries(n: int, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, 2) per-sample symmetries: any of the 8 with `dihedral`, identity or vertical flip with `vflip`."""
+    if cfg.dihedral:
+        return SYMMETRIES[torch.randint(len(SYMMETRIES), (n,), generator=generator)]
+    vertical = torch.rand(n, generator=generator) < 0.5
+    return torch.where(vertical[:, None, None], SYMMETRIES[5], SYMMETRIES[0])
 
 
 class DeviceAugment:
@@ -62,7 +99,8 @@ class DeviceAugment:
         self.generator.set_state(state["generator"])
 
     def train_matrices(self, n: int) -> torch.Tensor:
-        """(n, 2, 3) affine matrices, random per sample: crop . translate . rotate . zoom . flip."""
+        """(n, 2, 3) affine matrices, random per sample: crop . translate . rotate . zoom . flip
+        (. the vflip / dihedral symmetry, when on)."""
         cfg, g = self.cfg, self.generator
         # random-resized-crop: a (w, h) window (fractions of the side) at a random place inside
         w, h = _window(n, cfg.crop_scale, cfg.crop_ratio, g)
@@ -85,6 +123,8 @@ class DeviceAugment:
         theta[:, 1, 1] = h * cos
         theta[:, 0, 2] = cx + tx
         theta[:, 1, 2] = cy + ty
+        if cfg.vflip or cfg.dihedral:  # drawn last: the draws above stay those of a run without them
+            theta[:, :, :2] = theta[:, :, :2] @ _symmetries(n, cfg, g)
         return theta.float()
 
     def lighting_params(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

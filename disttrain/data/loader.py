@@ -41,7 +41,7 @@ class FolderDataset(Dataset):
 
     def __init__(self, split: Split, load_size: int, cache: bool | Sequence[int] = False):
         self.paths = split.paths
-        self.labels = split.labels
+        self.labels = split.targets()  # int labels, or a uint8 (N, classes) multi-hot matrix (multi-label)
         self.load_size = load_size
         self.pixels = self.filled = self.slots = None
         if cache is False:

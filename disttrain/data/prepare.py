@@ -1,10 +1,23 @@
-"""`disttrain prepare SRC DST`: an image folder -> webdataset tar shards + `manifest.json`.
+"""`disttrain prepare SRC DST [data.key=value ...]`: any image source -> webdataset tar shards + `manifest.json`.
 
-Each split (`train`, and `valid` from `valid/` or `val/`) is shuffled once (seeded, so every shard
-mixes the classes), cut into shards whose sizes differ by at most one sample, and written by worker
-processes. A sample is three tar members sharing a key: `KEY.jpg` (the image, shorter side reduced
-to `presize`, RGB JPEG), `KEY.cls` (the label index as ASCII) and `KEY.path` (its path under the
-split folder). Any webdataset reader can stream them.
+The source is listed as training lists it (disttrain/data/source.py's `list_source`, the same
+`data.*` keys): a class-folder tree, or a flat folder labelled by a CSV table (`data.labels`) or
+by its file names (`data.label_regex`), its validation part drawn (`data.valid_pct`) or read from a
+column (`data.valid_col`). Each split (`train`, and `valid`) is shuffled once (seeded, so every
+shard mixes the classes), cut into shards whose sizes differ by at most one sample, and written by
+worker processes. A sample is three tar members sharing a key: `KEY.jpg` (the image, shorter side
+reduced to `presize`, RGB JPEG), `KEY.cls` (the label index as ASCII) and `KEY.path` (its path
+under the split folder, or the images folder). Any webdataset reader can stream them.
+
+Multi-label data (`data.label_delim`): the manifest says `"multi_label": true` (absent: false) and
+each sample's labels are a `KEY.tags` member in place of `KEY.cls`: its class indices, ascending,
+space-separated as ASCII (empty for an image without any). A drawn split is recorded in the
+manifest as `split` (how it was drawn, the training count, the validation files, its digest:
+split.json's fields), so a run from the shards knows which files it validates on. A class-folder
+tree with its validation folder writes neither key: its shards and manifest (fingerprint included)
+are what they were before other sources could be read.
+Files the listing sets aside (a table row naming a missing file, a name `data.label_regex` does not
+match) are listed with the undecodable ones in the split's `bad_files`.
 
 Crash safety: a shard is written as `NAME.tar.tmp`, flushed, then renamed; the parent records each
 finished shard in `.prepare-progress.jsonl`; `manifest.json` is written last (also by rename). An
@@ -21,19 +34,25 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
+from disttrain.config import DataConfig
 from disttrain.data.decode import open_image
-from disttrain.data.folder import DataError, list_image_folder
+from disttrain.data.folder import DataError, FolderListing, Target, list_image_folder
+from disttrain.data.source import check_flat_usable, list_source
 
 MANIFEST = "manifest.json"
 PROGRESS = ".prepare-progress.jsonl"
 FORMAT = "disttrain-shards/1"
+SOURCE_KEYS = ("labels", "images", "fname_col", "label_col", "suffix", "label_delim", "label_regex", "valid_pct", "split_seed",
+               "valid_col", "stratify")
+"""The data.* keys that describe a source beyond a class-folder tree (`disttrain prepare` takes them
+as `data.key=value`, as training does; data.train_dir / data.valid_dir are its --train-dir / --valid-dir)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ class PrepareSettings:
 class ShardTask:
     split: str
     name: str
-    files: list[tuple[str, int]]  # (absolute path, label)
+    files: list[tuple[str, Target]]  # (absolute path, label or, multi-label, the tuple of class indices)
     split_dir: str
     first_key: int
 
@@ -89,6 +108,14 @@ def encode_sample(path: str, presize: int, quality: int) -> bytes:
     return out.getvalue()
 
 
+def label_member(label: Target) -> dict[str, bytes]:
+    """A sample's label member: `cls` (the class index) or, multi-label, `tags` (the class indices,
+    space-separated; see the module docstring)."""
+    if isinstance(label, tuple):
+        return {"tags": " ".join(str(t) for t in label).encode()}
+    return {"cls": str(label).encode()}
+
+
 def write_shard(task: ShardTask, out_dir: str, presize: int, quality: int) -> dict:
     """Write one shard (temporary name, then rename); returns its progress record.
 
@@ -111,7 +138,7 @@ def write_shard(task: ShardTask, out_dir: str, presize: int, quality: int) -> di
                     continue
                 sink.write({
                     "__key__": f"{task.first_key + i:08d}",
-                    "cls": str(label).encode(),
+                    **label_member(label),
                     "jpg": jpeg,
                     "path": os.path.relpath(path, task.split_dir).encode(),
                 })
@@ -122,15 +149,57 @@ def write_shard(task: ShardTask, out_dir: str, presize: int, quality: int) -> di
     return {"split": task.split, "name": task.name, "samples": samples, "bytes": final.stat().st_size, "bad_files": bad}
 
 
-def plan_shards(src: str | Path, settings: PrepareSettings) -> tuple[list[str], dict[str, list[ShardTask]], dict]:
-    """Classes, the shard tasks of each split, and the source description (with a fingerprint of
-    every file's path, size and mtime, so a changed source is never mistaken for a finished one)."""
-    listing = list_image_folder(src, settings.train_dir, settings.valid_dir)
+def source_config(src: str | Path, settings: PrepareSettings, source: DataConfig | None = None) -> DataConfig:
+    """The data.* settings that list SRC: `source`'s source keys (None: a class-folder tree), with
+    SRC as the root and the settings' split folders."""
+    return replace(source or DataConfig(), root=str(src), train_dir=settings.train_dir, valid_dir=settings.valid_dir)
+
+
+def list_prepare_source(data: DataConfig) -> FolderListing:
+    """The listing to shard: a class-folder tree with its validation folder as `list_image_folder`
+    reads it (its errors word for word, as before sources), any other source as training lists it."""
+    if data.flat or data.valid_pct is not None:
+        return list_source(data)
+    return list_image_folder(data.root, data.train_dir, data.valid_dir)
+
+
+def _empty_part(split: str, split_dir: Path, listing: FolderListing) -> DataError:
+    if listing.split is None:
+        return DataError(f"{split_dir}: no image files in any class folder")
+    if split == "valid":
+        return DataError(f"{split_dir}: the split ({listing.split.how}) leaves no validation images; shards need both parts: "
+                         "set data.valid_pct above 0 (0.2: a fifth of the images), or mark rows in data.valid_col")
+    return DataError(f"{split_dir}: the split ({listing.split.how}) leaves no training images; "
+                     "lower data.valid_pct or mark fewer rows valid")
+
+
+def _listed_bad(listing: FolderListing) -> dict[str, list[dict]]:
+    """The files the listing set aside, per part: a drawn validation file in `valid`, others in `train`."""
+    drawn_valid = set(listing.split.valid) if listing.split is not None else set()
+    out: dict[str, list[dict]] = {"train": [], "valid": []}
+    for bad in listing.bad:
+        part = "valid" if os.path.relpath(bad.path, listing.valid_dir) in drawn_valid else "train"
+        out[part].append({"path": bad.path, "reason": bad.reason})
+    return out
+
+
+def plan_shards(
+    src: str | Path, settings: PrepareSettings, source: DataConfig | None = None
+) -> tuple[FolderListing, dict[str, list[ShardTask]], dict]:
+    """The listing, the shard tasks of each split, and the source description (with a fingerprint of
+    every file's path, label, size and mtime and of the source keys, so a changed source is never
+    mistaken for a finished one; a class-folder tree's is the same as before sources existed)."""
+    data = source_config(src, settings, source)
+    listing = list_prepare_source(data)
+    if listing.split is not None:  # a drawn split: a single-label class must keep a training file, as training requires
+        check_flat_usable(listing, [label for _, label in listing.train], str(listing.train_dir))
     digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    if listing.split is not None or data.flat:
+        digest.update(json.dumps({key: getattr(data, key) for key in SOURCE_KEYS}, sort_keys=True).encode())
     tasks: dict[str, list[ShardTask]] = {}
     for split, split_dir, files in (("train", listing.train_dir, listing.train), ("valid", listing.valid_dir, listing.valid)):
         if not files:
-            raise DataError(f"{split_dir}: no image files in any class folder")
+            raise _empty_part(split, split_dir, listing)
         order = np.random.default_rng(settings.seed).permutation(len(files))
         chunks = np.array_split(order, -(-len(files) // settings.samples_per_shard))
         tasks[split], first = [], 0
@@ -147,7 +216,7 @@ def plan_shards(src: str | Path, settings: PrepareSettings) -> tuple[list[str], 
         "valid_dir": listing.valid_dir.name,
         "fingerprint": digest.hexdigest(),
     }
-    return listing.classes, tasks, source
+    return listing, tasks, source
 
 
 def _read_progress(out: Path, fingerprint: str) -> dict[str, dict]:
@@ -191,11 +260,14 @@ def prepare(
     force: bool = False,
     progress: bool = True,
     log=print,
+    source: DataConfig | None = None,
 ) -> dict:
-    """Write the shards and manifest; returns the manifest. See the module docstring."""
+    """Write the shards and manifest; returns the manifest. See the module docstring. `source`: the
+    data.* keys of a source other than a class-folder tree (its root and split folders are SRC and
+    the settings')."""
     settings.check()
     out = Path(dst).expanduser()
-    classes, tasks, source = plan_shards(src, settings)
+    listing, tasks, source = plan_shards(src, settings, source)
     fingerprint = source["fingerprint"]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -225,32 +297,36 @@ def prepare(
 
     manifest = {
         "format": FORMAT,
-        "classes": classes,
+        "classes": listing.classes,
+        **({"multi_label": True} if listing.multi_label else {}),
         "presize": settings.presize,
         "quality": settings.quality,
         "samples_per_shard": settings.samples_per_shard,
         "seed": settings.seed,
         "source": source,
+        **({"split": asdict(listing.split)} if listing.split is not None else {}),
         "made": {"workers": workers, "seconds": round(time.time() - started, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "splits": {},
     }
+    listed_bad = _listed_bad(listing)
     for split, split_tasks in tasks.items():
         records = [done[t.name] for t in split_tasks]
         manifest["splits"][split] = {
             "samples": sum(r["samples"] for r in records),
             "shards": [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in records],
-            "bad_files": [b for r in records for b in r["bad_files"]],
+            "bad_files": listed_bad[split] + [b for r in records for b in r["bad_files"]],
         }
     _check_manifest_usable(manifest, out)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     (out / PROGRESS).unlink(missing_ok=True)
-    bad = sum(len(s["bad_files"]) for s in manifest["splits"].values())
+    bad = sum(len(s["bad_files"]) for s in manifest["splits"].values()) - len(listing.bad)
     log(
         f"{out}: {manifest['splits']['train']['samples']} train / {manifest['splits']['valid']['samples']} valid samples in "
         f"{sum(len(s['shards']) for s in manifest['splits'].values())} shards"
         + (f"; {bad} undecodable file(s) skipped, listed in {MANIFEST}" if bad else "")
+        + (f"; {len(listing.bad)} listed file(s) set aside (missing or unlabelled), listed in {MANIFEST}" if listing.bad else "")
     )
     return manifest
 

@@ -16,12 +16,15 @@ from typing import Callable, Protocol, TypeVar
 
 from accelerate import Accelerator
 
-from disttrain.config import Config, ConfigError
+from disttrain.config import Config, ConfigError, DataConfig
 from disttrain.data.augment import DeviceAugment
-from disttrain.data.folder import DataError, ImageFolderData, scan_image_folder, write_bad_files
+from disttrain.data.folder import DataError, FolderListing, ImageFolderData, scan_image_folder, scan_listing, write_bad_files
+from disttrain.data.source import check_flat_usable, list_source
+from disttrain.data.split import SPLIT_FILE, SplitRecord, read_split, write_split
 from disttrain.data.loader import DecodeOnDevice, DeviceLoader, FolderDataset, RankBatchSampler, Workers, loader_generator, make_loader
 from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.dist.runtime import rank_seed
+from disttrain.errors import UserError
 
 T = TypeVar("T")
 
@@ -31,45 +34,111 @@ class MainFirst(Protocol):
     `from_main(make)` runs `make` on the main process and gives every rank its result."""
 
     is_main: bool
+    world: int
 
     def from_main(self, make: Callable[[], T]) -> T: ...
 
+    def gather(self, value: T) -> list[T]: ...
 
-def load_data(cfg: Config, group: MainFirst, report: Callable[[str], None], scan_workers: int) -> ImageFolderData | Manifest:
-    """The scanned image folder (`data.format=folder`) or the shard manifest (`shards`): read by the
-    main process, every rank waiting for it on `group` (a scan decodes every image: no collective
-    timeout may cut it short). `report`: where its lines go (the run's console reporter);
+
+def load_data(cfg: Config, group: MainFirst, report: Callable[[str], None], scan_workers: int,
+              resuming: bool = False) -> ImageFolderData | Manifest:
+    """The scanned image folder (`data.format=folder`, any source of disttrain/data/source.py) or the
+    shard manifest (`shards`): read by the main process, every rank waiting for it on `group` (a
+    scan decodes every image: no collective timeout may cut it short). A drawn split is drawn by
+    every rank and compared first (`agreed_listing`), checked against the run's split.json when
+    `resuming`, and written there. `report`: where its lines go (the run's console reporter);
     `scan_workers`: the rank's loader workers (the scan uses at least 2 processes)."""
     root = Path(cfg.data.root).expanduser()
     if cfg.data.format == "shards":
         manifest: Manifest = group.from_main(lambda: load_manifest(root))
         train, valid = manifest.splits["train"], manifest.splits["valid"]
-        report(
-            f"data: {train.samples} train / {valid.samples} valid samples in {len(manifest.classes)} classes "
-            f"from {len(train.paths)} + {len(valid.paths)} shards in {root}"
-        )
+        kind = f"{len(manifest.classes)} tags (multi-label)" if manifest.multi_label else f"{len(manifest.classes)} classes"
+        report(f"data: {train.samples} train / {valid.samples} valid samples with {kind} "
+               f"from {len(train.paths)} + {len(valid.paths)} shards in {root}" if manifest.multi_label else
+               f"data: {train.samples} train / {valid.samples} valid samples in {kind} "
+               f"from {len(train.paths)} + {len(valid.paths)} shards in {root}")
+        if manifest.split is not None and group.is_main:  # the split prepare drew: the run keeps its record
+            write_split(SplitRecord(**manifest.split), cfg.run.dir)
         if manifest.presize < cfg.data.load_size:
             report(
                 f"warning: the shards were presized to {manifest.presize} px, data.load_size is {cfg.data.load_size}: "
                 "images are upsampled; set data.load_size to at most the shards' presize"
             )
         return manifest
-    data: ImageFolderData = group.from_main(
-        lambda: scan_image_folder(root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=max(2, scan_workers)),
-    )
+    workers = max(2, scan_workers)
+    if not draws_split(cfg.data):
+        data: ImageFolderData = group.from_main(
+            lambda: scan_image_folder(root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=workers),
+        )
+    else:
+        listing = agreed_listing(cfg, group)
+        if resuming:
+            group.from_main(lambda: check_resumed_split(cfg.run.dir / SPLIT_FILE, listing.split))
+        data = group.from_main(lambda: scan_flat(listing, cfg.data.bad_files, workers))
+        if group.is_main:
+            write_split(listing.split, cfg.run.dir)
+        record: SplitRecord = listing.split
+        report(f"split: {len(record.valid)} valid / {record.train} train files ({record.how}), the same on {group.world} rank(s); "
+               f"listed in {cfg.run.dir / SPLIT_FILE}")
     if group.is_main:
         write_bad_files(data.bad, cfg.run.dir / "bad_files.txt")
     skipped = f"; {len(data.bad)} undecodable file(s) skipped, listed in {cfg.run.dir / 'bad_files.txt'}" if data.bad else ""
-    report(
-        f"data: {len(data.train)} train / {len(data.valid)} valid images in {len(data.classes)} classes from {root}{skipped}"
-    )
+    kind = f"images in {len(data.classes)} classes" if not data.multi_label else f"images with {len(data.classes)} tags (multi-label)"
+    report(f"data: {len(data.train)} train / {len(data.valid)} valid {kind} from {root}{skipped}")
+    return data
+
+
+def draws_split(data: DataConfig) -> bool:
+    """Whether the source's split is drawn (a flat folder, or data.valid_pct on class folders)
+    rather than read from a validation folder."""
+    return data.flat or data.valid_pct is not None
+
+
+def agreed_listing(cfg: Config, group: MainFirst) -> FolderListing:
+    """The listing and its split, drawn by every rank itself; their digests are all-gathered and
+    compared before anything is broadcast. A rank whose listing failed makes every rank raise its
+    error (none is left waiting)."""
+    try:
+        listing = list_source(cfg.data)
+        mine: str | UserError = listing.split.digest
+    except UserError as err:
+        mine = err
+    digests = group.gather(mine)
+    for found in digests:
+        if isinstance(found, UserError):
+            raise found
+    if len(set(digests)) > 1:
+        ranks = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
+        raise DataError(f"{cfg.data.root}: the ranks listed different data or drew different splits ({ranks}); "
+                        "every rank must see the same files and labels (a shared filesystem, no file written meanwhile)")
+    return listing
+
+
+def check_resumed_split(path: Path, split: SplitRecord) -> None:
+    """A resume trains on the split its run started with: refuse when the data would split otherwise."""
+    if not path.is_file():
+        return  # a run from before split.json, or a checkpoint copied without it: nothing to compare
+    before = read_split(path)
+    if before.digest != split.digest:
+        raise DataError(f"{path}: the run split its data as {before.how} into {len(before.valid)} valid / {before.train} train files; "
+                        f"the data now splits into {len(split.valid)} / {split.train} ({split.how}), other files or labels: "
+                        "resume with the same data and data.* split settings, or start a new run")
+
+
+def scan_flat(listing: FolderListing, bad_files: str, workers: int) -> ImageFolderData:
+    """Decode-check a drawn listing's files; a single-label class must keep a training image."""
+    data = scan_listing(listing, bad_files, workers)
+    check_flat_usable(listing, data.train.labels, str(listing.train_dir))
+    if len(data.train) == 0:
+        raise DataError(f"{listing.train_dir}: no usable training image in this split")
     return data
 
 
 def build_loaders(
     cfg: Config, data: ImageFolderData | Manifest, accelerator: Accelerator, workers: Workers, load_size: int | None = None,
     batch_size: int | None = None,
-) -> tuple[DeviceLoader, DeviceLoader]:
+) -> tuple[DeviceLoader, DeviceLoader | None]:
     """Train and valid loaders for this rank (at `load_size` / `batch_size`, default data.*), decoding
     with `workers` (the run's resolved plan, not data.num_workers as written).
     Accelerate does not touch them: each rank reads only its own part (Accelerate's dispatching
@@ -97,12 +166,12 @@ def build_loaders(
     if len(data.train) < world:
         raise DataError(f"{data.train.dir}: {len(data.train)} training images cannot be shared by {world} ranks")
     train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True)
-    valid_share = rank_share(_eval_sampler(len(data.valid), bs * 2, accelerator))
+    valid_share = rank_share(_eval_sampler(len(data.valid), bs * 2, accelerator)) if len(data.valid) else []
     cache = use_cache(cfg.data.cache, (len(data.train) + len(valid_share)) * load_size**2 * 3)
     train = make_loader(FolderDataset(data.train, load_size, cache), count, pin, train_sampler, timeout,
                         generator=loader_generator(cfg.run.seed, rank, "train"), worker_cores=cores)
-    return (DeviceLoader(train, train_sampler, bs, device, name="train"),
-            eval_loader(cfg, data.valid, accelerator, workers, load_size, bs * 2, name="valid", cache=cache))
+    valid = eval_loader(cfg, data.valid, accelerator, workers, load_size, bs * 2, name="valid", cache=cache) if len(data.valid) else None
+    return DeviceLoader(train, train_sampler, bs, device, name="train"), valid  # no valid loader: data.valid_pct=0
 
 
 def eval_loader(cfg: Config, split, accelerator: Accelerator, workers: Workers, load_size: int, batch_size: int, name: str,

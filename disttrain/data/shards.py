@@ -17,8 +17,14 @@ shuffle buffer mixes the stream (the shards were already shuffled once when writ
 Validation: every readable sample exactly once across all ranks, in batches of at most batch_size;
 evaluation reduces sums at the end, so ranks may run different numbers of batches.
 
-Corrupt data (a truncated shard, a payload that is not an image, a sample without `.cls`) is
-skipped, counted and reported with each batch; training batch counts do not change.
+Labels: a sample's `.cls` member holds its class index (ASCII). A multi-label manifest
+(`"multi_label": true`) stores each sample's labels in a `.tags` member instead: its class indices,
+space-separated, ascending (empty for an image without any), so a webdataset reader that decodes
+`.cls` as one integer never misreads them; such a dataset yields a uint8 multi-hot row per sample
+(batches (B, C) uint8) where a single-label one yields int64 labels.
+
+Corrupt data (a truncated shard, a payload that is not an image, a sample without its `.cls` or
+`.tags`) is skipped, counted and reported with each batch; training batch counts do not change.
 
 webdataset reads the tar members and groups them into samples (`tar_file_expander`,
 `group_by_keys`); the split, the counting and the batches are ours, because webdataset's would not
@@ -69,6 +75,11 @@ class Manifest:
     presize: int
     splits: dict[str, ShardSplit]
     bad_files: list[dict] = field(default_factory=list)
+    multi_label: bool = False
+    """Several labels per image (the manifest's `multi_label`): `.tags` members, multi-hot targets."""
+    split: dict | None = None
+    """The validation split `disttrain prepare` drew (disttrain/data/split.py's SplitRecord as a dict:
+    how, train, valid, digest), or None where the source had a validation folder."""
 
 
 def load_manifest(root: str | Path) -> Manifest:
@@ -87,8 +98,11 @@ def load_manifest(root: str | Path) -> Manifest:
         for name in ("train", "valid"):
             info = raw["splits"][name]
             splits[name] = ShardSplit([root / s["name"] for s in info["shards"]], [int(s["samples"]) for s in info["shards"]])
+        multi_label = raw.get("multi_label", False)
+        if not isinstance(multi_label, bool):
+            raise ValueError(f"multi_label is {multi_label!r}, not true or false")
         manifest = Manifest(root, list(raw["classes"]), int(raw["presize"]), splits,
-                            [b for s in raw["splits"].values() for b in s.get("bad_files", [])])
+                            [b for s in raw["splits"].values() for b in s.get("bad_files", [])], multi_label, raw.get("split"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: not a disttrain shard manifest ({type(err).__name__}: {err}); rerun `disttrain prepare --force`") from err
     missing = [str(p) for split in splits.values() for p in split.paths if not p.is_file()]
@@ -166,18 +180,33 @@ def plan_epoch(
 class RawSample:
     key: str
     image: bytes
-    label: int
+    label: int | tuple[int, ...]
+    """The class index, or (multi-label) the class indices."""
 
 
-def _check_sample(path: Path, sample: dict, skipped: dict[str, int], num_classes: int) -> RawSample | None:
+def _parse_tags(raw: bytes, num_classes: int) -> tuple[int, ...] | None:
+    """A `.tags` member's class indices, or None when one is not an index into the classes."""
+    try:
+        tags = tuple(int(t) for t in raw.decode().split())
+    except ValueError:
+        return None
+    return tags if all(0 <= t < num_classes for t in tags) else None
+
+
+def _check_sample(path: Path, sample: dict, skipped: dict[str, int], num_classes: int, multi_label: bool = False) -> RawSample | None:
     """A grouped sample (webdataset's dict: `__key__` and one entry per extension) as a RawSample,
     or None (counted in `skipped` by reason) when it has no image, no label or a label out of range."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    member = "tags" if multi_label else "cls"
     reason = None
     if ext is None:
         reason = "no image member"
-    elif "cls" not in sample:
-        reason = "no .cls member"
+    elif member not in sample:
+        reason = f"no .{member} member"
+    elif multi_label:
+        label = _parse_tags(sample["tags"], num_classes)
+        if label is None:
+            reason = "bad label"
     else:
         try:
             label = int(sample["cls"].decode().strip())
@@ -198,7 +227,8 @@ def _keep_first(err: Exception) -> bool:
     return True
 
 
-def read_range(path: Path, start: int, stop: int, skipped: dict[str, int], num_classes: int) -> Iterator[RawSample]:
+def read_range(path: Path, start: int, stop: int, skipped: dict[str, int], num_classes: int,
+               multi_label: bool = False) -> Iterator[RawSample]:
     """Samples `start..stop-1` of one shard, streamed: webdataset reads the tar's members
     (`tar_file_expander`) and groups them by key (`group_by_keys`, the webdataset convention
     `dir/KEY.ext`); samples are counted by those groups. Unusable samples and the samples a
@@ -212,7 +242,7 @@ def read_range(path: Path, start: int, stop: int, skipped: dict[str, int], num_c
             for sample in group_by_keys(members, handler=_keep_first):
                 seen += 1
                 if seen > start:
-                    usable = _check_sample(path, sample, skipped, num_classes)
+                    usable = _check_sample(path, sample, skipped, num_classes, multi_label)
                     if usable is not None:
                         yield usable
                 if seen >= stop:
@@ -253,7 +283,8 @@ def shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 class ShardDataset(IterableDataset):
-    """Yields this rank's batches for the current epoch: `(uint8 images (B,S,S,3), int64 numpy labels, info)`,
+    """Yields this rank's batches for the current epoch: `(uint8 images (B,S,S,3), labels, info)`, the
+    labels as int64 numpy (B,) or, for a multi-label manifest, a uint8 numpy multi-hot (B, classes),
     where `info = {"skipped": samples skipped since the previous batch, "keys": sample keys}`. In a
     loader worker the images stay in the SlotPool and a `SlotRef` stands in for them
     (`DeviceLoader` copies them out).
@@ -294,6 +325,10 @@ class ShardDataset(IterableDataset):
         if train and self.split.samples < world:
             raise DataError(f"{manifest.root}: {self.split.samples} training samples cannot be shared by {world} ranks")
 
+    def _tags_width(self) -> int | None:
+        """The multi-hot width (the number of classes) for a multi-label manifest; None: int labels."""
+        return len(self.manifest.classes) if self.manifest.multi_label else None
+
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Select the epoch; `skip` leaves out this rank's first batches of it (resuming mid-epoch:
         they are still decoded, so the rest of the stream is exactly the uninterrupted one)."""
@@ -313,7 +348,7 @@ class ShardDataset(IterableDataset):
 
     def _stream(self, pieces, skipped) -> Iterator[RawSample]:
         for shard, start, stop in pieces:
-            yield from read_range(self.split.paths[shard], start, stop, skipped, len(self.manifest.classes))
+            yield from read_range(self.split.paths[shard], start, stop, skipped, len(self.manifest.classes), self.manifest.multi_label)
 
     def _add(self, batch: _BatchBuilder, sample: RawSample, skipped: dict[str, int]) -> bool:
         """Decode `sample` into the batch's next slot; False (and counted) if it is unusable."""
@@ -336,7 +371,8 @@ class ShardDataset(IterableDataset):
         skipped: dict[str, int] = {}
         if self.pool is not None:
             self.pool.start_epoch(worker)
-        batch = _BatchBuilder(self.batch_size, self.load_size, self.raw, self.pool if info is not None else None, worker)
+        batch = _BatchBuilder(self.batch_size, self.load_size, self.raw, self.pool if info is not None else None, worker,
+                              self._tags_width())
         stream = self._stream(plan.pieces, skipped)
         if self.buffer_size > 1:
             stream = shuffle_buffer(stream, self.buffer_size, rng)
@@ -471,11 +507,13 @@ class SlotPool:
 
 class _BatchBuilder:
     """Samples decoded straight into a uint8 (B, S, S, 3) batch: a SlotPool slot in a loader worker,
-    a plain tensor in the main process; or raw JPEG tensors for the GPU decoder."""
+    a plain tensor in the main process; or raw JPEG tensors for the GPU decoder. `tags_width`: the
+    number of classes of multi-label labels (a uint8 multi-hot row each); None: int64 labels."""
 
-    def __init__(self, batch_size: int, load_size: int, raw: bool, pool: SlotPool | None = None, worker: int = 0):
+    def __init__(self, batch_size: int, load_size: int, raw: bool, pool: SlotPool | None = None, worker: int = 0,
+                 tags_width: int | None = None):
         self.batch_size, self.load_size, self.is_raw = batch_size, load_size, raw
-        self.pool, self.worker = pool, worker
+        self.pool, self.worker, self.tags_width = pool, worker, tags_width
         self._reset()
 
     def _reset(self) -> None:
@@ -499,7 +537,7 @@ class _BatchBuilder:
                 self.images = torch.empty((self.batch_size, self.load_size, self.load_size, 3), dtype=torch.uint8)
         return self.images[len(self.labels)].numpy()
 
-    def commit(self, label: int, key: str) -> None:
+    def commit(self, label: int | tuple[int, ...], key: str) -> None:
         self.labels.append(label)
         self.keys.append(key)
 
@@ -514,7 +552,15 @@ class _BatchBuilder:
         else:  # nothing decoded (a batch that only carries skip counts)
             images = torch.empty((0, self.load_size, self.load_size, 3), dtype=torch.uint8)
         # labels as numpy: pickled by value (a torch tensor would cost a shared-memory file per batch)
-        out = (images, np.asarray(self.labels, dtype=np.int64), {"skipped": sum(skipped.values()), "keys": self.keys})
+        out = (images, self._label_array(), {"skipped": sum(skipped.values()), "keys": self.keys})
         skipped.clear()
         self._reset()
         return out
+
+    def _label_array(self) -> np.ndarray:
+        if self.tags_width is None:
+            return np.asarray(self.labels, dtype=np.int64)
+        hot = np.zeros((len(self.labels), self.tags_width), dtype=np.uint8)
+        for row, tags in enumerate(self.labels):
+            hot[row, list(tags)] = 1
+        return hot

@@ -14,6 +14,7 @@ from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import Runtime, rank_seed, seed_everything
 from disttrain.models.build import build_model, interpolation, normalization
 from disttrain.models.families import family_of
+from disttrain.task import Task
 from disttrain.models.groups import layer_groups_header, split_layer_groups
 from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.train.checkpoint import Checkpointer, PreemptionFlag, Resume, stop_if_preempted
@@ -38,7 +39,7 @@ def build_trainer(
     if precision.warning:
         reporter.line(precision.warning)
     job = JobGroup(accelerator.num_processes)  # for what the main process alone reads or fetches, and the saves
-    data = load_data(cfg, job, reporter.line, runtime.cores.workers)
+    data = load_data(cfg, job, reporter.line, runtime.cores.workers, resuming=resume is not None)
     stop_if_preempted(flag, job, resume.path if resume else None, "during the data scan")
     if resume is not None:
         resume.check(cfg.model.name, data.classes, data_identity(data))
@@ -73,7 +74,7 @@ def build_trainer(
         total_epochs=plans[-1].end_epoch,
         grad_accum=cfg.train.grad_accum,
         clip_grad=cfg.train.clip_grad,
-        label_smoothing=cfg.train.label_smoothing,
+        task=task_of(cfg, data),
         max_steps_per_epoch=cfg.train.max_steps_per_epoch,
         classes=list(data.classes),
         tracker=tracker,
@@ -90,6 +91,12 @@ def build_trainer(
     trainer.use(enter_stage(trainer, cfg, data, plans[stage]))
     torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank
     return trainer, data
+
+
+def task_of(cfg: Config, data: ImageFolderData | Manifest) -> Task:
+    """The run's task, decided once from its data (disttrain/task.py)."""
+    return Task(bool(getattr(data, "multi_label", False)), len(data.classes), cfg.train.label_smoothing, cfg.train.threshold,
+                cfg.train.fbeta)
 
 
 def data_identity(data: ImageFolderData | Manifest) -> dict[str, int]:

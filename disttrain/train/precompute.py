@@ -79,7 +79,7 @@ def head_inputs(accelerator, model: nn.Module, head: nn.Module, loader, view,
     samples = sum(len(batch) for batch in loader.source)
     caught: dict[str, torch.Tensor] = {}
     hook = head.register_forward_pre_hook(lambda _module, args: caught.__setitem__("x", args[0].detach()))
-    inputs, labels = None, torch.empty(samples, dtype=torch.long)
+    inputs, labels = None, None
     filled, overflow = 0, False
     model.eval()
     try:
@@ -90,6 +90,7 @@ def head_inputs(accelerator, model: nn.Module, head: nn.Module, loader, view,
                 x = caught.pop("x")
                 if inputs is None:  # pinned on CUDA: the FeatureLoader's copies to the device start from it
                     inputs = torch.empty((samples, *x.shape[1:]), dtype=dtype, pin_memory=x.device.type == "cuda")
+                    labels = torch.empty((samples, *batch_labels.shape[1:]), dtype=batch_labels.dtype)  # multi-label: (samples, C)
                 inputs[filled : filled + len(x)].copy_(x)
                 labels[filled : filled + len(x)].copy_(batch_labels)
                 filled += len(x)
@@ -100,7 +101,9 @@ def head_inputs(accelerator, model: nn.Module, head: nn.Module, loader, view,
         hook.remove()
     if filled != samples:
         raise RuntimeError(f"precompute: the {loader.name} loader gave {filled} samples where its sampler has {samples}")
-    return (torch.zeros(0, dtype=dtype) if inputs is None else inputs), labels, overflow
+    if inputs is None:
+        return torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=torch.long), overflow
+    return inputs, labels, overflow
 
 
 @dataclass

@@ -25,7 +25,7 @@ from disttrain.data.setup import eval_loader
 from disttrain.data.workers import start_worker_server
 from disttrain.dist.logs import setup_logging
 from disttrain.dist.runtime import build_runtime
-from disttrain.models.forward import eval_view, evaluate
+from disttrain.models.forward import eval_view, evaluate, tta_views_of
 from disttrain.models.families import family_of
 from disttrain.train.build import build_trainer
 from disttrain.train.checkpoint import (
@@ -174,10 +174,21 @@ def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
         view = eval_view(plan.cfg.image_size, trainer.augment.mean, trainer.augment.std, cfg.model.channels_last,
                          trainer.augment.interpolation)
         loader = eval_loader(cfg, data.valid, acc, trainer.workers, plan.cfg.load_size, plan.cfg.batch_size * 2, name="valid (TTA)")
-        result = evaluate(acc, trainer.module, loader, view, len(trainer.classes), train.tta_n, train.tta_beta, train.tta_max)
+        result = evaluate(acc, trainer.module, loader, view, trainer.task, train.tta_n, train.tta_beta, train.tta_max,
+                          tta_views_of(cfg.augment))
     else:
-        result = trainer.evaluate(None, train.tta_n, train.tta_beta, train.tta_max)
+        result = trainer.evaluate(None, train.tta_n, train.tta_beta, train.tta_max, tta_views_of(cfg.augment))
     how = "max" if train.tta_max else f"beta {train.tta_beta}"
+    if trainer.task.multi_label:  # counted in (image, tag) cells, at the plain pass's threshold
+        name = f"f{result.beta:g}"
+        trainer.reporter.line(
+            f"TTA ({train.tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy_multi {result.tta_accuracy:.6f} "
+            f"({result.tta_correct}/{result.cells})  {name} {result.tta_fbeta:.6f}; without: valid_loss {result.loss:.6f}  "
+            f"accuracy_multi {result.accuracy:.6f}  {name} {result.fbeta:.6f} (threshold {result.threshold:g})"
+        )
+        trainer.tracker.log({"valid/tta_loss": result.tta_loss, "valid/tta_accuracy_multi": result.tta_accuracy,
+                             f"valid/tta_{name}": result.tta_fbeta, **trainer.stage_key()}, step=trainer.global_step)
+        return
     trainer.reporter.line(
         f"TTA ({train.tta_n} views, {how}): valid_loss {result.tta_loss:.6f}  accuracy {result.tta_accuracy:.6f} "
         f"({result.tta_correct}/{result.count}); without: valid_loss {result.loss:.6f}  accuracy {result.accuracy:.6f}"
@@ -194,13 +205,14 @@ def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
             cfg.run.dir / "model.pt", trainer.module.state_dict(), data.classes, cfg.model.name,
             normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
             image_size=last.image_size, load_size=last.load_size, precision=acc.mixed_precision,
-            interpolation=trainer.augment.interpolation, family=family_of(cfg.model.name).name,
+            interpolation=trainer.augment.interpolation, family=family_of(cfg.model.name).name, tta_views=tta_views_of(cfg.augment),
+            task=trainer.task.with_threshold(trainer.threshold).to_saved(),
         )
         results = {
             "world_size": acc.num_processes,
             "precision": acc.mixed_precision,
             "peak_lr": max(trainer.schedule.base_lrs),
-            "epochs": [vars(r) for r in trainer.history],
+            "epochs": [{k: v for k, v in vars(r).items() if k != "metrics" or v is not None} for r in trainer.history],
         }
         (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
     trainer.checkpointer.group.barrier()  # as a checkpoint's save: model.pt may take longer than a collective may wait

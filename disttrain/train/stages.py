@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from disttrain.config import Config, StageConfig, frozen_groups, run_stages
+from disttrain.data.folder import DataError
 from disttrain.data.setup import build_loaders, eval_loader, release_loaders
 from disttrain.models.groups import freeze, group_lrs
 from disttrain.models.groups import param_groups as layer_param_groups
@@ -86,6 +87,9 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
     target: nn.Module = module
     if stage.precompute:
         head_name = groups[-1].blocks[0]
+        if not len(data.valid):
+            raise DataError(f"{plan.name}: precompute needs validation images and data.valid_pct=0 leaves none; "
+                            f"set precompute: false for that stage (or data.valid_pct > 0)")
         target = module.get_submodule(head_name)
         bs, world = stage.batch_size, acc.num_processes
         steps = -(-len(data.train) // (world * bs))  # as the image path's RankBatchSampler: equal on every rank

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from disttrain.metrics import EvalResult
+from disttrain.multilabel import MultiLabelResult
 from disttrain.tracking import Tracker
 
 SAMPLE_GRID = 16  # augmented images shown once in W&B (train/samples)
@@ -76,11 +77,16 @@ def train_metrics(loss: float, images: int, seconds: float, epoch: float, lrs: l
     return metrics
 
 
-def epoch_metrics(result: EvalResult, seconds: float, epoch: int, stage_key: dict) -> dict:
-    """The valid/* row at the end of `epoch`."""
-    metrics = {"valid/loss": result.loss, "valid/accuracy": result.accuracy, "epoch_time_sec": seconds, "epoch": epoch + 1,
-               **stage_key}
-    if result.top5 is not None:
+def epoch_metrics(result: EvalResult | MultiLabelResult, seconds: float, epoch: int, stage_key: dict) -> dict:
+    """The valid/* row at the end of `epoch` (multi-label: valid/accuracy_multi, valid/f<beta>,
+    valid/threshold, valid/mAP in place of the accuracy and top-5)."""
+    if isinstance(result, MultiLabelResult):
+        scores = {"valid/accuracy_multi": result.accuracy, f"valid/f{result.beta:g}": result.fbeta,
+                  "valid/threshold": result.threshold, "valid/mAP": result.mean_ap}
+    else:
+        scores = {"valid/accuracy": result.accuracy}
+    metrics = {"valid/loss": result.loss, **scores, "epoch_time_sec": seconds, "epoch": epoch + 1, **stage_key}
+    if getattr(result, "top5", None) is not None:
         metrics["valid/top5"] = result.top5
     return metrics
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
@@ -28,6 +27,7 @@ from disttrain.dist.cores import CoreSplit
 from disttrain.dist.runtime import set_rng_state
 from disttrain.metrics import EvalResult
 from disttrain.models.forward import evaluate
+from disttrain.task import Task
 from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.train.checkpoint import Checkpointer, Preempted
 from disttrain.train.schedule import Schedule
@@ -56,6 +56,13 @@ class EpochResult:
     images_per_sec: float
     stage: int | None = None
     """The stage the epoch belongs to (runs with `stages`)."""
+    metrics: dict | None = None
+    """The task's metric columns where they are more than the accuracy (multi-label: accuracy_multi,
+    F-beta, threshold)."""
+
+    def columns(self) -> dict[str, float]:
+        """The table's metric columns of this epoch."""
+        return self.metrics or {"accuracy": self.accuracy}
 
 
 @dataclass
@@ -102,7 +109,7 @@ class Trainer:
         total_epochs: int,
         grad_accum: int = 1,
         clip_grad: float | None = None,
-        label_smoothing: float = 0.0,
+        task: Task | None = None,
         max_steps_per_epoch: int | None = None,
         classes: list[str] | None = None,
         tracker: Tracker | None = None,
@@ -119,7 +126,8 @@ class Trainer:
         self.total_epochs = total_epochs  # epochs of the whole run (`epochs` is where the current stage ends)
         self.grad_accum = grad_accum
         self.clip_grad = clip_grad
-        self.label_smoothing = label_smoothing
+        self.task = task or Task(classes=len(classes or []))  # single- or multi-label (disttrain/task.py): the loss, the validation sums, the columns
+        self.threshold = self.task.threshold  # multi-label: the threshold the last validation used (model.pt keeps it)
         self.max_steps_per_epoch = max_steps_per_epoch
         self.classes = classes or []
         self.tracker = tracker
@@ -207,7 +215,7 @@ class Trainer:
         images_total, train_seconds = 0, 0.0
         if not self._history_shown:
             for row in self.history:  # epochs done before a resume
-                self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.accuracy, row.seconds)
+                self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.columns(), row.seconds)
             self._history_shown = True
         start_epoch, start_steps = self.start
         result = None
@@ -219,9 +227,13 @@ class Trainer:
             seconds = time.perf_counter() - t0
             images_total += images
             train_seconds += t1 - t0
-            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0), self.stage)
+            if self.task.multi_label:
+                self.threshold = result.threshold  # train.threshold=auto: this validation's best
+            columns = self.task.row(result)
+            row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0), self.stage,
+                              columns if self.task.multi_label else None)
             self.history.append(row)
-            self.reporter.epoch_row(epoch, train_loss, result.loss, result.accuracy, seconds)
+            self.reporter.epoch_row(epoch, train_loss, result.loss, columns, seconds)
             self._log_epoch(epoch, result, seconds)
             if self.checkpointer is not None:
                 path = self.checkpointer.save(self, epoch + 1, 0, None)
@@ -229,7 +241,7 @@ class Trainer:
                     raise Preempted(path)
         if result is None:  # resumed after the last epoch: nothing left to train
             return self.history
-        if self.tracker is not None and result.confusion is not None and self.epochs == self.total_epochs:
+        if self.tracker is not None and getattr(result, "confusion", None) is not None and self.epochs == self.total_epochs:
             self.tracker.log_confusion(result.confusion, self.classes, step=self.global_step)
         self.reporter.line(
             f"{images_total} training images in {train_seconds:.1f} s of training: "
@@ -272,7 +284,7 @@ class Trainer:
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
                     logits = forward(x)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+                loss = self.task.loss(logits.float(), labels)
                 acc.backward(loss / len(batches))
             batch_loss = loss.detach().double() * len(labels)
             loss_sum = batch_loss if j == 0 else loss_sum + batch_loss
@@ -411,9 +423,10 @@ class Trainer:
         """`{"stage": index}` in a run with stages (what every logged row of it carries), else empty."""
         return {"stage": self.stage} if self.stage is not None else {}
 
-    def evaluate(self, loader: DeviceLoader | None = None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False) -> EvalResult:
-        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.transform, len(self.classes) or None,
-                          tta_n, tta_beta, tta_max)
+    def evaluate(self, loader: DeviceLoader | None = None, tta_n: int = 0, tta_beta: float = 0.25, tta_max: bool = False,
+                 tta_views: str = "flips") -> EvalResult:
+        result = evaluate(self.accelerator, self.model, loader or self.valid_loader, self.transform, self.task,
+                          tta_n, tta_beta, tta_max, tta_views)
         self._report_skipped("validation: {} unreadable sample(s) skipped", result.skipped)
         self.train_mode()
         return result

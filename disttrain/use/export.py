@@ -5,8 +5,9 @@ written.
 
 The file takes uint8 RGB images at model.pt's image size, NHWC, and returns fp32 class probabilities
 (`ServingModel`: permute, /255, the eval view's resample to the image size, model.pt's
-normalization, the network, softmax), with the class names and the rest of disttrain/use/exported.py's
-metadata in it. Its height and width are dynamic: fed disttrain's presized `load_size` squares it
+normalization, the network, softmax; a multi-label model (model.pt's `task`): each tag's sigmoid),
+with the class names and the rest of disttrain/use/exported.py's metadata in it (a multi-label
+model's threshold too, so predict with the file writes the model.pt's tags). Its height and width are dynamic: fed disttrain's presized `load_size` squares it
 resamples them exactly as the eval view does (what `disttrain predict --weights model.onnx` feeds
 it, so its CSV is the model.pt's within the export's tolerance). The batch dimension is dynamic
 unless `dynamic_batch` is off (ONNX only: a traced TorchScript module takes any batch).
@@ -45,6 +46,7 @@ from disttrain.config import ConfigError
 from disttrain.use.exported import METADATA_FILE, eval_pixels, metadata, onnx_props
 from disttrain.use.inference import read_model_file, saved_network
 from disttrain.models.build import WeightsError
+from disttrain.task import Task
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4
@@ -62,14 +64,17 @@ class ExportError(WeightsError):
 class ServingModel(nn.Module):
     """uint8 RGB images (N, S, S, 3), any square size S -> fp32 class probabilities (N, classes):
     the eval view in the same order of operations (float, /255, the resample to image_size with
-    the eval view's own sampling grid and interpolation, minus mean, over std), the network, softmax.
+    the eval view's own sampling grid and interpolation, minus mean, over std), the network, softmax
+    (`multi_label`: each output's sigmoid, disttrain/task.py's probabilities).
     Fed disttrain's presized `load_size` squares it computes what `inference.outputs` does (the plain
     pass) on them; fed images already at image_size the resample samples each pixel where it is."""
 
-    def __init__(self, network: nn.Module, mean: list[float], std: list[float], image_size: int, interpolation: str = "bilinear"):
+    def __init__(self, network: nn.Module, mean: list[float], std: list[float], image_size: int, interpolation: str = "bilinear",
+                 multi_label: bool = False):
         super().__init__()
         self.network = network
         self.interpolation = interpolation
+        self.multi_label = multi_label
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         # DeviceAugment's eval grid: the identity affine over the output size; it does not depend on S
@@ -81,7 +86,8 @@ class ServingModel(nn.Module):
                           align_corners=False)
         if self.interpolation == "bicubic":
             x = x.clamp(0.0, 1.0)
-        return self.network((x - self.mean) / self.std).float().softmax(dim=1)
+        logits = self.network((x - self.mean) / self.std).float()
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=1)
 
 
 @dataclass
@@ -101,7 +107,7 @@ def serving_model(state: dict) -> ServingModel:
     network = saved_network(state, torch.device("cpu")).float()
     norm = state["normalize"]
     return ServingModel(network, list(norm["mean"]), list(norm["std"]), int(state["image_size"]),
-                        state.get("interpolation", "bilinear")).eval()
+                        state.get("interpolation", "bilinear"), Task.from_saved(state, len(state["classes"])).multi_label).eval()
 
 
 def presized_squares(load_size: int, count: int = VIEWS, seed: int = 0) -> torch.Tensor:
@@ -253,8 +259,14 @@ def export(weights: str | Path, fmt: str, out: str | Path, dynamic_batch: bool =
         s = meta["image_size"]
         batch = "batch" if dynamic_batch else str(batch_size)
         print(f"exported {weights} -> {out} ({name}, {size / 1e6:.1f} MB, {seconds:.1f} s): input images uint8 ({batch}, {s}, {s}, 3) "
-              f"RGB, output probabilities float32 ({batch}, {len(meta['classes'])}); classes {_short(meta['classes'])}", flush=True)
+              f"RGB, output probabilities float32 ({batch}, {len(meta['classes'])}){_sigmoid(meta)}; classes {_short(meta['classes'])}",
+              flush=True)
     return ExportResult(out, fmt, difference, batch_sizes, size, seconds)
+
+
+def _sigmoid(meta: dict) -> str:
+    """What the summary line adds for a multi-label model (nothing for a single-label one)."""
+    return f", each tag's sigmoid (model.pt's threshold {meta['threshold']:g})" if meta["multi_label"] else ""
 
 
 def _sci(value: float) -> str:

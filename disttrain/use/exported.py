@@ -3,7 +3,7 @@ exported ONNX file run by onnxruntime for `disttrain predict --weights model.onn
 
 An exported file takes uint8 RGB images at model.pt's `image_size`, NHWC (batch, height, width, 3),
 and returns float32 class probabilities (batch, classes); the eval view's resample to `image_size`,
-normalization and softmax are inside. Its height and width are dynamic: disttrain's presized
+normalization and softmax (a multi-label model: each tag's sigmoid) are inside. Its height and width are dynamic: disttrain's presized
 `load_size` squares (the image decoded upright, its shorter side resized to `load_size`, the centre
 square cut: disttrain/data/decode.py) go in as they are and are resampled inside as the eval view
 does (bilinear, or bicubic for a model.pt that says so). `eval_pixels` is that resample outside the
@@ -13,7 +13,9 @@ The metadata (ONNX `metadata_props`, all strings; the TorchScript extra file `di
 `classes` (a JSON list, in output order), `image_size`, `load_size`, `interpolation`, `mean` and
 `std` (JSON lists, what the file applies inside), `arch`, `precision` (model.pt's training
 precision; the file computes in fp32), `input_layout` (`NHWC uint8 RGB`), `batch_size` (`dynamic`
-or the fixed number), `disttrain_version`.
+or the fixed number), `disttrain_version`, `multi_label` (JSON `true`/`false`: sigmoid or softmax
+inside), and for a multi-label model `threshold` and `beta` (model.pt's `task`: the tags predict
+writes are those above the threshold). A file without `multi_label` (an older export) is single-label.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ import torch
 
 from disttrain.models.forward import eval_view
 from disttrain.models.build import WeightsError
+from disttrain.task import Task
 
 INPUT_LAYOUT = "NHWC uint8 RGB"
 METADATA_FILE = "disttrain.json"
 """The TorchScript extra file holding the metadata."""
 LIST_KEYS = ("classes", "mean", "std")
+JSON_KEYS = (*LIST_KEYS, "multi_label")
+"""Metadata values stored as JSON text in ONNX metadata_props."""
 INT_KEYS = ("image_size", "load_size")
+FLOAT_KEYS = ("threshold", "beta")
 
 
 def eval_pixels(images: torch.Tensor, image_size: int, interpolation: str = "bilinear") -> torch.Tensor:
@@ -52,6 +58,8 @@ def metadata(state: dict, dynamic_batch: bool, batch_size: int) -> dict:
     from disttrain import __version__
 
     norm = state["normalize"]
+    task = Task.from_saved(state, len(state["classes"]))
+    labels = {"multi_label": True, "threshold": task.threshold, "beta": task.beta} if task.multi_label else {"multi_label": False}
     return {
         "classes": [str(c) for c in state["classes"]],
         "image_size": int(state["image_size"]),
@@ -64,6 +72,7 @@ def metadata(state: dict, dynamic_batch: bool, batch_size: int) -> dict:
         "input_layout": INPUT_LAYOUT,
         "batch_size": "dynamic" if dynamic_batch else str(batch_size),
         "disttrain_version": __version__,
+        **labels,
     }
 
 
@@ -75,13 +84,23 @@ def onnx_props(meta: dict) -> dict[str, str]:
 def from_props(props: dict[str, str]) -> dict:
     """ONNX metadata_props -> `metadata`'s values (lists and sizes parsed back)."""
     meta = dict(props)
-    for key in LIST_KEYS:
+    for key in JSON_KEYS:
         if key in meta:
             meta[key] = json.loads(meta[key])
     for key in INT_KEYS:
         if key in meta:
             meta[key] = int(meta[key])
+    for key in FLOAT_KEYS:
+        if key in meta:
+            meta[key] = float(meta[key])
     return meta
+
+
+def task_of(meta: dict) -> Task:
+    """The task of an exported file's metadata (`metadata`, or `from_props`'s): single-label without `multi_label`."""
+    if not meta.get("multi_label", False):
+        return Task(classes=len(meta["classes"]))
+    return Task(True, len(meta["classes"]), threshold=float(meta.get("threshold", 0.5)), beta=float(meta.get("beta", 2.0)))
 
 
 def is_onnx_file(path: str | Path) -> bool:
@@ -91,7 +110,8 @@ def is_onnx_file(path: str | Path) -> bool:
 
 class OnnxModel:
     """An exported ONNX file under onnxruntime (CPU), with what predict needs of a model: `classes`,
-    `image_size`, `load_size` and `probabilities(presized uint8 batch)`."""
+    `image_size`, `load_size`, `task` (from the metadata: multi-label and its threshold) and
+    `probabilities(presized uint8 batch)`."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         """`threads`: onnxruntime's intra-op threads (`disttrain predict` gives the compute threads
@@ -124,6 +144,7 @@ class OnnxModel:
         self.classes: list[str] = list(self.meta["classes"])
         self.image_size: int = self.meta["image_size"]
         self.load_size: int = self.meta["load_size"]
+        self.task: Task = task_of(self.meta)
         self.input_name = self.session.get_inputs()[0].name
         batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch: int | None = batch if isinstance(batch, int) else None

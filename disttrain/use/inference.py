@@ -12,6 +12,7 @@ from torch import nn
 
 from disttrain.config import ModelConfig
 from disttrain.models.build import WeightsError, build_model
+from disttrain.task import Task
 
 INFERENCE_KEYS = ("image_size", "load_size", "normalize")
 
@@ -29,6 +30,12 @@ class SavedModel:
     std: list[float]
     precision: str | None
     interpolation: str = "bilinear"
+    tta_views: str = "flips"
+    """The TTA view set (disttrain/models/forward.py): `dihedral` for a model trained with
+    augment.vflip or augment.dihedral (images without an up); `flips` for an older model.pt."""
+    task: Task = Task()
+    """Single- or multi-label (disttrain/task.py; model.pt's `task`, absent: single-label): softmax
+    or sigmoid probabilities, and a multi-label model's threshold."""
 
 
 def read_model_file(path: str | Path, need_inference_keys: bool = True) -> dict:
@@ -70,4 +77,4 @@ def load_saved_model(path: str | Path, device: torch.device) -> SavedModel:
     norm = state["normalize"]
     return SavedModel(saved_network(state, device), list(state["classes"]), state["arch"], int(state["image_size"]),
                       int(state["load_size"]), list(norm["mean"]), list(norm["std"]), state.get("precision"),
-                      state.get("interpolation", "bilinear"))
+                      state.get("interpolation", "bilinear"), state.get("tta_views", "flips"), Task.from_saved(state, len(state["classes"])))

@@ -57,7 +57,7 @@ class Inputs:
     folders searched `--ext` left out."""
 
     paths: list[str]
-    labels: list[int] | None = None
+    labels: list[int] | list[tuple[int, ...]] | None = None  # multi-label: each image's tag indices
     left_out: int = 0
     folder: str = ""
     """The labelled folder evaluated (list_labelled)."""

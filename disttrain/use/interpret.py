@@ -35,6 +35,18 @@ images) is not written; the summary line names it. Each tile is titled `predicte
 probability of actual` (2 decimals) and shows what the model saw: the image decoded and presized
 again (only the selected ones, by path) and put through the eval view, its normalization undone.
 Evaluate draws the random views with seed 0, a run (`train.interpret`, `interpret_run`) with run.seed.
+
+Multi-label (a model whose model.pt says `task: multi_label`): there is no single predicted class, so
+no confusion matrix, most-confused pairs or per-class grids. Each image's records are its input index,
+its target tags, the float32 logits of the plain pass and its loss (binary cross-entropy with logits
+averaged over the tags, no smoothing) (`TagRecords`, `TagRecorder`: C x 5 bytes per image, gathered
+as above). A tag is predicted when its probability, computed in float64 as disttrain/multilabel.py
+computes it, is strictly above the threshold: the same tags, the same counts as `disttrain evaluate`'s
+per-class precision and recall. Files (`write_tag_interpretation`): `top_losses.csv` (rank, path,
+actual tags, predicted tags, loss) and `top_losses.png` (each tile titled with the predicted tags,
+the actual tags and the loss, one per line), `per_class_errors.csv` (class, false_positives,
+false_negatives, support) and its bar chart `per_class_errors.png`, and `per_class.csv` (precision,
+recall, F1, support and average precision per class, disttrain.multilabel.per_class_scores).
 """
 
 from __future__ import annotations
@@ -51,9 +63,14 @@ import torch.nn.functional as F
 
 from disttrain.data.decode import load_presized
 from disttrain.metrics import Confusion, most_confused
+from disttrain.multilabel import per_class_scores
 from disttrain.tracking import write_confusion
 
 TITLE = "predicted / actual / loss / probability of actual"
+TOP_COLUMNS = ("actual", "predicted", "loss", "probability_actual")
+"""The columns of `Interpretation.top` after the image (the W&B table's)."""
+TAG_TOP_COLUMNS = ("actual", "predicted", "loss")
+"""... multi-label: the tags, space-separated."""
 DEFAULT_K = 9
 """Images per grid (and rows of top_losses.csv), fastai's plot_top_losses(9)."""
 
@@ -241,8 +258,11 @@ class Interpretation:
     """Views with no candidates (not written)."""
     grids: list[str] = field(default_factory=list)
     """The grid PNGs written (file names), top_losses.png first."""
-    top: list[tuple[np.ndarray, str, str, float, float]] = field(default_factory=list)
-    """The top losses: (what the model saw, actual, predicted, loss, probability of actual)."""
+    top: list[tuple] = field(default_factory=list)
+    """The top losses: (what the model saw, actual, predicted, loss, probability of actual); multi-label
+    (what the model saw, actual tags, predicted tags, loss)."""
+    columns: tuple[str, ...] = TOP_COLUMNS
+    """The names of `top`'s values after the image (W&B's table columns)."""
 
     def lines(self, classes: list[str]) -> list[str]:
         """The summary: what was written where, and which views had no candidates."""
@@ -363,4 +383,161 @@ def write_interpretation(records: Records, paths: list[str], classes: list[str],
         out.grids.append(name)
         if grid is top:
             out.top = [(image, *values) for image, values in zip(images, shown)]
+    return out
+
+
+# -- multi-label ---------------------------------------------------------------------------------
+
+TAG_TITLE = "predicted tags / actual tags / loss, one per line"
+BAR_CLASSES = 50
+"""Classes shown in per_class_errors.png: all up to this many, else the ones with the most errors."""
+
+
+@dataclass
+class TagRecords:
+    """Per-image values of a multi-label evaluation, one entry per image that decoded, in input order."""
+
+    index: torch.Tensor
+    """int64 (N): the image's position in the listing."""
+    target: torch.Tensor
+    """bool (N, C): its true tags."""
+    logits: torch.Tensor
+    """float32 (N, C): the plain pass."""
+    loss: torch.Tensor
+    """float32 (N): binary cross-entropy with logits, averaged over the C tags."""
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def from_logits(cls, index, logits: torch.Tensor, targets: torch.Tensor) -> "TagRecords":
+        """The records of a batch: input indices, float logits (N, C), multi-hot targets (N, C; any dtype)."""
+        logits = logits.float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=1)
+        return cls(torch.as_tensor(index, dtype=torch.int64).cpu(), (targets != 0).cpu(), logits.cpu(), loss.cpu())
+
+    @classmethod
+    def cat(cls, parts: list["TagRecords"], classes: int) -> "TagRecords":
+        """Parts (from batches, from ranks) as one, ordered by input index."""
+        if not parts:
+            return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0, classes, dtype=torch.bool), torch.zeros(0, classes),
+                       torch.zeros(0))
+        names = ("index", "target", "logits", "loss")
+        joined = cls(*(torch.cat([getattr(part, name) for part in parts]) for name in names))
+        order = torch.sort(joined.index, stable=True).indices
+        return cls(*(getattr(joined, name)[order] for name in names))
+
+    def probabilities(self) -> np.ndarray:
+        """float64 (N, C) sigmoid of the logits, computed as disttrain.multilabel.MultiLabelSums computes
+        them (so a tag is above the threshold here exactly where it is there)."""
+        with np.errstate(over="ignore"):  # exp(-logit) is inf below logit -709: the probability is 0
+            return 1 / (1 + np.exp(-self.logits.numpy().astype(np.float64)))
+
+    def predicted(self, threshold: float) -> np.ndarray:
+        """bool (N, C): the tags whose probability is strictly above `threshold`."""
+        return self.probabilities() > threshold
+
+
+class TagRecorder:
+    """One rank's multi-label records, batch by batch (on the CPU), as `SampleRecorder`."""
+
+    def __init__(self, classes: int):
+        self.classes = classes
+        self.parts: list[TagRecords] = []
+
+    def add(self, index, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.parts.append(TagRecords.from_logits(index, logits.detach(), targets))
+
+    def gather(self, group) -> TagRecords:
+        """Every rank's records, in input order, on every rank (`group`: a JobGroup)."""
+        return TagRecords.cat(group.gather(TagRecords.cat(self.parts, self.classes)), self.classes)
+
+
+@dataclass
+class TagErrors:
+    """One class's mistakes at the threshold."""
+
+    name: str
+    false_positives: int
+    """Images predicted to have the tag that do not."""
+    false_negatives: int
+    """Images that have the tag, not predicted."""
+    support: int
+    """Images that have the tag."""
+
+
+def tag_errors(records: TagRecords, classes: list[str], threshold: float) -> list[TagErrors]:
+    """Per class, in class order: false positives, false negatives and support at `threshold`."""
+    predicted, true = records.predicted(threshold), records.target.numpy()
+    fp, fn, support = (predicted & ~true).sum(axis=0), (~predicted & true).sum(axis=0), true.sum(axis=0)
+    return [TagErrors(name, int(fp[c]), int(fn[c]), int(support[c])) for c, name in enumerate(classes)]
+
+
+def tag_names(row: np.ndarray, classes: list[str]) -> str:
+    """The tags of a bool row, space-separated in class order (as predict's `labels` column)."""
+    return " ".join(classes[c] for c in np.flatnonzero(row))
+
+
+def plot_tag_errors(errors: list[TagErrors], threshold: float, path: Path) -> None:
+    """Bars of each class's false positives and false negatives at `threshold` (up to BAR_CLASSES classes: beyond,
+    the ones with the most errors, the title says so)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown, note = errors, ""
+    if len(errors) > BAR_CLASSES:
+        ranked = sorted(range(len(errors)), key=lambda c: (-(errors[c].false_positives + errors[c].false_negatives), c))
+        shown = [errors[c] for c in sorted(ranked[:BAR_CLASSES])]
+        note = f" (the {BAR_CLASSES} of {len(errors)} classes with the most errors)"
+    x = np.arange(len(shown))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(shown) + 1.5), 3.8))
+    ax.bar(x - 0.2, [e.false_positives for e in shown], 0.4, label="false positives")
+    ax.bar(x + 0.2, [e.false_negatives for e in shown], 0.4, label="false negatives")
+    ax.set_xticks(x, [e.name for e in shown], rotation=90 if len(shown) > 12 else 0, fontsize=8)
+    ax.set_ylabel("images")
+    ax.set_title(f"per-class errors at threshold {threshold:g}{note}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_tag_interpretation(records: TagRecords, paths: list[str], classes: list[str], folder: Path, k: int, load_size: int,
+                             view, threshold: float) -> Interpretation:
+    """The multi-label files of the module docstring into `folder` (made if missing), from the
+    gathered records at `threshold` (the one evaluate reports); main process only."""
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = Interpretation(folder, columns=TAG_TOP_COLUMNS)
+    predicted, true = records.predicted(threshold), records.target.numpy()
+    rows = top_losses(records, k)
+
+    def shown(pos: int) -> tuple[str, str, str, float]:
+        return (paths[int(records.index[pos])], tag_names(true[pos], classes), tag_names(predicted[pos], classes),
+                float(records.loss[pos]))
+
+    top = [shown(pos) for pos in rows]
+    _write_csv(folder / "top_losses.csv", ["rank", "path", "actual", "predicted", "loss"],
+               ([rank + 1, path, actual, guess, _number(loss)] for rank, (path, actual, guess, loss) in enumerate(top)))
+    errors = tag_errors(records, classes, threshold)
+    _write_csv(folder / "per_class_errors.csv", ["class", "false_positives", "false_negatives", "support"],
+               ([e.name, e.false_positives, e.false_negatives, e.support] for e in errors))
+    plot_tag_errors(errors, threshold, folder / "per_class_errors.png")
+    scores = per_class_scores(records.probabilities(), true, threshold)
+    _write_csv(folder / "per_class.csv", ["class", "precision", "recall", "f1", "support", "ap"],
+               ([name, _number(s["precision"]), _number(s["recall"]), _number(s["f1"]), s["support"],
+                 "" if s["ap"] is None else _number(s["ap"])] for name, s in zip(classes, scores)))
+    out.files += ["top_losses.csv", "per_class_errors.csv", "per_class_errors.png", "per_class.csv"]
+    if not rows:
+        out.empty.append(View("top_losses", "", [], "top_losses"))
+        return out
+    images, ok = seen_images([path for path, *_ in top], load_size, view)
+    titles = [f"{guess or '(none)'}\n{actual or '(none)'}\n{loss:.2f}" + ("" if fine else " (unreadable now)")
+              for (_, actual, guess, loss), fine in zip(top, ok)]
+    plot_grid(images, titles, f"top losses (binary cross-entropy per image): {TAG_TITLE}", folder / "top_losses.png")
+    out.files.append("top_losses.png")
+    out.grids.append("top_losses.png")
+    out.top = [(image, actual, guess, loss) for image, (_, actual, guess, loss) in zip(images, top)]
     return out

@@ -15,8 +15,23 @@ its ranks had written.
 Batches are global (disttrain/use/inputs.py): every image is computed in the same batch whatever the
 number of processes, so the output is byte-identical on 1, 2 or 3 processes.
 
-Output: CSV `path,label,score,<one probability column per class>`; with `--topk K`, tab-separated
-`path, rank, class, probability`, K rows per image. Both have a header line.
+Output (`--format`), each with a header line, probabilities with 6 decimals:
+- `csv` (the default): `path,label,score,<one probability column per class>`. A multi-label model
+  (model.pt's `task`, disttrain/task.py) writes `path,labels,<one probability per tag>` instead:
+  its probabilities are each tag's sigmoid, and `labels` lists, space-separated and in class order,
+  the tags whose probability is strictly above the threshold (model.pt's, the one training stored
+  or found, or `--threshold`), as validation counts them (disttrain/multilabel.py). It has no
+  `score`: no single probability stands for a set of tags (each one's is in its own column).
+- `submission` (a Kaggle submission, the dog breeds': `id,<one probability column per class>`, in
+  the model's class order): the id is the file's stem (`test/0a1b.jpg` -> `0a1b`); two inputs with
+  one stem are an error before any work. Multi-label: the same, one sigmoid per tag.
+- `tags` (planet's submission: `image_name,tags`): the stem and the predicted tags, space-separated
+  (a single-label model: its one most probable class).
+- `--topk K` (with `csv` only): tab-separated `path, rank, class, probability`, K rows per image,
+  ranked by probability (multi-label too: the K most probable tags).
+
+`--out` ending in `.gz` is written gzipped, any format, with a fixed header (no file name, time 0),
+so the file's bytes, too, are the same on any number of processes and in every run.
 
 `--weights model.onnx` (a file `disttrain export` wrote; by its suffix) runs it with onnxruntime on
 the CPU, one session per rank, through the same listing, batches, decoding and part files
@@ -27,6 +42,7 @@ resamples them as the eval view does. No TTA (the file holds the plain pass).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
 import shutil
@@ -50,6 +66,12 @@ from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
 from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import build_runtime
 from disttrain.models.checks import build_config
+from disttrain.task import Task
+
+FORMATS = ("csv", "submission", "tags")
+"""`--format`: the per-path CSV, a Kaggle submission (id + probabilities), planet's `image_name,tags`."""
+GZIP_LEVEL = 6
+"""The `.gz` output's compression level (the gzip command's default)."""
 
 
 @dataclass
@@ -57,7 +79,7 @@ class PredictOptions:
     weights: str
     inputs: list[str]
     out: str | None = None
-    """CSV (or top-K TSV) file; None: stdout."""
+    """CSV (or top-K TSV) file, gzipped when it ends in `.gz`; None: stdout."""
     topk: int | None = None
     """Top-K rows per image instead of the CSV."""
     tta_n: int = 0
@@ -72,6 +94,10 @@ class PredictOptions:
     extensions: frozenset[str] | None = IMAGE_EXTENSIONS
     """Suffixes taken from folders (None: every file)."""
     progress: bool = True
+    format: str = "csv"
+    """One of `FORMATS` (module docstring)."""
+    threshold: float | None = None
+    """A multi-label model's threshold in place of model.pt's (None: model.pt's)."""
 
 
 @dataclass
@@ -90,22 +116,59 @@ def _rows_writer(stream, topk: int | None):
     return csv.writer(stream, delimiter="\t", lineterminator="\n") if topk else csv.writer(stream)
 
 
-def header(classes: list[str], topk: int | None) -> str:
+def header(classes: list[str], topk: int | None, fmt: str = "csv", multi_label: bool = False) -> str:
+    """The output's header line (module docstring)."""
+    if topk:
+        names = ["path", "rank", "class", "probability"]
+    elif fmt == "submission":
+        names = ["id", *classes]
+    elif fmt == "tags":
+        names = ["image_name", "tags"]
+    else:
+        names = ["path", "labels", *classes] if multi_label else ["path", "label", "score", *classes]
     text = io.StringIO()
-    _rows_writer(text, topk).writerow(["path", "rank", "class", "probability"] if topk else ["path", "label", "score", *classes])
+    _rows_writer(text, topk).writerow(names)
     return text.getvalue()
 
 
-def write_rows(writer, paths: list[str], probs: torch.Tensor, classes: list[str], topk: int | None) -> None:
-    """One CSV row per image (`path, label, score, probabilities`), or `topk` rows (`path, rank,
-    class, probability`); probabilities with 6 decimals, ties to the lower class index."""
+def file_id(path: str) -> str:
+    """A submission's id of an input: its file name without the suffix."""
+    return Path(path).stem
+
+
+def check_ids(paths: list[str], fmt: str) -> None:
+    """DataError naming both files when two inputs have one id (a submission has one row per id)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        first = seen.setdefault(file_id(path), path)
+        if first != path:
+            raise DataError(f"{first} and {path}: the same id {file_id(path)!r} (the file name without its suffix); "
+                            f"--format {fmt} writes one row per id: rename one, or predict them separately")
+
+
+def write_rows(writer, paths: list[str], probs: torch.Tensor, classes: list[str], topk: int | None, fmt: str = "csv",
+               task: Task | None = None) -> None:
+    """The rows of a batch in format `fmt` (module docstring): per image one row, or `topk` rows
+    (`path, rank, class, probability`); probabilities with 6 decimals, ties to the lower class
+    index. A multi-label `task`'s tags are those whose probability is strictly above its threshold,
+    compared in float32 as validation compares them."""
+    multi_label = task is not None and task.multi_label
     order = torch.sort(probs, dim=1, descending=True, stable=True).indices.tolist()
-    for path, p, ranked in zip(paths, probs.tolist(), order):
+    above = (probs > task.threshold).tolist() if multi_label else None
+    for i, (path, p, ranked) in enumerate(zip(paths, probs.tolist(), order)):
         if topk:
             writer.writerows([path, r + 1, classes[c], f"{p[c]:.6f}"] for r, c in enumerate(ranked[:topk]))
+            continue
+        values = [f"{v:.6f}" for v in p]
+        tags = " ".join(c for c, on in zip(classes, above[i]) if on) if multi_label else classes[ranked[0]]
+        if fmt == "submission":
+            writer.writerow([file_id(path), *values])
+        elif fmt == "tags":
+            writer.writerow([file_id(path), tags])
+        elif multi_label:
+            writer.writerow([path, tags, *values])
         else:
-            best = ranked[0]
-            writer.writerow([path, classes[best], f"{p[best]:.6f}", *(f"{v:.6f}" for v in p)])
+            writer.writerow([path, tags, values[ranked[0]], *values])
 
 
 def _make_parts(out: str | None) -> str:
@@ -135,7 +198,8 @@ def _skipped(parts: Path, rank: int) -> Path:
 
 def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions):
     """The probabilities written for a presized uint8 (B, S, S, 3) batch, on the CPU: an exported
-    ONNX file's under onnxruntime, or the model.pt's forward (plain or TTA) on the device."""
+    ONNX file's under onnxruntime, or the model.pt's forward (plain or TTA) on the device; the
+    task's (softmax, or each tag's sigmoid)."""
     if isinstance(saved, OnnxModel):
         return saved.probabilities
     device = accelerator.device
@@ -143,15 +207,16 @@ def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         _, plain, tta = batch_outputs(saved.model, view, images.to(device, non_blocking=True), accelerator.autocast,
-                                      options.tta_n, options.tta_beta, options.tta_max)
+                                      options.tta_n, options.tta_beta, options.tta_max, saved.tta_views, saved.task)
         return (tta if tta is not None else plain).cpu()
 
     return probabilities
 
 
 def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, parts: Path, options: PredictOptions,
-                  worker_timeout: float, workers: Workers) -> tuple[int, int]:
-    """This rank's batches -> its part files; returns (images predicted, files skipped)."""
+                  worker_timeout: float, workers: Workers, task: Task | None = None) -> tuple[int, int]:
+    """This rank's batches -> its part files; returns (images predicted, files skipped). `task`:
+    the model's, with the threshold the tags are written at (default: `saved.task`)."""
     from tqdm import tqdm
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -169,7 +234,8 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, pa
                 bad_writer.writerows([paths[i], reason] for i, reason in failed)
                 skipped += len(failed)
                 if images is not None:
-                    write_rows(row_writer, [paths[i] for i in index], probabilities(images), saved.classes, options.topk)
+                    write_rows(row_writer, [paths[i] for i in index], probabilities(images), saved.classes, options.topk,
+                               options.format, task or saved.task)
                     done += len(index)
                 rows.flush()
                 bad.flush()
@@ -178,8 +244,36 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, pa
     return done, skipped
 
 
+def _open_out(tmp: Path, gzipped: bool):
+    """The output file, written as text (the part files' encoding); through gzip when `gzipped`, with
+    no file name and time 0 in its header, so equal text gives equal bytes."""
+    if not gzipped:
+        return open(tmp, "w", newline="")
+    raw = open(tmp, "wb")
+    try:
+        return io.TextIOWrapper(_ClosingGzip(raw), newline="")
+    except BaseException:
+        raw.close()
+        raise
+
+
+class _ClosingGzip(gzip.GzipFile):
+    """A deterministic GzipFile over an open file that closes that file too."""
+
+    def __init__(self, raw):
+        super().__init__(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0)
+        self.raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.raw.close()
+
+
 def _concatenate(parts: Path, world: int, head: str, out: str | None, topk: int | None) -> None:
-    """The header and every rank's part, in rank order, to `out` (temporary name, then renamed) or stdout."""
+    """The header and every rank's part, in rank order, to `out` (temporary name, then renamed;
+    gzipped when it ends in `.gz`) or stdout."""
     names = [_part(parts, rank, topk) for rank in range(world)]
     missing = [name for name in names if not name.is_file()]
     if missing:
@@ -187,7 +281,7 @@ def _concatenate(parts: Path, world: int, head: str, out: str | None, topk: int 
                         f"{parts} must be on a filesystem every rank shares (give --out on one)")
     target = Path(out) if out else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}") if target else None
-    stream = open(tmp, "w", newline="") if tmp else sys.stdout
+    stream = _open_out(tmp, target.name.endswith(".gz")) if tmp else sys.stdout
     try:
         stream.write(head)
         for name in names:
@@ -213,6 +307,8 @@ def _print_skipped(parts: Path, world: int) -> None:
 
 def run(options: PredictOptions) -> PredictSummary:
     """The whole job, on every rank (the arguments are checked by the CLI before this)."""
+    if options.format not in FORMATS:
+        raise ConfigError(f"--format {options.format}: must be one of {', '.join(FORMATS)}")
     onnx = is_onnx_file(options.weights)
     if onnx and options.tta_n:
         raise ConfigError(f"--tta: not with an exported ONNX file ({options.weights} computes the plain pass only); "
@@ -223,17 +319,30 @@ def run(options: PredictOptions) -> PredictSummary:
     accelerator = runtime.accelerator
     group = JobGroup(accelerator.num_processes)
     saved = OnnxModel(options.weights, runtime.cores.threads) if onnx else load_saved_model(options.weights, accelerator.device)
-    inputs, parts = group.from_main(lambda: (list_inputs(options.inputs, options.extensions), _make_parts(options.out)))
+    task = saved.task
+    if options.threshold is not None:
+        if not task.multi_label:
+            raise ConfigError(f"--threshold: only for a multi-label model; {options.weights} is single-label (its label is the "
+                              "most probable class)")
+        task = task.with_threshold(options.threshold)
+
+    def listing():
+        found = list_inputs(options.inputs, options.extensions)
+        if options.format != "csv":
+            check_ids(found.paths, options.format)
+        return found, _make_parts(options.out)
+
+    inputs, parts = group.from_main(listing)
     parts = Path(parts)
     start = time.perf_counter()
-    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout, Workers.of(runtime.cores))
+    done, skipped = predict_share(accelerator, saved, inputs, parts, options, cfg.data.worker_timeout, Workers.of(runtime.cores), task)
     images, skipped = (int(v) for v in group.sum(torch.tensor([done, skipped], dtype=torch.float64)).tolist())  # every rank done
     seconds = time.perf_counter() - start
     world = accelerator.num_processes
     if accelerator.is_main_process:
         _print_skipped(parts, world)
         if images:
-            _concatenate(parts, world, header(saved.classes, options.topk), options.out, options.topk)
+            _concatenate(parts, world, header(saved.classes, options.topk, options.format, task.multi_label), options.out, options.topk)
         shutil.rmtree(parts, ignore_errors=True)
     if not images:
         raise DataError(f"none of the {len(inputs.paths)} input file(s) could be read as an image (each is listed above with "

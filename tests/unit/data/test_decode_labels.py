@@ -23,6 +23,7 @@ from disttrain.data.loader import DecodeOnDevice, DeviceLoader, make_loader
 from disttrain.data.prepare import PrepareSettings, prepare
 from disttrain.data.shards import ShardDataset, load_manifest
 from disttrain.models.forward import evaluate
+from disttrain.task import Task
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (230, 20, 230)]
 CPU = torch.device("cpu")
@@ -137,5 +138,5 @@ def test_validation_from_shards_counts_only_what_it_decoded(tmp_path):
         model[2].weight.copy_(2 * palette)
         model[2].bias.copy_(-(palette**2).sum(dim=1))
     view = DeviceAugment(AugmentConfig(), SIZE - 4, mean=[0.0] * 3, std=[1.0] * 3)  # the eval view a run validates through
-    result = evaluate(Accelerator(cpu=True), model, loader, view, len(COLOURS))
+    result = evaluate(Accelerator(cpu=True), model, loader, view, Task(classes=len(COLOURS)))
     assert (result.count, result.correct, result.skipped) == (13, 13, 5)
