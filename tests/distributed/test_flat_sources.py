@@ -105,14 +105,14 @@ def test_a_multi_label_run_sweeps_alike_on_every_rank_and_keeps_its_task(multi_r
 def test_a_resume_whose_data_would_split_otherwise_refuses_with_one_line(digits_csv, tmp_path):
     args = [*_common(digits_csv, tmp_path, "r"), "data.valid_pct=0.2", "train.epochs=2", "train.max_steps_per_epoch=2",
             "checkpoint.every_n_steps=2"]
-    launch(["launch/train.py", "--config", *args, "train.epochs=1"], nproc=2)
+    launch(["launch/train.py", "--config", *args, "train.epochs=1"], nproc=1, launcher="python")
     before = (tmp_path / "r" / "split.json").read_text()
-    done = launch(["launch/train.py", "--config", *args, "data.split_seed=7"], nproc=2, launcher="disttrain", check=False)
+    done = launch(["launch/train.py", "--config", *args, "data.split_seed=7"], nproc=1, launcher="python", check=False)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if "split.json" in line]
     assert len(lines) == 1 and f"{tmp_path / 'r' / 'split.json'}: the run split its data as valid_pct=0.2 seed=42" in lines[0]
     assert "start a new run" in lines[0] and (tmp_path / "r" / "split.json").read_text() == before
-    resumed = launch(["launch/train.py", "--config", *args], nproc=2)  # the same split: resumes
+    resumed = launch(["launch/train.py", "--config", *args], nproc=1, launcher="python")  # the same split: resumes
     assert "resuming from" in resumed.stdout and (tmp_path / "r" / "split.json").read_text() == before
 
 

@@ -147,3 +147,34 @@ def test_valid_pct_on_class_folders_draws_from_train_and_zero_keeps_everything(t
     assert len(listing.valid) == 6 and len(listing.train) == 14 and all(name.startswith(("a/", "b/")) for name in listing.split.valid)
     everything = list_source(_data(root, "data.valid_pct=0"))
     assert len(everything.train) == 20 and everything.valid == [] and everything.split.valid == []
+
+
+def test_the_ants_and_bees_photos_as_a_flat_folder_with_a_csv_and_with_names_give_the_folders_labels(hymenoptera, tmp_path):
+    """The real photos as the dog breeds' layout (`<id>.jpg`, ids without a suffix in labels.csv, the
+    val/ photos marked by a column) and as the pets' (`ants_0001.jpg`): the same photos with the same
+    labels as the class folders, and the same validation photos."""
+    from disttrain.data.folder import list_image_folder
+
+    tree = list_image_folder(hymenoptera, "train", "val")
+    flat, named = tmp_path / "flat" / "images", tmp_path / "named" / "train"
+    flat.mkdir(parents=True)
+    named.mkdir(parents=True)
+    rows, truth = ["id,label,is_valid"], {}
+    for part, files in (("0", tree.train), ("1", tree.valid)):
+        for n, (path, label) in enumerate(files):
+            ident = f"{part}{n:04d}"
+            (flat / f"{ident}.jpg").symlink_to(path)  # the decoder reads the content (a .jpeg, the GIF) whatever the name
+            (named / f"{tree.classes[label]}_{ident}.jpg").symlink_to(path)
+            rows.append(f"{ident},{tree.classes[label]},{part}")
+            truth[path.resolve()] = (label, part == "1")
+    (tmp_path / "flat" / "labels.csv").write_text("\n".join(rows) + "\n")
+    table = list_source(_data(tmp_path / "flat", "data.labels=labels.csv", "data.images=images", "data.suffix=.jpg",
+                              "data.valid_col=is_valid"))
+    names = list_source(_data(tmp_path / "named", r"data.label_regex=^([a-z]+)_\d+\.jpg$", "data.valid_pct=0.2", "data.stratify=true"))
+    for listing in (table, names):
+        assert listing.classes == tree.classes == ["ants", "bees"] and not listing.bad
+        assert sorted((p.resolve(), t) for p, t in listing.train + listing.valid) == sorted((p, t) for p, (t, _) in truth.items())
+    assert sorted(p.resolve() for p, _ in table.valid) == sorted(p for p, (_, valid) in truth.items() if valid)
+    assert len(names.valid) == round(0.2 * sum(1 for t, _ in truth.values() if t == 0)) + round(0.2 * sum(1 for t, _ in truth.values() if t == 1))
+    scanned = scan_listing(table)
+    assert len(scanned.train) == len(tree.train) and len(scanned.valid) == len(tree.valid) and not scanned.bad
