@@ -75,7 +75,8 @@ class DataConfig:
     """Appended to every file name of `labels` (`.jpg` where the table holds ids without an extension)."""
     label_delim: Optional[str] = None
     """Several labels per row, split on this string (`" "`: planet's space-separated tags): a
-    multi-label task (sigmoid outputs, binary cross-entropy, thresholded metrics). null: one label per image."""
+    multi-label task (sigmoid outputs, binary cross-entropy, thresholded metrics). null: one label
+    per image, unless the label column's header is `tags` (planet's `image_name,tags`: split on spaces)."""
     label_regex: Optional[str] = None
     """Labels from file names: the first group of this regular expression, searched in each file
     name of `images` (`^(.+)_\\d+\\.jpg$` for the pets' `great_pyrenees_173.jpg`)."""

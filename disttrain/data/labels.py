@@ -6,7 +6,8 @@ few fields, an empty label where one label per image is expected, a file named t
 is not a text CSV stops with one line naming the file, the row and the fix. A row whose image is
 missing is a bad file (`data.bad_files`), as an undecodable one is. Nothing here reads image bytes.
 
-A header row is used when a column is given by name; with column indices (the default: the first
+A label column whose header is `tags` (planet's `image_name,tags`) holds space-separated tags when
+data.label_delim is not set: a multi-label task. A header row is used when a column is given by name; with column indices (the default: the first
 two columns) the first row is taken as a header when its file does not exist and the second row's
 does (`id,breed` above `000bec180eb18c7604dcecc8fe0dba07,boston_bull`).
 """
@@ -110,6 +111,8 @@ def read_label_table(table: Path, folder: Path, fname_col: int | str = 0, label_
     l_index = _column("label_col", label_col, header, width, table)
     v_index = None if valid_col is None else _column("valid_col", valid_col, header, width, table)
     need = max(i for i in (f_index, l_index, v_index) if i is not None) + 1
+    if label_delim is None and header is not None and header[l_index].lower() == "tags":
+        label_delim = " "  # planet's `image_name,tags`: a tags column holds space-separated tags
     multi = label_delim is not None
     out = LabelledFiles(folder, [], [], multi, [] if v_index is not None else None, [])
     seen: dict[str, int] = {}

@@ -75,6 +75,15 @@ def test_named_columns_a_valid_column_and_several_tags_per_row(tmp_path):
     assert listing.split.how == "valid_col=is_valid"
 
 
+def test_a_tags_column_is_read_as_space_separated_tags_without_label_delim(tmp_path):
+    root = tmp_path / "planet"
+    _images(root / "train-jpg", ["train_0.jpg", "train_1.jpg", "train_2.jpg"])
+    (root / "train_v2.csv").write_text("image_name,tags\ntrain_0,haze primary\ntrain_1,agriculture clear primary water\ntrain_2,clear\n")
+    listing = list_source(_data(root, "data.labels=train_v2.csv", "data.images=train-jpg", "data.suffix=.jpg", "data.valid_pct=0"))
+    assert listing.multi_label and listing.classes == ["agriculture", "clear", "haze", "primary", "water"]
+    assert [t for _, t in listing.train] == [(2, 3), (0, 1, 3, 4), (1,)]
+
+
 def test_labels_from_file_names_skip_or_refuse_a_name_the_regex_does_not_match(tmp_path):
     root = tmp_path / "pets"
     _images(root / "train", ["great_pyrenees_173.jpg", "great_pyrenees_2.jpg", "pug_11.jpg", "pug_12.jpg", "README.jpg"])
