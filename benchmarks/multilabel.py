@@ -26,8 +26,10 @@ image read) and compared with the split.json each run writes: the table says whe
 
 Wall time: each tool's whole process, from its start to its exit (imports, data, lr_find for
 fastai, training, validation, saving), measured here with one clock. The tools run one after the
-other (disttrain first: fastai needs its split.json), --repeats times alternating; on a machine
-shared with other jobs, compare the runs of one invocation only. The ratio is fastai / disttrain.
+other (disttrain first: fastai needs its split.json), --repeats times alternating, repeat i with
+seed i in both (disttrain's run.seed, fastai's set_seed: weights, order; the split stays
+data.split_seed's); on a machine shared with other jobs, compare the runs of one invocation only.
+The ratio is fastai / disttrain.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def run_disttrain(args, data: Path, out: Path, i: int, env: dict) -> dict:
     name = f"multilabel-bench-{i}"
     cmd = [sys.executable, "-m", "disttrain.cli", "launch", *launch_options(args.nproc), "launch/train.py",
            "--config", args.config, f"data.root={data}", f"run.output_dir={out}", f"run.name={name}", "log.progress=false",
-           *args.overrides]
+           f"run.seed={i}", *args.overrides]
     print(f"[disttrain] {' '.join(cmd)}", flush=True)
     seconds = timed(cmd, out / f"{name}.log", env)
     run_dir = out / name
@@ -144,7 +146,7 @@ def run_disttrain(args, data: Path, out: Path, i: int, env: dict) -> dict:
 def run_fastai(args, python: Path, data: Path, split: Path, epochs: int, out: Path, i: int, env: dict) -> dict:
     jsonfile = out / f"fastai-{i}.json"
     cmd = [str(python), str(PEERS / "fastai_multilabel.py"), str(data), "--valid", str(split), "--epochs", str(epochs),
-           "--json", str(jsonfile), *args.fastai_args]
+           "--seed", str(i), "--json", str(jsonfile), *args.fastai_args]
     print(f"[fastai] {' '.join(cmd)}", flush=True)
     seconds = timed(cmd, out / f"fastai-{i}.log", env)
     r = json.loads(jsonfile.read_text())
@@ -182,7 +184,7 @@ def main() -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help=f"the multi-label sample (written when missing; default {DEFAULT_DATA})")
     p.add_argument("--config", default="configs/multilabel.yaml")
     p.add_argument("--nproc", type=int, default=None, help="disttrain's processes (default: 2 on CPU, one per GPU)")
-    p.add_argument("--repeats", type=int, default=1, help="disttrain then fastai, this many times")
+    p.add_argument("--repeats", type=int, default=1, help="disttrain then fastai, this many times (repeat i: seed i)")
     p.add_argument("--fastai-python", default=None, help="the peer venv's python (default: fastai_venv.sh --print-python)")
     p.add_argument("--fastai-epochs", type=int, default=None, help="default: the config's train.epochs")
     p.add_argument("--fastai-arg", dest="fastai_args", action="append", default=[],
@@ -196,6 +198,10 @@ def main() -> None:
     from disttrain.config import run_stages
     from disttrain.models.checks import load_config
 
+    config = Path(args.config)
+    if not config.is_absolute() and not config.exists():
+        config = REPO / config  # the repository's configs/, from any working directory
+    args.config = str(config)
     python = None if args.no_fastai else fastai_python(args.fastai_python)
     data = Path(args.data).expanduser()
     ensure_data(data)

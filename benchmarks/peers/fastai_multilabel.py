@@ -137,7 +137,6 @@ def main(argv=None) -> dict:
 
     from functools import partial
 
-    import numpy as np
     import pandas as pd
     from fastai.vision.all import (
         ColReader, DataBlock, FBetaMulti, ImageBlock, IndexSplitter, Learner, MultiCategoryBlock, Normalize,
