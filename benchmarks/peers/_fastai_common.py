@@ -147,3 +147,23 @@ def write_json(path: str | None, payload: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def find_lr(learn, args, rows_cb, phases) -> tuple[dict, float]:
+    """fastai's lr_find with its four suggestion rules (the plot to `args.lr_plot`), or `args.lr`
+    when given: (the suggestions, the rate to train at: `args.suggest`'s, or `args.lr`)."""
+    from fastai.vision.all import SuggestionMethod
+
+    if args.lr is not None:
+        return {}, args.lr
+    rows_cb.phase = "lr_find"
+    with phases("lr_find"):
+        funcs = (SuggestionMethod.Valley, SuggestionMethod.Minimum, SuggestionMethod.Steep, SuggestionMethod.Slide)
+        sugg = learn.lr_find(show_plot=bool(args.lr_plot), suggest_funcs=funcs)
+    if args.lr_plot:
+        import matplotlib.pyplot as plt
+        plt.savefig(args.lr_plot, dpi=100)
+        print(f"lr_find plot: {args.lr_plot}")
+    lrs = suggestions_dict(sugg)
+    print("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in lrs.items()), flush=True)
+    return lrs, lrs[args.suggest]

@@ -73,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated.*")
 
 from _fastai_common import (  # noqa: E402
-    EpochRows, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, suggestions_dict, versions,
+    EpochRows, find_lr, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, versions,
     write_json,
 )
 
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     threads = setup_threads(args.threads)
 
     from fastai.vision.all import (
-        CategoryBlock, DataBlock, GrandparentSplitter, ImageBlock, Normalize, Resize, SuggestionMethod, accuracy,
+        CategoryBlock, DataBlock, GrandparentSplitter, ImageBlock, Normalize, Resize, accuracy,
         aug_transforms, default_split, get_image_files, imagenet_stats, model_meta, parent_label, set_seed,
         verify_images, vision_learner,
     )
@@ -184,21 +184,7 @@ def main(argv=None) -> dict:
     print(f"model: fastai body of torchvision mobilenet_v2 ({n_loaded} ImageNet tensors loaded, strict) + fastai head; "
           f"{n_params / 1e6:.2f} M parameters, {n_trainable / 1e6:.3f} M trainable while frozen", flush=True)
 
-    lrs = {}
-    if args.lr is None:
-        rows_cb.phase = "lr_find"
-        with phases("lr_find"):
-            funcs = (SuggestionMethod.Valley, SuggestionMethod.Minimum, SuggestionMethod.Steep, SuggestionMethod.Slide)
-            sugg = learn.lr_find(show_plot=bool(args.lr_plot), suggest_funcs=funcs)
-        if args.lr_plot:
-            import matplotlib.pyplot as plt
-            plt.savefig(args.lr_plot, dpi=100)
-            print(f"lr_find plot: {args.lr_plot}")
-        lrs = suggestions_dict(sugg)
-        print("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in lrs.items()), flush=True)
-        lr = lrs[args.suggest]
-    else:
-        lr = args.lr
+    lrs, lr = find_lr(learn, args, rows_cb, phases)
     print(f"fine_tune({args.epochs}, {lr:.3e}, freeze_epochs={args.freeze_epochs})  "
           f"[{args.suggest if args.lr is None else '--lr'}]", flush=True)
 

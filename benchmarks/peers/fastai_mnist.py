@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated.*")
 
 from _fastai_common import (  # noqa: E402
-    EpochRows, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, suggestions_dict, versions,
+    EpochRows, find_lr, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, versions,
     write_json,
 )
 
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     threads = setup_threads(args.threads)
 
     from fastai.vision.all import (
-        ImageDataLoaders, Learner, Normalize, Resize, SuggestionMethod, accuracy, set_seed, vision_learner,
+        ImageDataLoaders, Learner, Normalize, Resize, accuracy, set_seed, vision_learner,
     )
     from torchvision.models import resnet18
 
@@ -111,21 +111,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in learn.model.parameters())
     print(f"model: {args.model}, {n_params / 1e6:.2f} M parameters", flush=True)
 
-    sugg = None
-    if args.lr is None:
-        rows_cb.phase = "lr_find"
-        with phases("lr_find"):
-            funcs = (SuggestionMethod.Valley, SuggestionMethod.Minimum, SuggestionMethod.Steep, SuggestionMethod.Slide)
-            sugg = learn.lr_find(show_plot=bool(args.lr_plot), suggest_funcs=funcs)
-        if args.lr_plot:
-            import matplotlib.pyplot as plt
-            plt.savefig(args.lr_plot, dpi=100)
-            print(f"lr_find plot: {args.lr_plot}")
-        lrs = suggestions_dict(sugg)
-        print("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in lrs.items()), flush=True)
-        lr = lrs[args.suggest]
-    else:
-        lrs, lr = {}, args.lr
+    lrs, lr = find_lr(learn, args, rows_cb, phases)
     print(f"fit_one_cycle({args.epochs}, {lr:.3e})  [{args.suggest if args.lr is None else '--lr'}]", flush=True)
 
     rows_cb.phase = "fit"

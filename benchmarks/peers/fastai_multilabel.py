@@ -19,7 +19,7 @@ What it does, in fastai's own calls:
     learn = Learner(dls, torchvision.models.resnet18(weights=None, num_classes=10),
                     metrics=[partial(accuracy_multi, thresh=0.5), FBetaMulti(2, average='samples')])
     lr    = learn.lr_find().valley
-    learn.fit_one_cycle(5, lr)
+    learn.fit_one_cycle(10, lr)                              # --epochs: configs/multilabel.yaml's 10
     probs, targs = learn.get_preds()
 
 The split. `--valid` takes the split.json a disttrain run writes (its `valid` list: the validation
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated.*")
 
 from _fastai_common import (  # noqa: E402
-    EpochRows, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, suggestions_dict, versions,
+    EpochRows, find_lr, Phases, add_common_args, loader_workers, print_table, quiet_bars, setup_threads, versions,
     write_json,
 )
 
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     p.add_argument("--valid", default=None, help="disttrain's split.json (or a list of file names): the validation files")
     p.add_argument("--valid-pct", type=float, default=0.2, help="without --valid: RandomSplitter(valid_pct, seed=42)")
     p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=10, help="fit_one_cycle epochs (default 10, as configs/multilabel.yaml)")
     p.add_argument("--beta", type=float, default=2.0)
     p.add_argument("--model", choices=["learner", "vision_learner"], default="learner",
                    help="learner: Learner + torchvision resnet18(weights=None) (default); "
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     import pandas as pd
     from fastai.vision.all import (
         ColReader, DataBlock, FBetaMulti, ImageBlock, IndexSplitter, Learner, MultiCategoryBlock, Normalize,
-        RandomSplitter, SuggestionMethod, accuracy_multi, set_seed, vision_learner,
+        RandomSplitter, accuracy_multi, set_seed, vision_learner,
     )
     from torchvision.models import resnet18
 
@@ -183,21 +183,7 @@ def main(argv=None) -> dict:
     n_params = sum(q.numel() for q in learn.model.parameters())
     print(f"model: {args.model}, {n_params / 1e6:.2f} M parameters, loss {type(learn.loss_func).__name__}", flush=True)
 
-    lrs = {}
-    if args.lr is None:
-        rows_cb.phase = "lr_find"
-        with phases("lr_find"):
-            funcs = (SuggestionMethod.Valley, SuggestionMethod.Minimum, SuggestionMethod.Steep, SuggestionMethod.Slide)
-            sugg = learn.lr_find(show_plot=bool(args.lr_plot), suggest_funcs=funcs)
-        if args.lr_plot:
-            import matplotlib.pyplot as plt
-            plt.savefig(args.lr_plot, dpi=100)
-            print(f"lr_find plot: {args.lr_plot}")
-        lrs = suggestions_dict(sugg)
-        print("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in lrs.items()), flush=True)
-        lr = lrs[args.suggest]
-    else:
-        lr = args.lr
+    lrs, lr = find_lr(learn, args, rows_cb, phases)
     print(f"fit_one_cycle({args.epochs}, {lr:.3e})  [{args.suggest if args.lr is None else '--lr'}]", flush=True)
 
     rows_cb.phase = "fit"
