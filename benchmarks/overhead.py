@@ -1,6 +1,6 @@
 """disttrain's training loop against a bare DDP loop on in-memory tensors, in one run.
 
-    python benchmarks/overhead.py [--case demo|finetune|all] [--nproc 2] [--epochs 4] [--compile]
+    python benchmarks/overhead.py [--case demo|finetune|all] [--nproc 2] [--epochs 4] [--compile] [--parts [LIST]]
     python benchmarks/overhead.py --case resnet50 --nproc 1 --folder DIR --shards DIR   # the GPU check
 
 Each case runs one launched job (`accelerate launch`, `--nproc` processes) per input (the image
@@ -23,6 +23,22 @@ the first epoch, the step time distribution (p50, p90, max) so stalls show, and 
 bare. With --compile each case also runs with train.compile=true (torch.compile in the bare loop):
 disttrain's compile time and the speed-up over eager. Every step's time is taken at its end (on CUDA
 after a synchronize, in both loops alike).
+
+With --parts (all of PARTS, or a comma-separated list of them) each eager job also measures the
+training recipes' parts (docs/recipes.md), each on its own over the case's config: `mix`
+(augment.mixup=0.2 augment.cutmix=1.0), `ema` (train.ema=0.999), `trivial` (augment.policy=trivial),
+`rand` (augment.policy=rand), `repeats` (data.repeats=2) and `all` (mix + ema + trivial). Each part
+is one more Trainer, built in the same processes by build_trainer from the case's config with the
+part's overrides, exactly as a run with those keys builds it (its own loaders, DeviceAugment,
+Mixer, WeightEma and its own run folder); the parts are not toggled on one trainer, since the
+policy lives in DeviceAugment and repeats in the sampler. Every epoch runs the bare loop, the
+parts-off trainer (the comparison above), then every part's train_epoch (their order rotated each
+epoch), so all see the same moment of the machine. Printed per part, over the steady state: the
+median step, the ms it adds per step over the parts-off median and that as % of the parts-off
+step, images/s, and the ratio to the bare loop. A step's time runs from the previous step's end
+to its own, so it holds the EMA update after the previous optimizer step (the epoch's first step
+holds none, its batch wait instead). In a job with --parts each trainer logs to its own W&B run
+(WANDB_REINIT=create_new, unless set), as separate runs would.
 """
 
 from __future__ import annotations
@@ -45,6 +61,15 @@ CASES = {
     # the GPU check's (benchmarks/gpu_check.sh): ResNet-50 at 224 from a 256 presize, default augmentation, bf16, channels_last
     "resnet50": {"config": None, "overrides": ["model.name=resnet50", "data.batch_size=256", "train.precision=bf16"],
                  "stage": 0, "lr": None},
+}
+MIX = ["augment.mixup=0.2", "augment.cutmix=1.0"]
+PARTS = {  # --parts: the recipes' parts (docs/recipes.md), each a Trainer of the case's config with these overrides
+    "mix": MIX,
+    "ema": ["train.ema=0.999"],
+    "trivial": ["augment.policy=trivial"],
+    "rand": ["augment.policy=rand"],
+    "repeats": ["data.repeats=2"],
+    "all": [*MIX, "train.ema=0.999", "augment.policy=trivial"],
 }
 
 
@@ -113,10 +138,46 @@ class BareLoop:
         return times
 
 
+class StepClock:
+    """A trainer's steps, each stamped at its end from the previous one's end (observe_steps)."""
+
+    def __init__(self, trainer, device):
+        self.trainer, self.device, self.times, self.last = trainer, device, [], 0.0
+        trainer.observe_steps(self.stamped)
+
+    def stamped(self, _seconds: float) -> None:
+        now = _stamp(self.device)
+        self.times.append(now - self.last)
+        self.last = now
+
+    def epoch(self, epoch: int) -> list[float]:
+        """The trainer's train_epoch(epoch): its steps' times."""
+        self.times = []
+        self.last = _stamp(self.device)  # an epoch's first step waits for its first batch: counted
+        self.trainer.train_epoch(epoch)
+        return self.times
+
+
+def part_trainers(args, runtime, case: dict) -> dict:
+    """--parts: one more Trainer per part, built as a run with the part's overrides builds it
+    (its own loaders, augmentation, mixer, EMA and run folder), at the case's stage and LR."""
+    from disttrain.train.build import build_trainer
+
+    trainers = {}
+    for name in args.parts.split(","):
+        trainer, _ = build_trainer(_config(args.case, args.data, args.source, [*args.overrides, *PARTS[name]]), runtime,
+                                   stage=case["stage"])
+        if case["lr"] is not None:
+            trainer.schedule.set_peak_lr(case["lr"])
+        trainers[name] = trainer
+    return trainers
+
+
 def run_job(args) -> dict:
     """disttrain's Trainer (train_epoch: its loaders, DeviceAugment, schedule, train/* logging; no
     evaluation, no checkpoints) and the bare loop, alternating epoch by epoch in the same processes
-    (same threads and cores, same moment of the machine), each step's end stamped."""
+    (same threads and cores, same moment of the machine), each step's end stamped; with --parts,
+    each part's trainer after them in every epoch."""
     import torch
 
     from disttrain.train.build import build_trainer
@@ -132,32 +193,30 @@ def run_job(args) -> dict:
         trainer.schedule.set_peak_lr(case["lr"])
     stage = run_stages(cfg)[case["stage"]]
     bare = BareLoop(cfg, acc, stage, len(data.classes), bool(trainer.fixed_norms), args.compile)
-    ours: list[float] = []
-    clock = [0.0]
-
-    def stamped(_seconds: float) -> None:  # each step's end, from the previous one's (its batch's wait counted)
-        now = _stamp(acc.device)
-        ours.append(now - clock[0])
-        clock[0] = now
-
-    trainer.observe_steps(stamped)
+    ours = StepClock(trainer, acc.device)
+    parts = {name: StepClock(t, acc.device) for name, t in part_trainers(args, runtime, case).items()} if args.parts else {}
     per_epoch = trainer.optimizer_steps_per_epoch
     result = {"bare": [], "disttrain": []}
+    names, timed = list(parts), {name: [] for name in parts}
     for epoch in range(args.epochs):
         result["bare"].append(bare.run(per_epoch))
-        ours.clear()
-        clock[0] = _stamp(acc.device)  # an epoch's first step waits for its first batch: counted
-        trainer.train_epoch(epoch)
-        result["disttrain"].append(list(ours))
+        result["disttrain"].append(ours.epoch(epoch))
+        for name in names[epoch % len(names):] + names[:epoch % len(names)] if names else []:  # rotated each epoch
+            timed[name].append(parts[name].epoch(epoch))
     global_batch = stage.batch_size * acc.num_processes
-    return {
+    out = {
         "global_batch": global_batch, "world": acc.num_processes, "device": str(acc.device), "precision": acc.mixed_precision,
         "threads": torch.get_num_threads(), "line": trainer.training_line(), "compile_seconds": trainer.compile_seconds,
         "epochs": result,
     }
+    if parts:
+        out["parts"] = {name: {"epochs": timed[name]} for name in parts}
+    return out
 
 
 def job(args) -> None:
+    if args.parts:
+        os.environ.setdefault("WANDB_REINIT", "create_new")  # each part's trainer its own W&B run, as a run of its own
     result = run_job(args)
     import torch.distributed as dist
 
@@ -170,7 +229,8 @@ def job(args) -> None:
 # -- the parent: launches, collects, prints -----------------------------------------------------
 
 
-def launch(nproc: int, case: str, data: str, source: str, compiled: bool, epochs: int, overrides: list[str]) -> dict:
+def launch(nproc: int, case: str, data: str, source: str, compiled: bool, epochs: int, overrides: list[str],
+           parts: str | None = None) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +240,7 @@ def launch(nproc: int, case: str, data: str, source: str, compiled: bool, epochs
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                __file__, "--job", "--case", case, "--data", data, "--source", source, "--epochs", str(epochs), "--json", str(out)]
-        cmd += (["--compile", "train.compile=true"] if compiled else []) + overrides
+        cmd += (["--compile", "train.compile=true"] if compiled else []) + (["--parts", parts] if parts else []) + overrides
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0:
             sys.exit(f"{case} ({source}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -197,6 +257,21 @@ def row(name: str, r: dict, bare: dict | None = None) -> str:
     ratio = f"   ratio {r['images_per_sec'] / bare['images_per_sec']:.3f}" if bare else ""
     return (f"  {name:<34} {r['images_per_sec']:7.1f} img/s   step p50 {r['p50'] * 1e3:7.1f} ms  p90 {r['p90'] * 1e3:7.1f} ms"
             f"  max {r['max'] * 1e3:7.1f} ms  ({r['steps']} steps){ratio}")
+
+
+def part_rows(r: dict, off: dict, bare: dict, source: str) -> None:
+    """--parts: each part's steady-state step against the parts-off trainer's and the bare loop's."""
+    print(f"  the recipes' parts (disttrain, {source}; each its own trainer, alternating with the parts-off one "
+          "epoch by epoch; steady state):", flush=True)
+    print(f"    {'part':<8} {'step p50':>10} {'added':>11} {'of step':>8} {'img/s':>8} {'/ bare':>7}  overrides")
+    print(f"    {'off':<8} {off['p50'] * 1e3:7.1f} ms {'':>11} {'':>8} {off['images_per_sec']:8.1f} "
+          f"{off['images_per_sec'] / bare['images_per_sec']:7.3f}")
+    for name, part in r["parts"].items():
+        s = stats(part["epochs"][1:], r["global_batch"])
+        added = s["p50"] - off["p50"]
+        print(f"    {name:<8} {s['p50'] * 1e3:7.1f} ms {added * 1e3:+8.1f} ms {100 * added / off['p50']:+7.1f}% "
+              f"{s['images_per_sec']:8.1f} {s['images_per_sec'] / bare['images_per_sec']:7.3f}  {' '.join(PARTS[name])}",
+              flush=True)
 
 
 def prepare_data(case: str, cache: Path, folder: str | None, shards: str | None) -> tuple[str, str]:
@@ -226,6 +301,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each loop, alternating; the first is reported apart")
     parser.add_argument("--sources", default="folder,shards", help="disttrain's inputs to measure: folder, shards or both")
     parser.add_argument("--compile", action="store_true", help="also measure train.compile=true / torch.compile")
+    parser.add_argument("--parts", nargs="?", const=",".join(PARTS),
+                        help=f"also measure the recipes' parts, each on its own (eager jobs): alone, every part; "
+                             f"or some of {','.join(PARTS)}")
     parser.add_argument("--folder", help="the image folder to train from (default: the case's own)")
     parser.add_argument("--shards", help="its shards from `disttrain prepare` (default: written once into --cache)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "disttrain-overhead"), help="where shards are written once")
@@ -235,6 +313,10 @@ def main() -> None:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for every job (key=value)")
     args = parser.parse_intermixed_args()
+    unknown = [name for name in (args.parts or "").split(",") if args.parts and name not in PARTS]
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {','.join(PARTS)} (or give --parts "
+                     "alone, after the config overrides, for all)")
     if args.job:
         return job(args)
 
@@ -249,7 +331,8 @@ def main() -> None:
         for compiled in ([False, True] if args.compile else [False]):
             tag = "compiled " if compiled else ""
             for source in args.sources.split(","):
-                r = launch(args.nproc, case, folder if source == "folder" else shards, source, compiled, args.epochs, args.overrides)
+                data = folder if source == "folder" else shards
+                r = launch(args.nproc, case, data, source, compiled, args.epochs, args.overrides, None if compiled else args.parts)
                 batch = r["global_batch"]
                 bare, ours = stats(r["epochs"]["bare"][1:], batch), stats(r["epochs"]["disttrain"][1:], batch)
                 first_bare, first = stats(r["epochs"]["bare"][:1], batch), stats(r["epochs"]["disttrain"][:1], batch)
@@ -264,6 +347,8 @@ def main() -> None:
                           f"{ours['images_per_sec'] / eager[source][1]['images_per_sec']:.2f}x", flush=True)
                 else:
                     eager[source] = (bare, ours)
+                if "parts" in r:
+                    part_rows(r, ours, bare, source)
         print(f"  ({r['device']}, {r['precision']} precision, {r['threads']} intra-op thread(s) per rank)", flush=True)
 
 

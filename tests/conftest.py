@@ -126,6 +126,24 @@ def make_folder(root: Path, counts: dict[str, dict[str, int]], size=(20, 20)) ->
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_files_in_basetemp(tmp_path_factory):
+    """What the launched jobs leave in the temp folder (torch elastic's per-job folders, W&B's media,
+    artifacts and service sockets) goes under this session's basetemp, removed with it, instead of
+    piling up in /tmp over many runs of the suite."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    yield folder
+    if before[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[0]
+    tempfile.tempdir = before[1]
+
+
 @pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory) -> Path:
     """The real MNIST sample, 30 train + 11 valid digits per class (300 / 110 images)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from disttrain.cli.launch import main as launch
 from disttrain.cli.launch import report_to_front
-from disttrain.cli.parsers import command_parser, parse_with_overrides
+from disttrain.cli.parsers import command_parser, parse_with_overrides, split_weights
 from disttrain.train.checkpoint import PREEMPTED_EXIT, Preempted
 from disttrain.config import ConfigError
 from disttrain.models.checks import load_config
@@ -122,7 +122,8 @@ def predict(args: argparse.Namespace):
         raise ConfigError(f"--threshold: must be between 0 and 1 (a tag's probability is compared with it), got {args.threshold}")
     if args.workers < 0:
         raise ConfigError(f"--workers: must be 0 (decode in each process) or more, got {args.workers}")
-    options = PredictOptions(args.weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
+    weights = args.weights[0] if len(args.weights) == 1 else args.weights
+    options = PredictOptions(weights, args.inputs, args.out, args.topk, args.tta_n if args.tta else 0, args.tta_beta, args.tta_max,
                              args.batch_size, args.workers, args.precision, parse_extensions(args.ext), format=args.format,
                              threshold=args.threshold)
     return run(options)
@@ -134,6 +135,25 @@ def export(args: argparse.Namespace):
 
     _check_out_file(args.out, "model.onnx" if args.format == "onnx" else "model.ts")
     return write(args.weights, args.format, args.out, args.dynamic_batch, args.batch_size)
+
+
+def average(args: argparse.Namespace) -> None:
+    """The mean of several checkpoints' or model files' weights as one model.pt (disttrain/use/average.py)."""
+    from disttrain.train.checkpoint import save_weights
+    from disttrain.use.average import DEFAULT_BN_BATCHES, average_models
+
+    _check_out_file(args.out, "model.pt")
+    if args.bn_batches is not None and args.bn != "recompute":
+        raise ConfigError(f"--bn-batches {args.bn_batches}: only with --bn recompute (--bn {args.bn} computes no batch)")
+    if args.bn_batches is not None and args.bn_batches < 1:
+        raise ConfigError(f"--bn-batches: must be at least 1 (training batches to recompute the statistics on), got {args.bn_batches}")
+    if args.bn == "recompute" and args.config is None:
+        raise ConfigError("--bn recompute: needs --config (the run's config.yaml: its training images)")
+    cfg = load_config(args.config) if args.config is not None else None
+    done = average_models(args.checkpoints, args.bn, cfg, args.bn_batches or DEFAULT_BN_BATCHES)
+    save_weights(args.out, done.weights, done.classes, done.arch, **done.info)
+    named = ", ".join(str(path) for path in done.inputs)
+    print(f"averaged {len(done.inputs)} checkpoints ({named}) -> {args.out}; BatchNorm statistics: {done.batchnorm}", flush=True)
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -245,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict":
         if args.overrides:
             parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+        args.weights, given_after = split_weights(args.weights)
+        args.inputs = [*args.inputs, *given_after]
+        if not args.inputs:
+            parser.error("the following arguments are required: INPUT")
         return run_user_errors(lambda: predict(args))
     if args.overrides and args.command not in ("train", "find-lr", "evaluate", "inspect", "prepare"):
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
@@ -257,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_user_errors(lambda: prepare(args))
     if args.command == "export":
         return run_user_errors(lambda: export(args))
+    if args.command == "average":
+        return run_user_errors(lambda: average(args))
     if args.command == "inspect":
         return run_user_errors(lambda: inspect_source(args))
     from disttrain.data.demo import write_demo_data

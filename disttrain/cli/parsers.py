@@ -1,5 +1,5 @@
 """The command line's parsers (shared by the `disttrain launch` front, which checks a run's config
-before any process starts): `disttrain train | find-lr | evaluate | predict | export | prepare | demo-data | inspect | launch`.
+before any process starts): `disttrain train | find-lr | evaluate | predict | export | average | prepare | demo-data | inspect | launch`.
 
     disttrain launch --multi_gpu --num_processes 2 launch/train.py --config configs/demo.yaml
     accelerate launch launch/train.py --config configs/demo.yaml [section.key=value ...]
@@ -14,6 +14,8 @@ before any process starts): `disttrain train | find-lr | evaluate | predict | ex
     disttrain export --weights runs/demo/model.pt --format onnx --out model.onnx   # or --format torchscript --out model.ts
     disttrain predict --weights model.onnx --out predictions.csv new_images/        # the exported file, under onnxruntime
     disttrain predict --weights runs/dogs/model.pt --tta --format submission --out submission.csv.gz test/
+    disttrain predict --weights runs/sgdr/snapshots/cycle-1.pt runs/sgdr/snapshots/cycle-2.pt --out p.csv test/   # an ensemble
+    disttrain average --out runs/demo/averaged.pt runs/demo/checkpoints/step-00000120 runs/demo/checkpoints/step-00000180
     disttrain prepare ~/data/pets ~/data/pets-shards --presize 256 --workers 8
     disttrain prepare ~/data/planet ~/data/planet-shards data.labels=labels.csv data.suffix=.jpg data.label_delim=" " data.valid_pct=0.2
     disttrain demo-data ~/.cache/disttrain/mnist
@@ -24,6 +26,11 @@ before any process starts): `disttrain train | find-lr | evaluate | predict | ex
 from __future__ import annotations
 
 import argparse
+import zipfile
+from pathlib import Path
+
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".onnx")
+"""Words after `predict --weights` with these suffixes are model files (named so, or a torch zip archive)."""
 
 
 def _config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,6 +48,22 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = rest
     return args
+
+
+def split_weights(words: list[str]) -> tuple[list[str], list[str]]:
+    """`predict --weights A [B ...]` takes every word up to the next option: (the model files, the
+    inputs that followed them). The first word is a model file; so is each next one named with a
+    suffix of WEIGHTS_SUFFIXES or that is a torch file (a zip archive); from the first other word
+    on, the words are inputs (`--weights model.pt photos/` stays one model and one input)."""
+    count = 1
+    while count < len(words) and _is_weights(words[count]):
+        count += 1
+    return words[:count], words[count:]
+
+
+def _is_weights(word: str) -> bool:
+    path = Path(word).expanduser()
+    return path.suffix.lower() in WEIGHTS_SUFFIXES or (path.is_file() and zipfile.is_zipfile(path))
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -87,9 +110,10 @@ def command_parser() -> argparse.ArgumentParser:
     ev.add_argument("--interpret-k", type=int, default=9, metavar="K", help="images per --interpret grid (default 9)")
     _inference_args(ev)
     pred = sub.add_parser("predict", help="class probabilities for new images (files and folders) from a model.pt")
-    pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
-    pred.add_argument("--weights", required=True, help="model.pt written by a training run, or a .onnx file written by "
-                                                       "disttrain export (run with onnxruntime on the CPU; no --tta)")
+    pred.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    pred.add_argument("--weights", required=True, nargs="+", metavar="WEIGHTS",
+                      help="model.pt written by a training run, or a .onnx file written by disttrain export (run with onnxruntime "
+                           "on the CPU; no --tta); several model.pt files: an ensemble, the mean of their probabilities")
     pred.add_argument("--out", help="output file (default: stdout): the CSV path, label, score, one probability column per class "
                                     "(multi-label: path, labels, one per tag); gzipped when it ends in .gz")
     pred.add_argument("--format", choices=("csv", "submission", "tags"), default="csv",
@@ -110,6 +134,17 @@ def command_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                      help="any batch size (default); --no-dynamic-batch: exactly --batch-size images (ONNX only)")
     exp.add_argument("--batch-size", type=int, default=1, help="the fixed batch size with --no-dynamic-batch (default 1)")
+    avg = sub.add_parser("average", help="one model.pt holding the mean of the weights of several checkpoints or model.pt files "
+                         "(disttrain/use/average.py)")
+    avg.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (<run dir>/checkpoints/step-N) and/or "
+                                                                   "model.pt files of one model, at least 2")
+    avg.add_argument("--out", required=True, help="the model.pt to write (the format of a run's model.pt)")
+    avg.add_argument("--bn", choices=("mean", "recompute"), default="mean",
+                     help="BatchNorm running statistics: mean (default): the mean of the inputs'; recompute: reset, then recomputed "
+                          "on training batches of --config's data (eval view, no augmentation)")
+    avg.add_argument("--config", help="the run's config (its config.yaml): the training images for --bn recompute")
+    avg.add_argument("--bn-batches", type=int, default=None, metavar="N",
+                     help="--bn recompute: training batches of data.batch_size images (default 100)")
     prep = sub.add_parser("prepare", help="image folder -> webdataset tar shards + manifest.json (data.format=shards)")
     prep.usage = f"{prep.prog} SRC DST [options] [data.key=value ...]"
     prep.epilog = ("The source's data.* keys go anywhere on the line, as in training: data.labels, data.images, data.fname_col, "

@@ -92,6 +92,12 @@ class DataConfig:
     stratify: bool = False
     """Draw the `valid_pct` split per class (multi-label: per row's rarest tag), so that a class with
     two or more images has at least one in each part."""
+    repeats: int = 1
+    """Repeated augmentation (DeiT's): each training image drawn for an epoch appears this many times
+    in it, each time with its own augmentation; the epoch is still len(train) samples long (the same
+    steps), so it holds about len(train)/repeats distinct images, a new draw every epoch. Folders:
+    the copies go to different ranks where there are at least `repeats` ranks. Shards: the copies
+    stay in their rank's stream, mixed by its shuffle buffer. 1: off."""
     format: Literal["folder", "shards"] = "folder"
     """`folder`: `root` is an image folder. `shards`: `root` holds the tar shards and manifest.json
     written by `disttrain prepare SRC DST`."""
@@ -134,7 +140,7 @@ class DataConfig:
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _choice("data.bad_files", self.bad_files, ("skip", "error"))
         _choice("data.cache", self.cache, ("auto", "on", "off"))
-        for key in ("load_size", "image_size", "batch_size"):
+        for key in ("load_size", "image_size", "batch_size", "repeats"):
             _positive(f"data.{key}", getattr(self, key))
         if self.num_workers != "auto":
             _positive("data.num_workers", self.num_workers, allow_zero=True)
@@ -213,6 +219,34 @@ class AugmentConfig:
     interpolation: Literal["auto", "bilinear", "bicubic"] = "auto"
     """The device resample to the model's size (training and evaluation views): `auto` is a timm
     model's pretrained_cfg's (bicubic for most), bilinear for torchvision models."""
+    policy: Literal["none", "trivial", "rand"] = "none"
+    """An automatic augmentation policy on the device, after the crop and flips: `trivial`
+    (TrivialAugment: one operation per sample, its magnitude drawn uniformly), `rand` (RandAugment:
+    `policy_ops` operations per sample at `policy_magnitude`), or `none`. Each sample draws its own
+    operations; the batch runs one kernel per operation present in it (disttrain/data/policy.py;
+    the operations and their ranges: docs/augmentation.md)."""
+    policy_ops: int = 2
+    """RandAugment: operations per sample (its N)."""
+    policy_magnitude: float = 9.0
+    """RandAugment: the magnitude of every operation (its M), 0 to 30 as torchvision's 31 bins."""
+    mixup: float = 0.0
+    """MixUp's alpha: a mixed sample is lam x image + (1 - lam) x its partner's, lam drawn per sample
+    from Beta(alpha, alpha) (0.2 to 0.8 are the usual values); 0: off. The targets are mixed by the
+    same lam (label smoothing folded in), so the training loss is against mixed targets."""
+    cutmix: float = 0.0
+    """CutMix's alpha: a mixed sample gets a box pasted from its partner, of area 1 - lam with lam
+    drawn per sample from Beta(alpha, alpha) (1.0 is usual); its targets are mixed by the pixels'
+    actual share (the box clipped to the image); 0: off."""
+    mix_prob: float = 1.0
+    """Probability that a sample is mixed (with mixup or cutmix on); the others keep their own image and target."""
+    mix_switch_prob: float = 0.5
+    """With both mixup and cutmix on: probability that a mixed sample takes CutMix rather than MixUp."""
+    cutmix_minmax: Optional[list[float]] = None
+    """CutMix's box side as [min, max] fractions of the image side, drawn uniformly per axis
+    (timm's cutmix_minmax), instead of from the alpha; null: from the alpha."""
+    mix_off_epoch: Optional[int] = None
+    """From this epoch of the run on (0-based), nothing is mixed (timm's mixup_off_epoch): the last
+    epochs train on clean images; null: mixed to the end."""
     mean: Optional[list[float]] = None
     """Per-channel mean subtracted after scaling pixels to [0, 1]; null: the pretrained weights' own
     (ImageNet's for torchvision weights; a timm model's pretrained_cfg's, pretrained or not), and
@@ -223,6 +257,20 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _choice("augment.interpolation", self.interpolation, ("auto", "bilinear", "bicubic"))
+        _choice("augment.policy", self.policy, ("none", "trivial", "rand"))
+        _positive("augment.policy_ops", self.policy_ops)
+        if not 0 <= self.policy_magnitude <= 30:
+            raise ConfigError(f"augment.policy_magnitude: must be in [0, 30] (RandAugment's scale), got {self.policy_magnitude!r}")
+        _positive("augment.mixup", self.mixup, allow_zero=True)
+        _positive("augment.cutmix", self.cutmix, allow_zero=True)
+        for key in ("mix_prob", "mix_switch_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"augment.{key}: must be in [0, 1], got {getattr(self, key)!r}")
+        if self.cutmix_minmax is not None and (len(self.cutmix_minmax) != 2 or not 0 < self.cutmix_minmax[0] <= self.cutmix_minmax[1] < 1):
+            raise ConfigError(f"augment.cutmix_minmax: needs [min, max] with 0 < min <= max < 1 (fractions of the side), "
+                              f"got {self.cutmix_minmax!r}")
+        if self.mix_off_epoch is not None:
+            _positive("augment.mix_off_epoch", self.mix_off_epoch, allow_zero=True)
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) != 3:
@@ -256,6 +304,18 @@ class ModelConfig:
     The classifier is sized to the data's classes: a head of another size starts fresh."""
     channels_last: bool = True
     """Keep weights and activations in channels_last memory format (faster convs with AMP)."""
+    drop_rate: Optional[float] = None
+    """Dropout before the classifier, in [0, 1) (timm models: timm's `drop_rate`; torchvision's: the
+    builder's `dropout` where it is the classifier's (efficientnet, mobilenet, mnasnet, vgg, alexnet,
+    squeezenet, googlenet, inception), else a dropout on the final Linear layer's input that keeps
+    the state dict's keys (resnet, convnext, regnet, densenet, vit, swin, ...)); null: the
+    architecture's own default."""
+    drop_path_rate: Optional[float] = None
+    """Stochastic depth, in [0, 1): the probability that a residual block is skipped, rising linearly
+    with depth to this value (timm models that take it; the torchvision families that have it:
+    convnext, efficientnet and efficientnet_v2, swin and swin_v2, maxvit; for another torchvision
+    family, resnet's or vit's, a ConfigError); null: the architecture's default (0 for most; 0.1-0.5
+    for those torchvision families)."""
     # does `name` exist, does `pretrained` fit its family: disttrain.models.checks (it needs the families)
 
 
@@ -396,6 +456,23 @@ class SweepConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    monitor: str = "valid_loss"
+    """The epoch table's column to watch: valid_loss, accuracy (multi-label: accuracy_multi, f2 or
+    the f-beta in use), or the EMA's ema_valid_loss, ema_accuracy. Losses must fall, the rest rise."""
+    patience: Optional[int] = None
+    """Stop after this many epochs without improvement (every rank at the same epoch end, from the
+    same all-reduced validation); null: never stop early."""
+    min_delta: float = 0.0
+    """An improvement must be larger than this."""
+
+    def __post_init__(self) -> None:
+        if self.patience is not None:
+            _positive("train.early_stop.patience", self.patience)
+        _positive("train.early_stop.min_delta", self.min_delta, allow_zero=True)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 3
     """Number of passes over the training data."""
@@ -417,6 +494,25 @@ class TrainConfig:
     fbeta: float = 2.0
     """Multi-label data: beta of the F-beta score (2: planet's F2, recall weighted above precision),
     sample-averaged."""
+    loss: Literal["ce", "bce"] = "ce"
+    """Single-label data: `ce` (softmax cross-entropy) or `bce` (binary cross-entropy on the one-hot,
+    smoothed or mixed targets, as the ResNet-strikes-back A1-A3 recipes train). Multi-label data
+    always trains with binary cross-entropy."""
+    ema: Optional[float] = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; timm's
+    model_ema_decay), updated on every rank on the device after the optimizer steps, evaluated next
+    to the raw weights every epoch (the ema_valid_loss, ema_accuracy columns); null: off."""
+    ema_warmup: bool = False
+    """Warm the EMA decay up as timm's ModelEmaV3: min(ema, 1 - (1 + s)^(-2/3)) with s the optimizer
+    steps before this one (0 at the first: the first update copies the weights), so the average
+    follows the weights closely at first; counted from the stage where the EMA (re)starts."""
+    ema_every: int = 1
+    """Update the EMA every this many optimizer steps (the decay applies per update)."""
+    final: Literal["last", "ema", "best"] = "last"
+    """What model.pt holds: the `last` weights, the `ema` weights (needs train.ema), or the `best`
+    checkpoint's weights by checkpoint.monitor (needs checkpoint.keep_best)."""
+    early_stop: EarlyStopConfig = field(default_factory=lambda: EarlyStopConfig())
+    """Stop when a validation metric has not improved for some epochs."""
     max_steps_per_epoch: Optional[int] = None
     """Cap the optimizer steps of each epoch (quick smoke runs); null trains on all the data."""
     threads: Union[int, Literal["auto"]] = "auto"
@@ -481,6 +577,13 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None:
             _positive("train.max_steps_per_epoch", self.max_steps_per_epoch)
         _positive("train.collective_timeout", self.collective_timeout)
+        _choice("train.loss", self.loss, ("ce", "bce"))
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"train.ema: the decay must be in (0, 1) (e.g. 0.999), or null for no EMA; got {self.ema!r}")
+        _positive("train.ema_every", self.ema_every)
+        _choice("train.final", self.final, ("last", "ema", "best"))
+        if self.final == "ema" and self.ema is None:
+            raise ConfigError("train.final: ema needs train.ema (a decay such as 0.999)")
         _positive("train.interpret_k", self.interpret_k)
 
 
@@ -490,6 +593,15 @@ class CheckpointConfig:
     """Also save every this many optimizer steps (a checkpoint is always saved at each epoch end)."""
     keep_last: int = 2
     """Complete checkpoints kept in <run dir>/checkpoints; older ones are deleted after a new one is complete."""
+    keep_best: int = 0
+    """Also keep the N best epoch-end checkpoints by `monitor` in <run dir>/checkpoints/best/
+    (the keep_last ones are deleted as usual; a best one stays until N better ones replace it); 0: none."""
+    monitor: str = "valid_loss"
+    """What `keep_best` and train.final=best rank by: valid_loss, accuracy (multi-label: accuracy_multi,
+    the f-beta column), or ema_valid_loss, ema_accuracy. Losses lower is better, the rest higher."""
+    snapshot_cycles: bool = False
+    """SGDR: keep the weights at the end of every cycle as <run dir>/snapshots/cycle-<k>.pt (the
+    lesson's cycle_save_name), a model file each, for `disttrain predict --weights` (a snapshot ensemble)."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint of the run dir if there is one; `never`:
     start fresh; or the path of a checkpoint directory to resume from. Checkpoints of the run dir that
@@ -499,6 +611,7 @@ class CheckpointConfig:
         if self.every_n_steps is not None:
             _positive("checkpoint.every_n_steps", self.every_n_steps)
         _positive("checkpoint.keep_last", self.keep_last)
+        _positive("checkpoint.keep_best", self.keep_best, allow_zero=True)
         if self.resume not in ("auto", "never") and not Path(self.resume).expanduser().is_dir():
             raise ConfigError(
                 f"checkpoint.resume: {self.resume!r} is not a checkpoint directory; use auto, never, "
@@ -567,6 +680,11 @@ class StageConfig:
     """Images per rank per step in this stage; null: data.batch_size."""
     augment: bool = True
     """Train on augmented views (the augment section); false: on the plain validation view."""
+    mix: Optional[bool] = None
+    """MixUp/CutMix (augment.mixup, augment.cutmix) in this stage; null: when the stage augments
+    its images (never on precomputed activations)."""
+    ema: Optional[bool] = None
+    """Update the weight EMA (train.ema) in this stage; null: yes, except in a precompute stage."""
     precompute: bool = False
     """Compute the frozen body's output once per image (each rank its share, kept in memory) and train,
     and sweep, the head on it: for a stage with freeze_to -1 and augment false. The body runs in eval
@@ -604,6 +722,10 @@ class Config:
     stages: list[StageConfig] = field(default_factory=list)
     """Stages run one after another in one launch (fine-tuning: head first, then everything); empty:
     one stage made of the run's own train/optim/schedule/data settings."""
+
+    def __post_init__(self) -> None:
+        if self.train.final == "best" and not self.checkpoint.keep_best:
+            raise ConfigError("train.final: best needs checkpoint.keep_best >= 1 (the best epoch-end checkpoints are kept there)")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

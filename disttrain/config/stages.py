@@ -72,6 +72,9 @@ def resolve_stage(stage: StageConfig, cfg: "Config", index: int | None = None) -
             raise ConfigError(f"{key('precompute')}: needs everything but the head frozen; set {key('freeze_to')}=-1")
         if cfg.data.format != "folder":
             raise ConfigError(f"{key('precompute')}: needs data.format=folder (the activations are indexed by image)")
+        if stage.mix:
+            raise ConfigError(f"{key('mix')}: MixUp/CutMix mix images, and a precompute stage trains on the body's output; "
+                              f"set {key('mix')}=false (or null)")
     return stage
 
 

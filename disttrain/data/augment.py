@@ -9,7 +9,9 @@ are composed into one 2x3 matrix per image (output coordinates -> source coordin
 For images without an up, `vflip` (a vertical flip) or `dihedral` (one of the 8 symmetries of the
 square) joins the same matrix: a signed permutation of the axes, exact at the pixel centres. Their
 draws come after all the others and only when they are on, so a run without them draws exactly
-what it drew before they existed.
+what it drew before they existed. The same holds for `augment.policy` (TrivialAugment / RandAugment,
+disttrain/data/policy.py): its draws come after every other draw of the batch, and it runs after the
+resample, before lighting and normalization, in training only.
 The eval path is the same code with the identity matrix (a plain resize of the presized square).
 """
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from disttrain.config import AugmentConfig
+from disttrain.data.policy import AugmentPolicy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's ImageNet weights expect (and the default)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,6 +94,7 @@ class DeviceAugment:
         self.std = list(std or cfg.std or IMAGENET_STD)
         self._mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std).view(1, 3, 1, 1)
+        self.policy = AugmentPolicy(cfg.policy, cfg.policy_ops, cfg.policy_magnitude) if cfg.policy != "none" else None
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -156,16 +160,16 @@ class DeviceAugment:
         x = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="reflection", align_corners=False)
         return x.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else x  # bicubic overshoots [0, 1]
 
-    def _lighting(self, x: torch.Tensor) -> torch.Tensor:
-        brightness, contrast, saturation = (t.to(x.device).view(-1, 1, 1, 1) for t in self.lighting_params(len(x)))
+    def _lighting(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        brightness, contrast, saturation = (t.to(x.device).view(-1, 1, 1, 1) for t in params)
         grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = grey + (x - grey) * saturation
         mean = grey.mean(dim=(2, 3), keepdim=True)
         x = mean + (x - mean) * contrast + brightness
         return x.clamp_(0.0, 1.0)
 
-    def _erase(self, x: torch.Tensor) -> torch.Tensor:
-        boxes = self.erase_boxes(len(x)).to(x.device)
+    def _erase(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        boxes = boxes.to(x.device)
         size = x.shape[-1]
         coords = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size
         inside_x = (coords[None, :] >= boxes[:, 0:1]) & (coords[None, :] < boxes[:, 2:3])  # (n, W)
@@ -178,13 +182,19 @@ class DeviceAugment:
             raise ValueError(f"DeviceAugment expects uint8 (N, 3, H, W) batches, got {images.dtype} {tuple(images.shape)}")
         x = images.float().div_(255.0)
         x = self._resample(x, self.train_matrices(len(x)) if train else None)
-        if train and (self.cfg.brightness or self.cfg.contrast or self.cfg.saturation) and self.cfg.p_lighting:
-            x = self._lighting(x)
+        # drawn in the order they always were (matrices, lighting, erasing), the policy's last
+        lighting = train and (self.cfg.brightness or self.cfg.contrast or self.cfg.saturation) and self.cfg.p_lighting
+        lighting_params = self.lighting_params(len(x)) if lighting else None
+        boxes = self.erase_boxes(len(x)) if train and self.cfg.erase_p else None
+        if train and self.policy is not None:
+            x = self.policy.apply_(x, self.policy.draw(len(x), tuple(x.shape[-2:]), self.generator))
+        if lighting_params is not None:
+            x = self._lighting(x, lighting_params)
         if self._mean.device != x.device:  # once: no host->device copy per batch
             self._mean, self._std = self._mean.to(x.device), self._std.to(x.device)
         x = (x - self._mean) / self._std
-        if train and self.cfg.erase_p:
-            x = self._erase(x)
+        if boxes is not None:
+            x = self._erase(x, boxes)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

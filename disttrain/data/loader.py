@@ -7,6 +7,13 @@ at `step`. Slices are disjoint, cover the split, and every rank takes exactly `s
 that leaves the loop early would deadlock DDP). Nothing is padded or dropped, and the global batch
 at each step is a contiguous run of the permutation, so 1 rank x batch 2B and 2 ranks x batch B see
 (nearly) the same global batches.
+
+Repeated augmentation (`data.repeats` k > 1, DeiT's): the epoch's permutation with each index
+repeated k times in a row is dealt to the ranks round-robin (position p to rank p % world), so the
+k copies of an image go to k different ranks where world >= k (on fewer ranks, some to the same
+one); each copy gets its own augmentation, drawn per sample on the device. The dealt list is cut
+at world x ceil(N / world), so the epoch still holds about N samples (about N / k distinct images,
+a new draw every epoch), every rank ceil(N / world) of them in the same `steps` batches.
 """
 
 from __future__ import annotations
@@ -95,6 +102,7 @@ class RankBatchSampler(Sampler[list[int]]):
 
     `drop_empty=False` (training) guarantees exactly `len(self)` non-empty batches on every rank;
     `drop_empty=True` (evaluation) yields only real samples, each exactly once across ranks.
+    `repeats` > 1 (training): repeated augmentation (the module docstring), the same `len(self)`.
     """
 
     def __init__(
@@ -106,11 +114,14 @@ class RankBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         shuffle: bool = True,
         drop_empty: bool = False,
+        repeats: int = 1,
     ):
         if num_samples <= 0:
             raise ValueError("RankBatchSampler needs at least one sample")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if repeats < 1 or (repeats > 1 and drop_empty):
+            raise ValueError(f"repeats={repeats}: at least 1, and 1 for evaluation (drop_empty), which sees each sample once")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.world_size = world_size
@@ -118,6 +129,7 @@ class RankBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.shuffle = shuffle
         self.drop_empty = drop_empty
+        self.repeats = repeats
         self.epoch = 0
         self.skip = 0
         self.steps = math.ceil(num_samples / (world_size * batch_size))
@@ -132,7 +144,20 @@ class RankBatchSampler(Sampler[list[int]]):
             return np.arange(self.num_samples)
         return epoch_order(self.num_samples, self.seed, self.epoch)
 
+    def repeated(self) -> np.ndarray:
+        """This rank's samples of the epoch with repeated augmentation, in order: every index of
+        `order()` `repeats` times in a row, dealt round-robin, cut at ceil(N / world) per rank
+        (cycled where repeats x N falls short of world x that: fewer samples than ranks - 1)."""
+        share = math.ceil(self.num_samples / self.world_size)
+        dealt = np.resize(np.repeat(self.order(), self.repeats), share * self.world_size)
+        return dealt[self.rank :: self.world_size]
+
     def __iter__(self) -> Iterator[list[int]]:
+        if self.repeats > 1:  # ceil(N / world) >= steps: no batch is empty
+            chunks = np.array_split(self.repeated(), self.steps)
+            for step in range(self.skip, self.steps):
+                yield chunks[step].tolist()
+            return
         order = self.order()
         chunks = np.array_split(order, self.world_size * self.steps)
         for step in range(self.skip, self.steps):

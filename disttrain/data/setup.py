@@ -153,7 +153,8 @@ def build_loaders(
             raise ConfigError("data.decode=gpu: nvJPEG needs a CUDA device and this run has none; set data.decode=cpu")
         raw = cfg.data.decode == "gpu"
         common = dict(load_size=load_size, world=world, rank=rank, num_workers=count, raw=raw)
-        train_set = ShardDataset(data, "train", bs, train=True, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+        train_set = ShardDataset(data, "train", bs, train=True, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                 repeats=cfg.data.repeats, **common)
         valid_set = ShardDataset(data, "valid", bs * 2, train=False, **common)
         return (
             DeviceLoader(make_loader(train_set, count, pin, timeout=timeout, generator=loader_generator(cfg.run.seed, rank, "train"),
@@ -165,7 +166,7 @@ def build_loaders(
         )
     if len(data.train) < world:
         raise DataError(f"{data.train.dir}: {len(data.train)} training images cannot be shared by {world} ranks")
-    train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True)
+    train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True, repeats=cfg.data.repeats)
     valid_share = rank_share(_eval_sampler(len(data.valid), bs * 2, accelerator)) if len(data.valid) else []
     cache = use_cache(cfg.data.cache, (len(data.train) + len(valid_share)) * load_size**2 * 3)
     train = make_loader(FolderDataset(data.train, load_size, cache), count, pin, train_sampler, timeout,

@@ -14,6 +14,13 @@ samples than it must deliver, and tops up the few it lacks (and any it could not
 again from its own range. Every sample is seen at least once per epoch. Within a worker, a seeded
 shuffle buffer mixes the stream (the shards were already shuffled once when written).
 
+Repeated augmentation (`data.repeats` k > 1, training): each worker keeps a seeded draw of
+ceil(quota / k) of its range's samples (at most all of them) and puts each into its stream k times
+in a row, before the shuffle buffer, which spreads the copies; each copy is decoded on its own and
+gets its own augmentation on the device. The batch counts, and the bytes read, are those of k = 1;
+the decoding too (the quota's samples). Unlike the folder sampler's, the copies stay on their rank:
+a shard range is read by one rank only.
+
 Validation: every readable sample exactly once across all ranks, in batches of at most batch_size;
 evaluation reduces sums at the end, so ranks may run different numbers of batches.
 
@@ -39,7 +46,7 @@ import math
 import multiprocessing
 import random
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -182,6 +189,8 @@ class RawSample:
     image: bytes
     label: int | tuple[int, ...]
     """The class index, or (multi-label) the class indices."""
+    copy: int = 0
+    """Which copy of the sample this is under repeated augmentation (0: the first, or the only one)."""
 
 
 def _parse_tags(raw: bytes, num_classes: int) -> tuple[int, ...] | None:
@@ -306,7 +315,11 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         raw: bool = False,
+        repeats: int = 1,
     ):
+        if repeats < 1 or (repeats > 1 and not train):
+            raise ValueError(f"repeats={repeats}: at least 1, and 1 for validation, which reads each sample once")
+        self.repeats = repeats
         self.manifest = manifest
         self.split = manifest.splits[split]
         self.batch_size = batch_size
@@ -350,11 +363,23 @@ class ShardDataset(IterableDataset):
         for shard, start, stop in pieces:
             yield from read_range(self.split.paths[shard], start, stop, skipped, len(self.manifest.classes), self.manifest.multi_label)
 
+    def _repeated(self, stream: Iterator[RawSample], plan: WorkerPlan, quota: int, epoch: int, role: int) -> Iterator[RawSample]:
+        """Repeated augmentation: a seeded draw of ceil(quota / repeats) of the stream's positions
+        (the plan's samples; at most all of them), each sample there `repeats` times in a row."""
+        draw = random.Random(f"repeats:{self.seed}:{epoch}:{self.rank}:{role}")
+        keep = set(draw.sample(range(plan.samples), min(plan.samples, -(-quota // self.repeats))))
+        for position, sample in enumerate(stream):
+            if position in keep:
+                yield sample
+                for copy in range(1, self.repeats):
+                    yield replace(sample, copy=copy)
+
     def _add(self, batch: _BatchBuilder, sample: RawSample, skipped: dict[str, int]) -> bool:
-        """Decode `sample` into the batch's next slot; False (and counted) if it is unusable."""
+        """Decode `sample` into the batch's next slot; False (and counted, for its first copy only)
+        if it is unusable."""
         if self.raw:
             batch.raw.append(sample.image)  # bytes: pickled by value, decoded as a batch on the GPU
-        elif decode_sample(sample, self.load_size, skipped, out=batch.next_slot()) is None:
+        elif decode_sample(sample, self.load_size, skipped if sample.copy == 0 else {}, out=batch.next_slot()) is None:
             return False
         batch.commit(sample.label, sample.key)
         return True
@@ -374,10 +399,14 @@ class ShardDataset(IterableDataset):
         batch = _BatchBuilder(self.batch_size, self.load_size, self.raw, self.pool if info is not None else None, worker,
                               self._tags_width())
         stream = self._stream(plan.pieces, skipped)
+        quota = plan.batches * self.batch_size if self.train else None
+        emitted = plan.samples
+        if self.repeats > 1:
+            stream = self._repeated(stream, plan, quota, epoch, role)
+            emitted = min(plan.samples, -(-quota // self.repeats)) * self.repeats
         if self.buffer_size > 1:
             stream = shuffle_buffer(stream, self.buffer_size, rng)
-        quota = plan.batches * self.batch_size if self.train else None
-        spare_cap = (quota - plan.samples + self.batch_size) if self.train else 0
+        spare_cap = (quota - min(quota, emitted) + self.batch_size) if self.train else 0
         spares: list[RawSample] = []
         produced = 0
         for sample in stream:

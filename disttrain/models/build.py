@@ -18,11 +18,13 @@ from disttrain.models.family import WeightsError
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """`cfg.name` with a head for `num_classes`, from `cfg.pretrained` (for `imagenet` the hub file
-    must be there already: `fetch_imagenet_weights`; for `timm` the Hugging Face cache's file).
-    ConfigError first where the family refuses `cfg` (e.g. a model.pt's `arch` this timm lacks)."""
+    must be there already: `fetch_imagenet_weights`; for `timm` the Hugging Face cache's file),
+    with `cfg.drop_rate` and `cfg.drop_path_rate` (the family says where they go; neither changes the
+    state dict's keys). ConfigError first where the family refuses `cfg` (e.g. a model.pt's `arch`
+    this timm lacks, or stochastic depth for a torchvision family without it)."""
     family = family_of(cfg.name)
     family.check(cfg)
-    model = family.create(cfg.name, num_classes, cfg.pretrained)
+    model = family.create(cfg.name, num_classes, cfg.pretrained, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
     path = pretrained_file(cfg)
     if path is not None:
         family.fit_head(model, load_pretrained(model, path), num_classes)

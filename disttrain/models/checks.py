@@ -3,8 +3,9 @@
 disttrain/config builds a config from YAML and overrides with no model family involved. Here, where
 the config and the families are both known, the config gets what needs a family: a model's own
 input size where data.image_size / data.load_size are not given (a timm model's `pretrained_cfg`),
-does `model.name` exist and does `model.pretrained` fit its family, and do `finetune.groups` fit
-the model. The launcher front runs this before any process starts.
+does `model.name` exist and does `model.pretrained` fit its family, do model.drop_rate and
+model.drop_path_rate fit it (stochastic depth only where the family has it), and do
+`finetune.groups` fit the model. The launcher front runs this before any process starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from disttrain.config import Config
+from disttrain.config import Config, ConfigError, ModelConfig
 from disttrain.config.parse import build_config_unchecked, load_config_unchecked
 from disttrain.models.build import empty_model
 from disttrain.models.families import family_of
@@ -54,11 +55,21 @@ def size_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_model(cfg: Config) -> None:
-    """ConfigError unless model.name exists in its family, model.pretrained fits it, and (with
-    stages) the model can be cut into finetune.groups layer groups."""
-    family_of(cfg.model.name).check(cfg.model)
+    """ConfigError unless model.name exists in its family, model.pretrained fits it, model.drop_rate
+    and model.drop_path_rate are probabilities the model takes, and (with stages) the model can be
+    cut into finetune.groups layer groups."""
+    check_rates(cfg.model)
+    family_of(cfg.model.name).check(cfg.model)  # also: drop_path_rate for a family without stochastic depth
     if cfg.stages:  # finetune.groups against model.name, built on the meta device (no weights, no memory)
         check_groups(cfg.model.name, cfg.finetune.groups)
+
+
+def check_rates(model: ModelConfig) -> None:
+    """ConfigError unless model.drop_rate and model.drop_path_rate are null or in [0, 1)."""
+    for key in ("drop_rate", "drop_path_rate"):
+        value = getattr(model, key)
+        if value is not None and not 0 <= value < 1:  # a number: the config's types say so first
+            raise ConfigError(f"model.{key}: a probability in [0, 1) or null (the architecture's default), got {value!r}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -64,9 +64,11 @@ class Family(Protocol):
     def check(self, model: ModelConfig) -> None:
         """ConfigError unless `model.name` exists in this family and `model.pretrained` fits it."""
 
-    def create(self, name: str, num_classes: int, pretrained: str | None) -> nn.Module:
+    def create(self, name: str, num_classes: int, pretrained: str | None,
+               drop_rate: float | None = None, drop_path_rate: float | None = None) -> nn.Module:
         """The network with a classifier for `num_classes`; with the family's own weights where
-        `pretrained` names them and the family loads them itself (`weights_file` is None)."""
+        `pretrained` names them and the family loads them itself (`weights_file` is None); with
+        model.drop_rate / model.drop_path_rate where given (None: the architecture's own)."""
 
     def empty(self, name: str, num_classes: int) -> nn.Module:
         """The network on the meta device: shapes only, no memory, no initialization cost."""

@@ -13,6 +13,7 @@ only for a timm model: they cost about a second to import, which a torchvision r
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,15 +118,22 @@ def cached_weights(name: str) -> Path:
     )
 
 
-def create(name: str, num_classes: int, weights: Path | None = None) -> nn.Module:
+def regularization(drop_rate: float | None, drop_path_rate: float | None) -> dict[str, float]:
+    """`timm.create_model`'s keywords for model.drop_rate (the classifier's dropout: timm's
+    `drop_rate`, its head dropout) and model.drop_path_rate (its `drop_path_rate`, stochastic depth
+    rising linearly to it over the blocks); None: left out, the model's own default."""
+    return {key: value for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if value is not None}
+
+
+def create(name: str, num_classes: int, weights: Path | None = None, **regularize: float) -> nn.Module:
     """timm's `name` with a classifier for `num_classes`. `weights`: timm's own pretrained file
     (`cached_weights`), loaded the timm way (its checkpoint filter, strict), then the classifier
-    reset for the data's classes (`reset_classifier`)."""
+    reset for the data's classes (`reset_classifier`). `regularize`: `regularization`'s keywords."""
     import timm
 
     if weights is None:
-        return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes)
-    model = timm.create_model(timm_name(name), pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+        return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes, **regularize)
+    model = timm.create_model(timm_name(name), pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **regularize)
     if model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -208,12 +216,27 @@ def _fine_stages(model: nn.Module) -> list[str]:
     return [info["module"] for info in getattr(model, "feature_info", []) if info.get("reduction", 32) <= 8]
 
 
-def empty(name: str, num_classes: int = 2) -> nn.Module:
+def empty(name: str, num_classes: int = 2, **regularize: float) -> nn.Module:
     """The timm model on the meta device: shapes only."""
     import timm
 
     with torch.device("meta"):
-        return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes)
+        return timm.create_model(timm_name(name), pretrained=False, num_classes=num_classes, **regularize)
+
+
+@functools.lru_cache(maxsize=None)
+def check_regularization(name: str, drop_rate: float | None, drop_path_rate: float | None) -> None:
+    """ZooError unless timm's `name` takes model.drop_rate / model.drop_path_rate (built on the meta
+    device: a model class without the keyword, timm's vgg's drop_path_rate, raises a TypeError)."""
+    regularize = regularization(drop_rate, drop_path_rate)
+    if not regularize:
+        return
+    try:
+        empty(name, **regularize)
+    except TypeError as err:
+        refused = [key for key in regularize if f"'{key}'" in str(err)] or list(regularize)
+        raise ZooError(f"model.{refused[0]}: timm's {timm_name(name)} does not take {refused[0]} ({err}); "
+                       f"set model.{refused[0]}=null or pick another model") from None
 
 
 class TimmFamily:
@@ -228,6 +251,7 @@ class TimmFamily:
         if model.pretrained == IMAGENET:
             raise ConfigError(f"model.pretrained: `{IMAGENET}` is torchvision's weights; for {model.name} use `{TIMM}` "
                               "(timm's weights from the local Hugging Face cache) or a weights file's path")
+        check_regularization(model.name, model.drop_rate, model.drop_path_rate)
         if model.pretrained == TIMM:
             cached_weights(model.name)  # ZooError (a ConfigError) naming the file looked for and how to fetch it
         elif model.pretrained is not None and not Path(model.pretrained).expanduser().is_file():
@@ -236,8 +260,10 @@ class TimmFamily:
                 f"`{TIMM}` for timm's weights, or set model.pretrained=null"
             )
 
-    def create(self, name: str, num_classes: int, pretrained: str | None) -> nn.Module:
-        return create(name, num_classes, cached_weights(name) if pretrained == TIMM else None)
+    def create(self, name: str, num_classes: int, pretrained: str | None,
+               drop_rate: float | None = None, drop_path_rate: float | None = None) -> nn.Module:
+        return create(name, num_classes, cached_weights(name) if pretrained == TIMM else None,
+                      **regularization(drop_rate, drop_path_rate))
 
     def empty(self, name: str, num_classes: int) -> nn.Module:
         return empty(name, num_classes)

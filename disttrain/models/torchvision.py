@@ -11,6 +11,20 @@ strides of every variant in torchvision's list of each class. Classes without an
 googlenet, inception, squeezenet, shufflenet, mnasnet, maxvit) get disttrain/models/groups.py's
 balanced blocks. The head is the last top-level child holding parameters (`fc`, `classifier`,
 `heads`, `head`).
+
+Regularization (`model.drop_rate`, `model.drop_path_rate`) is per family too, told apart by the
+module of the name's builder (`torchvision.models.efficientnet` for efficientnet_b0 and _v2_s):
+
+- drop_rate: the families whose builder takes a `dropout` that is their classifier's dropout
+  (CLASSIFIER_DROPOUT) get it there; the others get a `DropoutLinear` as their final classifier
+  layer (see there), which keeps the state dict's keys. ViT's and Swin's builders do have a
+  `dropout`, but it is the encoder's (every MLP and attention output), not the classifier's: they
+  get the DropoutLinear as well.
+- drop_path_rate: torchvision's families with stochastic depth (STOCHASTIC_DEPTH) schedule it
+  linearly with depth up to the rate their builder gives; convnext and efficientnet (v1 and v2)
+  take another rate through their builder, swin (v1 and v2) and maxvit fix theirs in the builder,
+  so each of their StochasticDepth modules is rescaled by rate / the builder's rate (the schedule
+  the builder would have made with that rate). Other families have none: a ConfigError at check time.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import torchvision
 from accelerate import init_empty_weights
 from torch import nn
 from torchvision import models
+from torchvision.ops import StochasticDepth
 
 from disttrain.config import IMAGENET, TIMM, ConfigError, ModelConfig
 from disttrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -158,6 +173,76 @@ SPLITS: dict[type, SplitRule] = {
 """Per model class (exact: a subclass may be built otherwise), its units and default cut."""
 
 
+# -- regularization: classifier dropout and stochastic depth per family
+
+CLASSIFIER_DROPOUT = frozenset({"efficientnet", "mobilenetv2", "mobilenetv3", "mnasnet", "vgg", "alexnet", "squeezenet",
+                                "googlenet", "inception"})
+"""Families (builder modules) whose builder's `dropout` is the dropout before the classifier (vgg's
+and alexnet's: both of its classifier's Dropout layers; googlenet's aux heads keep `dropout_aux`)."""
+
+STOCHASTIC_DEPTH = {"convnext": "builder", "efficientnet": "builder", "swin_transformer": "rescale", "maxvit": "rescale"}
+"""Families (builder modules) with stochastic depth -> how another rate gets there: `builder`, its
+`stochastic_depth_prob` keyword; `rescale`, the builder fixes the rate (`rescale_stochastic_depth`)."""
+
+STOCHASTIC_DEPTH_NAMES = "convnext_*, efficientnet_b* and efficientnet_v2_*, swin_* and swin_v2_*, maxvit_t"
+"""STOCHASTIC_DEPTH's model names, for the error message."""
+
+
+def builder_family(name: str) -> str:
+    """The family of torchvision model `name`: its builder's module (`efficientnet` for efficientnet_v2_s)."""
+    return torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+
+
+class DropoutLinear(nn.Linear):
+    """A Linear layer with dropout on its input: the classifier of a family whose builder has no
+    classifier dropout, with `model.drop_rate`. It is a Linear subclass, its Dropout a child without
+    state, so the state dict's keys stay the Linear's own (`fc.weight`, `fc.bias`): ImageNet weights,
+    state dicts and checkpoints of the model without it load unchanged. In eval mode it is the Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.drop = nn.Dropout(p)
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear, p: float) -> "DropoutLinear":
+        """A DropoutLinear holding `linear`'s own parameters (no copy, no new initialization)."""
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, p, device="meta")
+        out.weight = linear.weight
+        out.bias = linear.bias
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.drop(x))
+
+
+def add_classifier_dropout(model: nn.Module, p: float, classifier: str | None) -> None:
+    """Dropout `p` before the last Linear layer of `model`'s `classifier` (the classifier itself
+    where it is one: resnet's `fc`; convnext's `classifier.2`, vit's `heads.head`, maxvit's `classifier.5`)."""
+    head = model.get_submodule(classifier) if classifier else None
+    linears = [name for name, module in (head.named_modules() if head is not None else ()) if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"model.drop_rate: {type(model).__name__}'s classifier {classifier!r} has no Linear layer to put dropout "
+                          "before; set model.drop_rate=null")
+    target = f"{classifier}.{linears[-1]}" if linears[-1] else classifier
+    parent, _, child = target.rpartition(".")
+    model.get_submodule(parent).register_module(child, DropoutLinear.replacing(model.get_submodule(target), p))
+
+
+def rescale_stochastic_depth(model: nn.Module, rate: float) -> None:
+    """Stochastic depth up to `rate` for a family whose builder fixes its rate (swin, maxvit): their
+    schedules are linear from 0 to that rate (the last block's), so each module's probability times
+    rate / that rate is the schedule the builder would have made with `rate`. Each module is
+    replaced by a new one (maxvit's attention layers call theirs twice: both take the new one)."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, StochasticDepth)}
+    built = max((m.p for m in modules.values()), default=0.0)
+    if built <= 0:
+        raise ConfigError(f"model.drop_path_rate: {type(model).__name__} was built without stochastic depth to rescale; "
+                          "set model.drop_path_rate=null")
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).register_module(child, StochasticDepth(module.p * rate / built, module.mode))
+
+
 class TorchvisionFamily:
     """torchvision's classification models (see the module docstring)."""
 
@@ -186,9 +271,30 @@ class TorchvisionFamily:
                 f"model.pretrained: {model.pretrained!r} is not a file; give the path of a local state "
                 f"dict, `{IMAGENET}` for torchvision's weights, or set model.pretrained=null"
             )
+        family = builder_family(model.name)
+        if model.drop_path_rate and family not in STOCHASTIC_DEPTH:
+            raise ConfigError(
+                f"model.drop_path_rate: torchvision's {model.name} (family {family}) has no stochastic depth; torchvision's "
+                f"families with it: {STOCHASTIC_DEPTH_NAMES}; pick one of those or a timm model (timm/<name>), "
+                "or set model.drop_path_rate=null"
+            )
 
-    def create(self, name: str, num_classes: int, pretrained: str | None) -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)  # weights: from weights_file
+    def create(self, name: str, num_classes: int, pretrained: str | None,
+               drop_rate: float | None = None, drop_path_rate: float | None = None) -> nn.Module:
+        """The model with `num_classes` outputs, from scratch (weights: `weights_file`), with the
+        classifier dropout and stochastic depth asked (None: the architecture's own)."""
+        family = builder_family(name)
+        kwargs: dict = {"num_classes": num_classes}
+        if drop_rate is not None and family in CLASSIFIER_DROPOUT:
+            kwargs["dropout"] = drop_rate
+        if drop_path_rate is not None and STOCHASTIC_DEPTH.get(family) == "builder":
+            kwargs["stochastic_depth_prob"] = drop_path_rate
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        if drop_rate and family not in CLASSIFIER_DROPOUT:
+            add_classifier_dropout(model, drop_rate, self.classifier_name(model))
+        if drop_path_rate is not None and STOCHASTIC_DEPTH.get(family) == "rescale":
+            rescale_stochastic_depth(model, drop_path_rate)
+        return model
 
     def empty(self, name: str, num_classes: int) -> nn.Module:
         try:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from disttrain.config import Config, save_config
+from disttrain.config import Config, ConfigError, save_config
 from disttrain.data.folder import ImageFolderData
+from disttrain.data.mix import Mixer
 from disttrain.data.setup import build_augment, load_data
 from disttrain.data.shards import Manifest
 from disttrain.dist.jobgroup import JobGroup
@@ -18,6 +19,8 @@ from disttrain.task import Task
 from disttrain.models.groups import layer_groups_header, split_layer_groups
 from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.train.checkpoint import Checkpointer, PreemptionFlag, Resume, stop_if_preempted
+from disttrain.train.ema import WeightEma
+from disttrain.train.monitor import EarlyStopping, check_monitor
 from disttrain.train.stages import StagePlan, enter_stage, plan_stages
 from disttrain.train.trainer import Trainer
 
@@ -66,6 +69,11 @@ def build_trainer(
         for group in groups:
             reporter.line(f"  {group.describe()}")
     plans = plans if plans is not None else plan_stages(cfg)
+    task = task_of(cfg, data)
+    _check_monitors(cfg, task, data)
+    ema = WeightEma(model, cfg.train.ema, cfg.train.ema_warmup, cfg.train.ema_every) if cfg.train.ema is not None else None
+    stop = cfg.train.early_stop
+    mixing = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
     trainer = Trainer(
         accelerator,
         model,
@@ -74,7 +82,7 @@ def build_trainer(
         total_epochs=plans[-1].end_epoch,
         grad_accum=cfg.train.grad_accum,
         clip_grad=cfg.train.clip_grad,
-        task=task_of(cfg, data),
+        task=task,
         max_steps_per_epoch=cfg.train.max_steps_per_epoch,
         classes=list(data.classes),
         tracker=tracker,
@@ -82,11 +90,14 @@ def build_trainer(
         checkpointer=Checkpointer(
             cfg.run.dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
             {"classes": list(data.classes), "samples": data_identity(data), "model": cfg.model.name, "run": cfg.run.name,
-             "precision": precision.mode}, job, flag,
+             "precision": precision.mode}, job, flag, keep_best=cfg.checkpoint.keep_best, monitor=cfg.checkpoint.monitor,
         ),
         precision_reason=precision.reason if cfg.train.precision == "auto" else "",
         layer_groups=groups,
         cores=runtime.cores,
+        mixer=Mixer(cfg.augment, task, rank_seed(cfg.run.seed, accelerator.process_index, stream=2)) if mixing else None,
+        ema=ema,
+        early_stop=EarlyStopping(stop.monitor, stop.patience, stop.min_delta) if stop.patience is not None else None,
     )
     trainer.use(enter_stage(trainer, cfg, data, plans[stage]))
     torch.manual_seed(rank_seed(cfg.run.seed, accelerator.process_index, stream=1))  # dropout etc. differ per rank
@@ -96,7 +107,29 @@ def build_trainer(
 def task_of(cfg: Config, data: ImageFolderData | Manifest) -> Task:
     """The run's task, decided once from its data (disttrain/task.py)."""
     return Task(bool(getattr(data, "multi_label", False)), len(data.classes), cfg.train.label_smoothing, cfg.train.threshold,
-                cfg.train.fbeta)
+                cfg.train.fbeta, loss_kind=cfg.train.loss)
+
+
+def table_columns(cfg: Config, task: Task) -> tuple[str, ...]:
+    """The epoch table's columns a monitor may name: valid_loss, the task's, and with train.ema the EMA's."""
+    ema = ("ema_valid_loss", *(f"ema_{c}" for c in task.columns if c != "threshold")) if cfg.train.ema is not None else ()
+    return ("valid_loss", *task.columns, *ema)
+
+
+def _check_monitors(cfg: Config, task: Task, data) -> None:
+    """train.early_stop's and checkpoint.keep_best's monitors name columns of the run's table; both
+    need validation images."""
+    columns = table_columns(cfg, task)
+    watching = []
+    if cfg.train.early_stop.patience is not None:
+        check_monitor(cfg.train.early_stop.monitor, columns, "train.early_stop.monitor")
+        watching.append("train.early_stop")
+    if cfg.checkpoint.keep_best:
+        check_monitor(cfg.checkpoint.monitor, columns, "checkpoint.monitor")
+        watching.append("checkpoint.keep_best")
+    if watching and not data_identity(data)["valid"]:
+        raise ConfigError(f"{watching[0]}: watches a validation figure and this run has no validation images "
+                          f"(data.valid_pct=0); set a validation split or leave it off")
 
 
 def data_identity(data: ImageFolderData | Manifest) -> dict[str, int]:

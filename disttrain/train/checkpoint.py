@@ -5,6 +5,7 @@ final name."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from disttrain.models.build import WeightsError
 from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import rng_state
 from disttrain.errors import UserError
+from disttrain.train.monitor import direction
 
 
 def atomic_save(obj: object, path: str | Path) -> Path:
@@ -61,9 +63,16 @@ def load_weights(path: str | Path) -> dict:
 # filesystem takes as long as it takes. A kill at any moment leaves the previous checkpoint and
 # `latest` valid; `.tmp` leftovers are ignored, and cleared when the next run starts
 # (`clear_leftovers`).
+#
+# checkpoint.keep_best: checkpoints/best/<name>/ holds the N best epoch-end checkpoints by
+# checkpoint.monitor (hard links to the files of the checkpoint, or copies), and best/index.json
+# lists them best first. Pruning, `latest` and find_latest see only checkpoints/step-*: best/ is
+# outside their reach.
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
+BEST_INDEX = "index.json"
 
 
 class CheckpointError(UserError):
@@ -100,11 +109,15 @@ def set_aside_later(run_dir: str | Path, from_step: int | None) -> Path | None:
     """Before a run writes checkpoints: move this run dir's complete checkpoints past `from_step` (all
     of them when the run starts fresh or resumes from elsewhere) into `checkpoints/superseded-<UTC>/`.
     They belong to another timeline: left in place, pruning and the `latest` fallback would mix them
-    with the new run's. Nothing is deleted. Returns the folder they went to, if any."""
+    with the new run's. The same for the best checkpoints (checkpoints/best/) past `from_step`: they
+    go to `superseded-<UTC>/best/` with an index.json of their own, and the run's best list goes on
+    with the others. Nothing is deleted. Returns the folder they went to, if any."""
     root = checkpoint_root(run_dir)
     complete = [p for p in root.glob("step-*") if _is_complete(p)] if root.is_dir() else []
     later = [p for p in complete if from_step is None or _step_of(p) > from_step]
-    if not later:
+    best = read_best_index(run_dir)
+    best_later = [e for e in best if from_step is None or _step_of(Path(e["name"])) > from_step]
+    if not later and not best_later:
         return None
     aside = durable.superseded_folder(root)
     pointer = root / LATEST
@@ -112,7 +125,50 @@ def set_aside_later(run_dir: str | Path, from_step: int | None) -> Path | None:
         os.replace(pointer, aside / LATEST)
     for path in later:
         os.replace(path, aside / path.name)
+    if best_later:
+        (aside / BEST).mkdir()
+        for entry in best_later:
+            if (root / BEST / entry["name"]).exists():
+                os.replace(root / BEST / entry["name"], aside / BEST / entry["name"])
+        durable.write_text(aside / BEST / BEST_INDEX, json.dumps(best_later, indent=1))
+        durable.write_text(root / BEST / BEST_INDEX, json.dumps([e for e in best if e not in best_later], indent=1))
     return aside
+
+
+def read_best_index(run_dir: str | Path) -> list[dict]:
+    """checkpoints/best/index.json: the kept best checkpoints, best first, as
+    [{name, epoch, monitor, value}]; [] when there is none."""
+    path = checkpoint_root(run_dir) / BEST / BEST_INDEX
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+        return [{"name": str(e["name"]), "epoch": int(e["epoch"]), "monitor": str(e["monitor"]), "value": float(e["value"])}
+                for e in entries]
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(
+            f"{path}: not a list of best checkpoints ({err}); move the folder {path.parent} out of the way "
+            "(the run then starts a new best list)"
+        ) from err
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """The checkpoint `src` as `dst`, durably: its files hard-linked (no space taken, and the
+    pruning of `src` leaves them), or copied where the filesystem has no hard links or `dst` is on
+    another one; written as `dst.tmp`, synced, then renamed: the name is its complete marker."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save_best
+    tmp.mkdir(parents=True)
+    for child in sorted(src.iterdir()):
+        if child.is_file():
+            try:
+                os.link(child, tmp / child.name)
+            except OSError:
+                shutil.copyfile(child, tmp / child.name)
+    _fsync_dir_files(tmp)
+    if dst.exists():  # the same checkpoint ranked again
+        shutil.rmtree(dst)
+    durable.replace(tmp, dst)
 
 
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp\d+$")  # atomic_save's temporary names
@@ -122,10 +178,16 @@ def clear_leftovers(run_dir: str | Path) -> list[str]:
     """At start-up, on the main process, before the run writes anything: remove what killed saves
     left in the run dir: `*.tmp` directories and files in its checkpoints folder (a checkpoint being
     written, at any step or stage, and the `latest` pointer's temporary file) and atomic_save's
-    temporary files (model.pt's) in the run dir and the checkpoints folder. Returns their names."""
+    temporary files (model.pt's) in the run dir and the checkpoints folder; in checkpoints/best/,
+    the same `*.tmp` and the folders its index.json does not list (a save_best killed between its
+    copy and its index, or before deleting the one that dropped out). Returns their names."""
     run_dir = Path(run_dir)
     root = checkpoint_root(run_dir)
     found = list(root.glob("*.tmp")) if root.is_dir() else []
+    best = root / BEST
+    if best.is_dir():
+        listed = {entry["name"] for entry in read_best_index(run_dir)}
+        found += [p for p in best.iterdir() if p.name.endswith(".tmp") or (p.is_dir() and p.name not in listed)]
     found += [p for folder in (run_dir, root) if folder.is_dir() for p in folder.iterdir() if _ATOMIC_TMP.match(p.name)]
     for path in found:
         if path.is_dir() and not path.is_symlink():
@@ -328,7 +390,7 @@ class Checkpointer:
     checkpoint that holds the run's state (the one resumed from, then each one saved)."""
 
     def __init__(self, run_dir: Path, every_n_steps: int | None, keep_last: int, meta: dict, group: JobGroup,
-                 flag: PreemptionFlag | None = None):
+                 flag: PreemptionFlag | None = None, keep_best: int = 0, monitor: str = "valid_loss"):
         self.run_dir = Path(run_dir)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
@@ -336,6 +398,11 @@ class Checkpointer:
         self.group = group  # the saves' barriers wait on it
         self.flag = flag or PreemptionFlag()
         self.last: Path | None = None
+        self.keep_best = keep_best  # checkpoint.keep_best: 0 keeps none
+        self.monitor = monitor  # checkpoint.monitor; a loss ranks lowest first, the rest highest first
+        self._best: list[dict] | None = None  # best first; read from best/index.json when first needed
+        self._best_aside = False  # that index ranks by another monitor: set aside at the first save_best
+        self._best_saves = 0
 
     def resumed_from(self, path: Path) -> None:
         """The run continues from the checkpoint at `path`: it holds the run's state until the next save."""
@@ -366,3 +433,58 @@ class Checkpointer:
             self.keep_last, tag,
         )
         return self.last
+
+    @property
+    def best_dir(self) -> Path:
+        return checkpoint_root(self.run_dir) / BEST
+
+    def best(self) -> list[dict]:
+        """The kept best checkpoints, best first: [{name, epoch, monitor, value}]. A resumed run
+        continues the list of best/index.json, read at the first call (after run.train has set
+        aside what it does not continue); a list ranked by another monitor is not continued."""
+        if self._best is None:
+            entries = read_best_index(self.run_dir) if self.keep_best else []
+            self._best_aside = any(e["monitor"] != self.monitor for e in entries)
+            self._best = [] if self._best_aside else [e for e in entries if _is_complete(self.best_dir / e["name"])]
+        return list(self._best)
+
+    def best_path(self) -> Path | None:
+        """The best checkpoint kept (train.final=best takes its weights), or None."""
+        best = self.best()
+        return self.best_dir / best[0]["name"] if best else None
+
+    def save_best(self, path: Path, epoch: int, value: float) -> Path | None:
+        """Collective, right after an epoch-end save: `path` is that checkpoint, `value` its
+        checkpoint.monitor figure (all-reduced: the same on every rank, so every rank ranks alike).
+        When it is among the keep_best best so far (a tie ranks after the earlier one; NaN never
+        ranks), the main process keeps it as best/<its name>, writes best/index.json and deletes the
+        one that dropped out, in that order: a kill at any moment leaves the index naming complete
+        folders (clear_leftovers removes the rest). Returns the kept copy, or None."""
+        if not self.keep_best:
+            return None
+        path, value = Path(path), float(value)
+        before = self.best()
+        if self._best_saves == 0:
+            self.group.barrier()  # every rank has read the index before the main process changes it
+        self._best_saves += 1
+        entry = {"name": path.name, "epoch": int(epoch), "monitor": self.monitor, "value": value}
+        ranked = [e for e in before if e["name"] != path.name]
+        if not math.isnan(value):
+            sign = 1.0 if direction(self.monitor) == "min" else -1.0
+            ranked = sorted(ranked + [entry], key=lambda e: sign * e["value"])  # stable: a tie keeps the earlier first
+        kept = ranked[: self.keep_best]
+        if self.group.is_main:
+            if self._best_aside and self.best_dir.is_dir():
+                durable.replace(self.best_dir, durable.superseded_folder(checkpoint_root(self.run_dir)) / BEST)
+            if entry in kept:
+                _keep_copy(path, self.best_dir / path.name)
+            if kept != before or self._best_aside:
+                self.best_dir.mkdir(parents=True, exist_ok=True)
+                durable.write_text(self.best_dir / BEST_INDEX, json.dumps(kept, indent=1))
+            out = ({e["name"] for e in before} | {path.name}) - {e["name"] for e in kept}  # (this one too, if kept before)
+            for name in sorted(out):
+                shutil.rmtree(self.best_dir / name, ignore_errors=True)
+        self._best_aside = False
+        self._best = kept
+        self.group.barrier()
+        return self.best_dir / path.name if entry in kept else None

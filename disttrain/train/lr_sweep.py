@@ -306,7 +306,7 @@ def run_curve(
 
 
 def snapshot(trainer) -> dict:
-    """In-memory copies (CPU) of model, optimizer, scaler, schedule, augmentation and RNG states.
+    """In-memory copies (CPU) of model, optimizer, scaler, schedule, augmentation (and MixUp/CutMix) and RNG states.
     The model's and the optimizer's tensors are copied into one buffer per dtype (`packed_copy`)."""
     scaler = trainer.accelerator.scaler
     return {
@@ -315,6 +315,7 @@ def snapshot(trainer) -> dict:
         "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         "schedule": copy.deepcopy(trainer.schedule.state_dict()),
         "augment": trainer.augment.state_dict(),
+        "mixer": trainer.mixer.state_dict() if trainer.mixer is not None else None,
         "rng": rng_state(),
         "sampler_epoch": trainer.train_loader.epoch,
     }
@@ -374,6 +375,8 @@ def restore(trainer, state: dict) -> None:
         trainer.accelerator.scaler.load_state_dict(state["scaler"])
     trainer.schedule.load_state_dict(state["schedule"])
     trainer.augment.load_state_dict(state["augment"])
+    if state["mixer"] is not None:
+        trainer.mixer.load_state_dict(state["mixer"])
     set_rng_state(state["rng"])
     trainer.train_loader.set_epoch(state["sampler_epoch"])
     trainer.train_loader.take_skipped()  # unreadable samples met by the sweep were logged as warnings already

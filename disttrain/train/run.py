@@ -35,6 +35,7 @@ from disttrain.train.checkpoint import (
     checkpoint_root,
     clear_leftovers,
     find_latest,
+    load_checkpoint,
     save_weights,
     set_aside_later,
     stop_if_preempted,
@@ -120,7 +121,11 @@ def _run(cfg, trainer: Trainer, data, plans, first: int, continuing: bool, find_
         aside = set_aside_later(cfg.run.dir, from_step)
         if aside is not None:
             trainer.reporter.line(f"moved this run dir's checkpoints that this run does not continue to {aside}")
+    if cfg.checkpoint.snapshot_cycles:
+        trainer.epoch_end_hooks.append(lambda epoch: _snapshot(cfg, trainer, data, plans, epoch))
     for plan in plans[first:]:
+        if trainer.stopped_early:  # train.early_stop: the stages after it do not run
+            break
         if plan.index != first:
             trainer.use(enter_stage(trainer, cfg, data, plan))
         of = f" of {plan.name}" if plan.staged else ""
@@ -197,22 +202,58 @@ def _tta(cfg: Config, trainer: Trainer, data, plan: StagePlan) -> None:
                         step=trainer.global_step)
 
 
+def _snapshot(cfg: Config, trainer: Trainer, data, plans: list[StagePlan], epoch: int) -> None:
+    """checkpoint.snapshot_cycles: at the end of an SGDR cycle, the weights as a model file of their
+    own (<run dir>/snapshots/cycle-<c>.pt, or stage<i>-cycle-<c>.pt in a run with stages), for a
+    snapshot ensemble (`disttrain predict --weights`)."""
+    cycle = trainer.schedule.ended_cycle()
+    if cycle is None:
+        return
+    plan = next(p for p in plans if p.first_epoch <= epoch < p.end_epoch)
+    path = cfg.run.dir / "snapshots" / (f"stage{plan.index}-cycle-{cycle}.pt" if plan.staged else f"cycle-{cycle}.pt")
+    if trainer.accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_model(cfg, trainer, data, plan, trainer.module.state_dict(), path)
+        trainer.reporter.line(f"SGDR cycle {cycle} ended with epoch {epoch}: its weights saved as {path} (checkpoint.snapshot_cycles)")
+
+
+def _final_weights(cfg: Config, trainer: Trainer) -> tuple[dict, str]:
+    """train.final: the weights model.pt holds, and where they come from."""
+    if cfg.train.final == "ema":
+        return trainer.ema.module.state_dict(), f"the weight EMA's (decay {cfg.train.ema})"
+    if cfg.train.final == "best":
+        best = trainer.checkpointer.best_path()
+        if best is not None:
+            meta, shared, _ = load_checkpoint(best, 0, trainer.accelerator.num_processes)
+            return shared["model"], f"the best epoch's by {cfg.checkpoint.monitor} ({best.name}, epoch {meta['epoch'] - 1})"
+    return trainer.module.state_dict(), "the last epoch's"
+
+
+def _write_model(cfg: Config, trainer: Trainer, data, plan: StagePlan, weights: dict, path: Path) -> None:
+    acc, stage = trainer.accelerator, plan.cfg
+    save_weights(
+        path, weights, data.classes, cfg.model.name,
+        normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
+        image_size=stage.image_size, load_size=stage.load_size, precision=acc.mixed_precision,
+        interpolation=trainer.augment.interpolation, family=family_of(cfg.model.name).name, tta_views=tta_views_of(cfg.augment),
+        task=trainer.task.with_threshold(trainer.threshold).to_saved(),
+    )
+
+
 def _save(cfg: Config, trainer: Trainer, data, plans: list[StagePlan]) -> None:
     acc = trainer.accelerator
     if acc.is_main_process:
-        last = plans[-1].cfg
-        save_weights(
-            cfg.run.dir / "model.pt", trainer.module.state_dict(), data.classes, cfg.model.name,
-            normalize={"mean": trainer.augment.mean, "std": trainer.augment.std},
-            image_size=last.image_size, load_size=last.load_size, precision=acc.mixed_precision,
-            interpolation=trainer.augment.interpolation, family=family_of(cfg.model.name).name, tta_views=tta_views_of(cfg.augment),
-            task=trainer.task.with_threshold(trainer.threshold).to_saved(),
-        )
+        weights, source = _final_weights(cfg, trainer)
+        if cfg.train.final != "last":
+            trainer.reporter.line(f"model.pt holds {source} weights (train.final={cfg.train.final})")
+        _write_model(cfg, trainer, data, plans[-1], weights, cfg.run.dir / "model.pt")
         results = {
             "world_size": acc.num_processes,
             "precision": acc.mixed_precision,
             "peak_lr": max(trainer.schedule.base_lrs),
+            "final": cfg.train.final,
             "epochs": [{k: v for k, v in vars(r).items() if k != "metrics" or v is not None} for r in trainer.history],
         }
         (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=1))
     trainer.checkpointer.group.barrier()  # as a checkpoint's save: model.pt may take longer than a collective may wait
+

@@ -63,6 +63,21 @@ class Schedule:
             epochs *= self.cfg.cycle_mult
         return start, epochs * self.steps_per_epoch
 
+    def ended_cycle(self) -> int | None:
+        """SGDR: the index (0-based) of the cycle the steps taken so far have just completed; None
+        in the middle of a cycle, or for the other schedules."""
+        done = self.steps_done
+        if self.cfg.name != "sgdr" or done == 0:
+            return None
+        start, length = self.cycle(done - 1)
+        if done != min(start + length, self.total_steps):
+            return None
+        index, first = 0, 0
+        while first < start:
+            first = sum(self.cycle(first))
+            index += 1
+        return index
+
     def momentum(self, step: int) -> float | None:
         """One-cycle momentum: high -> low while the LR rises, back to high as it falls."""
         if self.cfg.name != "onecycle":

@@ -85,8 +85,9 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
     augment.image_size = stage.image_size
     view = augment if stage.augment else (lambda images, train: augment(images, train=False))
     target: nn.Module = module
+    target_name = ""
     if stage.precompute:
-        head_name = groups[-1].blocks[0]
+        head_name = target_name = groups[-1].blocks[0]
         if not len(data.valid):
             raise DataError(f"{plan.name}: precompute needs validation images and data.valid_pct=0 leaves none; "
                             f"set precompute: false for that stage (or data.valid_pct > 0)")
@@ -120,7 +121,19 @@ def _setup(trainer: Trainer, cfg: Config, data, plan: StagePlan) -> StageSetup:
         train_loader=train_loader, valid_loader=valid_loader, transform=transform,
         first_epoch=plan.first_epoch, end_epoch=plan.end_epoch, index=plan.index if plan.staged else None,
         fixed_norms=fixed_norms, lr_owner=lr_owner, images=not stage.precompute, inputs=inputs, compiled=compiled,
+        target=target_name, mix=mixes(stage), ema=updates_ema(stage, cfg),
+        ema_restart=plan.index > 0 and updates_ema(stage, cfg) and not updates_ema(run_stages(cfg)[plan.index - 1], cfg),
     )
+
+
+def mixes(stage: StageConfig) -> bool:
+    """MixUp/CutMix in this stage (stages[i].mix; null: when it trains on augmented images)."""
+    return stage.mix if stage.mix is not None else stage.augment and not stage.precompute
+
+
+def updates_ema(stage: StageConfig, cfg: Config) -> bool:
+    """The weight EMA (train.ema) is updated in this stage (stages[i].ema; null: unless it is a precompute stage)."""
+    return cfg.train.ema is not None and (stage.ema if stage.ema is not None else not stage.precompute)
 
 
 def describe(trainer: Trainer, plan: StagePlan, cfg: Config) -> str:

@@ -7,6 +7,7 @@ here reads the device outside `LogWindow.take`: the loop's steps stay free of sy
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -77,18 +78,26 @@ def train_metrics(loss: float, images: int, seconds: float, epoch: float, lrs: l
     return metrics
 
 
-def epoch_metrics(result: EvalResult | MultiLabelResult, seconds: float, epoch: int, stage_key: dict) -> dict:
-    """The valid/* row at the end of `epoch` (multi-label: valid/accuracy_multi, valid/f<beta>,
-    valid/threshold, valid/mAP in place of the accuracy and top-5)."""
+def _scores(result: EvalResult | MultiLabelResult, prefix: str) -> dict:
     if isinstance(result, MultiLabelResult):
-        scores = {"valid/accuracy_multi": result.accuracy, f"valid/f{result.beta:g}": result.fbeta,
-                  "valid/threshold": result.threshold, "valid/mAP": result.mean_ap}
+        scores = {"accuracy_multi": result.accuracy, f"f{result.beta:g}": result.fbeta, "threshold": result.threshold,
+                  "mAP": result.mean_ap}
     else:
-        scores = {"valid/accuracy": result.accuracy}
-    metrics = {"valid/loss": result.loss, **scores, "epoch_time_sec": seconds, "epoch": epoch + 1, **stage_key}
+        scores = {"accuracy": result.accuracy}
     if getattr(result, "top5", None) is not None:
-        metrics["valid/top5"] = result.top5
-    return metrics
+        scores["top5"] = result.top5
+    return {"valid/" + prefix + "loss": result.loss, **{f"valid/{prefix}{k}": v for k, v in scores.items()}}
+
+
+def epoch_metrics(result: EvalResult | MultiLabelResult, seconds: float, epoch: int, stage_key: dict,
+                  ema_result: EvalResult | MultiLabelResult | None = None) -> dict:
+    """The valid/* row at the end of `epoch` (multi-label: valid/accuracy_multi, valid/f<beta>,
+    valid/threshold, valid/mAP in place of the accuracy and top-5); with train.ema the EMA's as
+    valid/ema_loss, valid/ema_accuracy, ... (left out while a stage does not update it)."""
+    metrics = _scores(result, "")
+    if ema_result is not None and not math.isnan(ema_result.loss):
+        metrics.update(_scores(ema_result, "ema_"))
+    return {**metrics, "epoch_time_sec": seconds, "epoch": epoch + 1, **stage_key}
 
 
 class SampleLog:

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from disttrain.data.augment import DeviceAugment
+from disttrain.data.mix import Mixer
 from disttrain.data.loader import DeviceLoader, Workers
 from disttrain.data.setup import release_loaders
 from disttrain.dist.cores import CoreSplit
@@ -30,6 +31,8 @@ from disttrain.models.forward import evaluate
 from disttrain.task import Task
 from disttrain.tracking import ConsoleReporter, Tracker
 from disttrain.train.checkpoint import Checkpointer, Preempted
+from disttrain.train.ema import WeightEma
+from disttrain.train.monitor import EarlyStopping
 from disttrain.train.schedule import Schedule
 from disttrain.train.step_log import LogWindow, SampleLog, epoch_metrics, train_metrics
 
@@ -57,8 +60,8 @@ class EpochResult:
     stage: int | None = None
     """The stage the epoch belongs to (runs with `stages`)."""
     metrics: dict | None = None
-    """The task's metric columns where they are more than the accuracy (multi-label: accuracy_multi,
-    F-beta, threshold)."""
+    """The table's metric columns where they are more than the accuracy (multi-label: accuracy_multi,
+    F-beta, threshold; with train.ema: ema_valid_loss and the EMA's own metric columns)."""
 
     def columns(self) -> dict[str, float]:
         """The table's metric columns of this epoch."""
@@ -94,6 +97,15 @@ class StageSetup:
     """What the model is fed, for the stage's line (augmented, no augmentation, precomputed activations ...)."""
     compiled: nn.Module | None = None
     """`torch.compile(model)` (train.compile): what the training steps call; evaluation runs `model` unwrapped, eagerly."""
+    target: str = ""
+    """The submodule of the bare model that `model` wraps ("": the whole model; a precompute stage: its head)."""
+    mix: bool = False
+    """MixUp/CutMix mix this stage's training batches (and its LR sweep's), while the mixer is enabled."""
+    ema: bool = False
+    """The weight EMA is updated after this stage's optimizer steps."""
+    ema_restart: bool = False
+    """The EMA starts again from the weights as they are when the stage starts (the stage before
+    it did not update the EMA: its weights moved without it)."""
 
 
 class Trainer:
@@ -118,6 +130,9 @@ class Trainer:
         precision_reason: str = "",
         layer_groups: list | None = None,
         cores: CoreSplit | None = None,
+        mixer: Mixer | None = None,
+        ema: WeightEma | None = None,
+        early_stop: EarlyStopping | None = None,
     ):
         self.accelerator = accelerator
         self.module = module  # the whole bare model (checkpoints, sweep snapshots)
@@ -136,6 +151,11 @@ class Trainer:
         self.precision_reason = precision_reason  # why this precision (train.precision=auto: agreed by every rank from its device)
         self.layer_groups = layer_groups or []  # finetune.groups of a staged run (disttrain/models/groups.py)
         self.cores = cores  # this rank's split (disttrain/dist/cores.py, from build_runtime): the loaders' workers, the line
+        self.mixer = mixer  # augment.mixup / augment.cutmix (disttrain/data/mix.py): this rank's own draws
+        self.ema = ema  # train.ema (disttrain/train/ema.py): identical on every rank, no communication
+        self.early_stop = early_stop  # train.early_stop (disttrain/train/monitor.py), fed the all-reduced figure
+        self.stopped_early = False  # train.early_stop ended the run
+        self.epoch_end_hooks: list[Callable[[int], None]] = []  # called on every rank after an epoch's checkpoint (SGDR snapshots)
         self.history: list[EpochResult] = []
         self.global_step = 0  # optimizer steps of training (the sweep's do not count)
         self.last_grad_norm: torch.Tensor | None = None
@@ -155,6 +175,10 @@ class Trainer:
         self.inputs = ""
         self.compiled: nn.Module | None = None
         self.compile_seconds = 0.0  # the steps that compiled (train.compile), all stages
+        self.target = ""
+        self.mix_stage = self.ema_stage = self.ema_restart = False
+        self.first_epoch = 0
+        self._mixing = False  # this epoch's (and a sweep's) batches are mixed
 
     def use(self, setup: StageSetup) -> None:
         """Train `setup`'s stage from its first epoch on."""
@@ -163,7 +187,13 @@ class Trainer:
         self.start, self.epochs, self.stage = (setup.first_epoch, 0), setup.end_epoch, setup.index
         self.fixed_norms, self.lr_owner, self.images, self.inputs = setup.fixed_norms, setup.lr_owner, setup.images, setup.inputs
         self.compiled = setup.compiled
+        self.target, self.mix_stage, self.first_epoch = setup.target, setup.mix, setup.first_epoch
+        self.ema_stage, self.ema_restart = self.ema is not None and setup.ema, setup.ema_restart
+        self._mixing = self._mixes(setup.first_epoch)  # the stage's LR sweep mixes as its first epoch will
         self.train_mode()
+
+    def _mixes(self, epoch: int) -> bool:
+        return self.mixer is not None and self.mix_stage and self.mixer.enabled(epoch)
 
     def release_stage(self) -> None:
         """Let go of the stage in use: drop its wrapper and optimizer (Accelerate's references too) and
@@ -218,27 +248,49 @@ class Trainer:
                 self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.columns(), row.seconds)
             self._history_shown = True
         start_epoch, start_steps = self.start
+        if self.stopped_early:  # resumed after train.early_stop ended the run
+            return self.history
+        if self.ema_stage and self.ema_restart and self.start == (self.first_epoch, 0):
+            self.ema.restart(self.module, self.global_step)
+            self.reporter.line(f"weight EMA: starts again from the weights at this stage's start (decay {self.ema.decay})")
         result = None
         for epoch in range(start_epoch, self.epochs):
             t0 = time.perf_counter()
             train_loss, images, preempt = self.train_epoch(epoch, skip_steps=start_steps if epoch == start_epoch else 0)
             t1 = time.perf_counter()
-            result = self.evaluate()
+            result = self.evaluate()  # syncs the ranks' BatchNorm statistics (rank 0's) before it runs
+            if self.ema_stage:
+                self.ema.take_buffers(self.module)
+            ema_result = self._evaluate_ema()
             seconds = time.perf_counter() - t0
             images_total += images
             train_seconds += t1 - t0
             if self.task.multi_label:
                 self.threshold = result.threshold  # train.threshold=auto: this validation's best
-            columns = self.task.row(result)
+            columns = {**self.task.row(result), **self._ema_columns(ema_result)}
             row = EpochResult(epoch, train_loss, result.loss, result.accuracy, seconds, images / (t1 - t0), self.stage,
-                              columns if self.task.multi_label else None)
+                              columns if self.task.multi_label or self.ema is not None else None)
             self.history.append(row)
             self.reporter.epoch_row(epoch, train_loss, result.loss, columns, seconds)
-            self._log_epoch(epoch, result, seconds)
+            self._log_epoch(epoch, result, seconds, ema_result)
+            figures = {"valid_loss": result.loss, **columns}  # all-reduced: the same on every rank
+            if self.early_stop is not None and epoch + 1 < self.total_epochs and self._judge(self.early_stop.monitor, figures):
+                self.stopped_early = self.early_stop.update(figures[self.early_stop.monitor])  # saved in the
+                # checkpoint below: a resumed run stops here too
             if self.checkpointer is not None:
                 path = self.checkpointer.save(self, epoch + 1, 0, None)
-                if preempt and epoch + 1 < self.total_epochs:
+                if self.checkpointer.keep_best and self._judge(self.checkpointer.monitor, figures):
+                    self.checkpointer.save_best(path, epoch + 1, figures[self.checkpointer.monitor])
+                for hook in self.epoch_end_hooks:
+                    hook(epoch)
+                if preempt and epoch + 1 < self.total_epochs and not self.stopped_early:
                     raise Preempted(path)
+            if self.stopped_early:
+                self.reporter.line(
+                    f"early stop after epoch {epoch}: {self.early_stop.monitor} has not improved on {self.early_stop.best:.6f} "
+                    f"for {self.early_stop.patience} epoch(s) (train.early_stop); every rank stops here"
+                )
+                break
         if result is None:  # resumed after the last epoch: nothing left to train
             return self.history
         if self.tracker is not None and getattr(result, "confusion", None) is not None and self.epochs == self.total_epochs:
@@ -249,6 +301,28 @@ class Trainer:
         )
         return self.history
 
+    @staticmethod
+    def _judge(monitor: str, figures: dict[str, float]) -> bool:
+        """`monitor`'s figure counts this epoch (NaN: the EMA of a stage that does not update it)."""
+        return not math.isnan(figures[monitor])
+
+    def _evaluate_ema(self):
+        """The EMA weights on the validation set (None without train.ema; NaN figures in a stage that
+        does not update it, as a precompute stage by default)."""
+        if self.ema is None:
+            return None
+        if not self.ema_stage:
+            return evaluate(self.accelerator, self.ema.module, None, self.transform, self.task)
+        return evaluate(self.accelerator, self.ema.module.get_submodule(self.target), self.valid_loader, self.transform, self.task)
+
+    def _ema_columns(self, ema_result) -> dict[str, float]:
+        """ema_valid_loss and the EMA's metric columns (ema_accuracy; multi-label: ema_accuracy_multi,
+        ema_f<beta>, at the EMA's own threshold)."""
+        if ema_result is None:
+            return {}
+        scores = {f"ema_{k}": v for k, v in self.task.row(ema_result).items() if k != "threshold"}
+        return {"ema_valid_loss": ema_result.loss, **scores}
+
     def training_line(self) -> str:
         """The "training on" line: processes, device, precision, each rank's cores, the batch."""
         acc = self.accelerator
@@ -257,11 +331,16 @@ class Trainer:
         cached = sum(getattr(loader, "cache_bytes", 0) for loader in (self.train_loader, self.valid_loader))  # 0: precomputed
         if cached:
             where += f"; images decoded once, then read from memory ({cached / 2**20:.0f} MB per rank: data.cache)"
+        extras = ""
+        if self.mixer is not None and self.mix_stage:
+            extras += f"; {self.mixer.describe()} (train_loss is against the mixed targets)"
+        if self.ema_stage:
+            extras += f"; weight EMA decay {self.ema.decay}{' with warmup' if self.ema.warmup else ''}, every {self.ema.every} step(s)"
         return (
             f"training on {world} process(es) ({acc.device.type}, {acc.mixed_precision} precision"
             f"{'; ' + self.precision_reason if self.precision_reason else ''}{where}): "
             f"global batch {per_rank * world * self.grad_accum} = {per_rank} per rank x {world} rank(s)"
-            f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch"
+            f" x {self.grad_accum} accumulation, {self.optimizer_steps_per_epoch} steps per epoch{extras}"
         )
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
@@ -276,6 +355,8 @@ class Trainer:
             graphs, t0 = compiled_graphs(), time.perf_counter()
         for j, (images, labels) in enumerate(batches):
             x = self.transform(images, train=True)
+            if self._mixing:  # MixUp/CutMix: soft (N, classes) targets from here on
+                x, labels = self.mixer(x, labels)
             if self.compiled is not None:  # batches differ in size by one (the sampler): one graph for both
                 torch._dynamo.maybe_mark_dynamic(x, 0)
             if self.images:
@@ -319,6 +400,7 @@ class Trainer:
         Every `log_every` optimizer steps the ranks reduce the loss since the last log point and the
         preemption flag (the only device syncs of the loop); the main process logs train/*."""
         self.train_mode()
+        self._mixing = self._mixes(epoch)  # augment.mix_off_epoch: clean images from that epoch on
         self.train_loader.set_epoch(epoch, skip=skip_steps * self.grad_accum)
         n_batches, steps = self.batches_per_epoch - skip_steps * self.grad_accum, self.optimizer_steps_per_epoch
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -338,6 +420,8 @@ class Trainer:
             window.add(loss_sum, samples)
             self.schedule.step()
             self.global_step += 1
+            if self.ema_stage:  # after the optimizer step, on the device; every rank the same (identical weights)
+                self.ema.update(self.module, self.global_step)
             last = i + 1 == steps
             if self.global_step % self.log_every == 0:
                 if self._log_train(window, epoch + (i + 1) / steps, bar) and not last:
@@ -374,6 +458,8 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "history": [vars(r) for r in self.history],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "early_stop": {**self.early_stop.state_dict(), "stopped": self.stopped_early} if self.early_stop is not None else None,
         }
 
     def rank_state(self, partial: dict | None) -> dict:
@@ -381,6 +467,7 @@ class Trainer:
         state = {
             "augment": self.augment.state_dict(),
             "window": self._window.state_dict(),
+            "mixer": self.mixer.state_dict() if self.mixer is not None else None,
         }
         if partial is not None:
             state["partial"] = {"loss_total": partial["loss_total"].detach().cpu(), "count": partial["count"]}
@@ -396,7 +483,17 @@ class Trainer:
         if shared["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(shared["scaler"])
         self.history = [EpochResult(**row) for row in shared["history"]]
+        if self.ema is not None and shared.get("ema") is not None:
+            self.ema.load_state_dict(shared["ema"])
+        elif self.ema is not None:  # a checkpoint of a run without train.ema: the average starts here
+            self.ema.restart(self.module, meta["global_step"])
+            self.reporter.line("weight EMA: the checkpoint has none (trained without train.ema); it starts from its weights")
+        if self.early_stop is not None and shared.get("early_stop") is not None:
+            self.early_stop.load_state_dict(shared["early_stop"])
+            self.stopped_early = bool(shared["early_stop"].get("stopped", False))
         self.augment.load_state_dict(rank_state["augment"])
+        if self.mixer is not None and rank_state.get("mixer") is not None:
+            self.mixer.load_state_dict(rank_state["mixer"])
         self._window.load_state_dict(rank_state["window"])
         self._resumed_sums = rank_state.get("partial")
         set_rng_state(rank_state["rng"])
@@ -415,9 +512,9 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs):.2e}", img_s=f"{images / seconds:.0f}")
         return stop
 
-    def _log_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
+    def _log_epoch(self, epoch: int, result: EvalResult, seconds: float, ema_result=None) -> None:
         if self.tracker is not None:
-            self.tracker.log(epoch_metrics(result, seconds, epoch, self.stage_key()), step=self.global_step)
+            self.tracker.log(epoch_metrics(result, seconds, epoch, self.stage_key(), ema_result), step=self.global_step)
 
     def stage_key(self) -> dict:
         """`{"stage": index}` in a run with stages (what every logged row of it carries), else empty."""

@@ -1,5 +1,6 @@
 """Using a trained model: read a self-contained `model.pt` and build its network (the eval view and
-test-time augmentation are disttrain/models/forward.py's, shared with training's validation)."""
+test-time augmentation are disttrain/models/forward.py's, shared with training's validation); or
+several, as an ensemble whose probabilities are averaged."""
 
 from __future__ import annotations
 
@@ -73,8 +74,60 @@ def saved_network(state: dict, device: torch.device) -> nn.Module:
 
 
 def load_saved_model(path: str | Path, device: torch.device) -> SavedModel:
-    state = read_model_file(path)
+    return saved_model(read_model_file(path), device)
+
+
+def saved_model(state: dict, device: torch.device) -> SavedModel:
+    """The SavedModel of a model.pt's contents (`read_model_file`), its network on `device`."""
     norm = state["normalize"]
     return SavedModel(saved_network(state, device), list(state["classes"]), state["arch"], int(state["image_size"]),
                       int(state["load_size"]), list(norm["mean"]), list(norm["std"]), state.get("precision"),
                       state.get("interpolation", "bilinear"), state.get("tta_views", "flips"), Task.from_saved(state, len(state["classes"])))
+
+
+@dataclass
+class Ensemble:
+    """Several model.pt files predicting together (`disttrain predict --weights A B C`): each model
+    computes its own probabilities (softmax, or each tag's sigmoid) from its own presize, image
+    size, normalization, interpolation and TTA views; the ensemble's are their mean. The models
+    have the same classes in the same order and the same task (`load_ensemble` checks)."""
+
+    members: list[SavedModel]
+    paths: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.members[0].classes
+
+    @property
+    def task(self) -> Task:
+        """The members' task; a multi-label ensemble's threshold is the mean of theirs (one number
+        when they agree, as snapshots of one run with a fixed train.threshold do)."""
+        first = self.members[0].task
+        if not first.multi_label:
+            return first
+        return first.with_threshold(sum(float(m.task.threshold) for m in self.members) / len(self.members))
+
+    @property
+    def load_sizes(self) -> list[int]:
+        """The members' presizes, each once, in the order of the members: the inputs are decoded
+        once per presize."""
+        return list(dict.fromkeys(m.load_size for m in self.members))
+
+
+def load_ensemble(paths: list[str], device: torch.device) -> Ensemble:
+    """The model.pt files `paths` as an Ensemble, or WeightsError naming the first file and the
+    first one whose classes (names or order) or task (single- or multi-label) differ from its."""
+    states = [read_model_file(path) for path in paths]
+    first = states[0]
+    for path, state in zip(paths[1:], states[1:]):
+        why = None
+        if list(state["classes"]) != list(first["classes"]):
+            same = sorted(state["classes"]) == sorted(first["classes"])
+            why = "the same classes in another order" if same else f"different classes ({len(first['classes'])} and {len(state['classes'])})"
+        elif Task.from_saved(state, 0).multi_label != Task.from_saved(first, 0).multi_label:
+            why = "one is a single-label model, the other multi-label"
+        if why is not None:
+            raise WeightsError(f"{paths[0]} and {path}: {why}; an ensemble averages the probabilities of models with the same "
+                               "classes in the same order and the same task")
+    return Ensemble([saved_model(state, device) for state in states], list(paths))

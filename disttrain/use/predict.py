@@ -37,6 +37,14 @@ so the file's bytes, too, are the same on any number of processes and in every r
 the CPU, one session per rank, through the same listing, batches, decoding and part files
 (disttrain/use/exported.py `OnnxModel`): the presized squares go into the file as they are, which
 resamples them as the eval view does. No TTA (the file holds the plain pass).
+
+`--weights A B C` (several model.pt files) predicts with them as an ensemble
+(disttrain/use/inference.py `Ensemble`): every model computes its probabilities as it would alone
+(its own presize, image size, normalization and TTA views; TTA when asked), and the rows hold
+their mean, written as one model's would be (a multi-label ensemble's tags: the mean sigmoid above
+the threshold, the mean of the models' unless `--threshold`). The models must have the same
+classes in the same order and the same task. Models of different presizes read each batch once per
+presize, from one loader each, in step.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import Workers, watched
 from disttrain.use.exported import OnnxModel, is_onnx_file
-from disttrain.use.inference import SavedModel, load_saved_model
+from disttrain.use.inference import Ensemble, SavedModel, load_ensemble, load_saved_model
 from disttrain.models.forward import batch_outputs, eval_view
 from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
 from disttrain.dist.jobgroup import JobGroup
@@ -76,7 +84,8 @@ GZIP_LEVEL = 6
 
 @dataclass
 class PredictOptions:
-    weights: str
+    weights: str | list[str]
+    """A model.pt (or an exported .onnx file); several model.pt files: an ensemble (module docstring)."""
     inputs: list[str]
     out: str | None = None
     """CSV (or top-K TSV) file, gzipped when it ends in `.gz`; None: stdout."""
@@ -196,12 +205,21 @@ def _skipped(parts: Path, rank: int) -> Path:
     return parts / f"skipped-{rank:05d}.tsv"
 
 
-def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions):
+def _forward(accelerator, saved: SavedModel | OnnxModel | Ensemble, options: PredictOptions):
     """The probabilities written for a presized uint8 (B, S, S, 3) batch, on the CPU: an exported
     ONNX file's under onnxruntime, or the model.pt's forward (plain or TTA) on the device; the
-    task's (softmax, or each tag's sigmoid)."""
+    task's (softmax, or each tag's sigmoid). An ensemble's: the mean of its models' (each given the
+    batch at its presize: a list of batches, one per `Ensemble.load_sizes`)."""
     if isinstance(saved, OnnxModel):
         return saved.probabilities
+    if isinstance(saved, Ensemble):
+        each = [_forward(accelerator, member, options) for member in saved.members]
+        where = [saved.load_sizes.index(member.load_size) for member in saved.members]
+
+        def mean(batches: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([forward(batches[i]) for forward, i in zip(each, where)]).mean(dim=0)
+
+        return mean
     device = accelerator.device
     view = eval_view(saved.image_size, saved.mean, saved.std, interpolation=saved.interpolation)
 
@@ -213,7 +231,7 @@ def _forward(accelerator, saved: SavedModel | OnnxModel, options: PredictOptions
     return probabilities
 
 
-def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, parts: Path, options: PredictOptions,
+def predict_share(accelerator, saved: SavedModel | OnnxModel | Ensemble, inputs: Inputs, parts: Path, options: PredictOptions,
                   worker_timeout: float, workers: Workers, task: Task | None = None) -> tuple[int, int]:
     """This rank's batches -> its part files; returns (images predicted, files skipped). `task`:
     the model's, with the threshold the tags are written at (default: `saved.task`)."""
@@ -222,15 +240,16 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, pa
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     paths = inputs.paths
     batches = rank_batches(len(paths), options.batch_size, world, rank)
-    loader = batch_loader(paths, batches, options.batch_size, saved.load_size, workers, worker_timeout,
-                          pin_memory=device.type == "cuda")
+    sizes = saved.load_sizes if isinstance(saved, Ensemble) else [saved.load_size]
+    loaders = [batch_loader(paths, batches, options.batch_size, size, workers, worker_timeout, pin_memory=device.type == "cuda")
+               for size in sizes]
     probabilities = _forward(accelerator, saved, options)
     done = skipped = 0
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not (options.progress and accelerator.is_main_process), file=sys.stderr)
     with open(_part(parts, rank, options.topk), "w", newline="") as rows, open(_skipped(parts, rank), "w", newline="") as bad:
         row_writer, bad_writer = _rows_writer(rows, options.topk), csv.writer(bad, delimiter="\t", lineterminator="\n")
         with torch.no_grad():
-            for index, images, failed in watched(loader, "predict"):
+            for index, images, failed in _in_step(loaders, isinstance(saved, Ensemble)):
                 bad_writer.writerows([paths[i], reason] for i, reason in failed)
                 skipped += len(failed)
                 if images is not None:
@@ -242,6 +261,23 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel, inputs: Inputs, pa
                 bar.update(min((len(index) + len(failed)) * world, bar.total - bar.n))  # an estimate of all ranks
     bar.close()
     return done, skipped
+
+
+def _in_step(loaders: list, several: bool):
+    """The batches of one loader as they come; with `several` (an ensemble's, one per presize, over
+    the same batches): each batch's images from every loader (a list), only those that every
+    loader decoded, and the files any one could not decode."""
+    if not several:
+        yield from watched(loaders[0], "predict")
+        return
+    for parts in zip(*(watched(loader, "predict") for loader in loaders)):
+        failed: dict[int, str] = {}
+        for _, _, bad in parts:
+            for i, reason in bad:
+                failed.setdefault(i, reason)
+        index = [i for i in parts[0][0] if i not in failed]
+        images = [part[1] if part[0] == index else part[1][[part[0].index(i) for i in index]] for part in parts] if index else None
+        yield index, images, sorted(failed.items())
 
 
 def _open_out(tmp: Path, gzipped: bool):
@@ -309,20 +345,28 @@ def run(options: PredictOptions) -> PredictSummary:
     """The whole job, on every rank (the arguments are checked by the CLI before this)."""
     if options.format not in FORMATS:
         raise ConfigError(f"--format {options.format}: must be one of {', '.join(FORMATS)}")
-    onnx = is_onnx_file(options.weights)
+    files = [options.weights] if isinstance(options.weights, str) else list(options.weights)
+    exported = [f for f in files if is_onnx_file(f)]
+    if len(files) > 1 and exported:
+        raise ConfigError(f"--weights {exported[0]}: an ensemble takes model.pt files only (not an exported ONNX file); "
+                          "give the model.pt it was exported from")
+    onnx = bool(exported)
     if onnx and options.tta_n:
-        raise ConfigError(f"--tta: not with an exported ONNX file ({options.weights} computes the plain pass only); "
+        raise ConfigError(f"--tta: not with an exported ONNX file ({files[0]} computes the plain pass only); "
                           "predict with the model.pt for TTA")
     # an ONNX file computes in fp32, on the CPU: its threads are planned as a CPU rank's, beside --workers decoders
     cfg = build_config({"train": {"precision": "no" if onnx else options.precision}, "data": {"num_workers": options.workers}})
     runtime = build_runtime(cfg, compute="cpu" if onnx else None)
     accelerator = runtime.accelerator
     group = JobGroup(accelerator.num_processes)
-    saved = OnnxModel(options.weights, runtime.cores.threads) if onnx else load_saved_model(options.weights, accelerator.device)
+    if len(files) > 1:
+        saved = load_ensemble(files, accelerator.device)
+    else:
+        saved = OnnxModel(files[0], runtime.cores.threads) if onnx else load_saved_model(files[0], accelerator.device)
     task = saved.task
     if options.threshold is not None:
         if not task.multi_label:
-            raise ConfigError(f"--threshold: only for a multi-label model; {options.weights} is single-label (its label is the "
+            raise ConfigError(f"--threshold: only for a multi-label model; {' '.join(files)} is single-label (its label is the "
                               "most probable class)")
         task = task.with_threshold(options.threshold)
 
@@ -351,6 +395,8 @@ def run(options: PredictOptions) -> PredictSummary:
         where = f" -> {options.out}" if options.out else ""
         left = f", {inputs.left_out} left out by their suffix (--ext)" if inputs.left_out else ""
         tta = f", TTA {options.tta_n} views" if options.tta_n else ", onnxruntime (CPU)" if onnx else ""
+        if isinstance(saved, Ensemble):
+            tta += f", an ensemble of {len(files)} models (the mean of their probabilities)"
         print(f"predicted {images} image(s){where}, {skipped} skipped (not decodable){left}{tta}; "
               f"{images / max(seconds, 1e-9):.1f} images/s on {world} process(es)", file=sys.stderr, flush=True)
     accelerator.end_training()

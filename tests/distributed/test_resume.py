@@ -29,11 +29,13 @@ def _args(mnist, out, name, *extra, periodic=True):
     (mobilenet_v3_small's classifier: it draws from the process's global CPU random stream every
     step) and each loader one worker: a resumed run repeats the uninterrupted one bitwise only if
     nothing else draws from that stream (a DataLoader iterator takes its workers' seed from it
-    unless the loader has a generator of its own: disttrain/data/loader.py make_loader)."""
+    unless the loader has a generator of its own: disttrain/data/loader.py make_loader). MixUp/CutMix
+    (each rank's own generator, in its checkpoint) and a weight EMA (in the shared state) resume to
+    the bit too."""
     return ["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist}", f"run.output_dir={out}",
             f"run.name={name}", "train.epochs=2", "data.batch_size=16", "model.name=mobilenet_v3_small", "data.num_workers=1",
             "log.progress=false", "train.precision=no", "log.every_n_steps=2", *(["checkpoint.every_n_steps=3"] if periodic else []),
-            *extra]
+            "augment.mixup=0.4", "augment.cutmix=1.0", "train.ema=0.95", *extra]
 
 
 def _children() -> dict[int, list[int]]:
@@ -148,16 +150,22 @@ def _weights(run_dir):
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
-    """Bitwise the same final weights, and the same train loss, valid loss and accuracy every epoch."""
+    """Bitwise the same final weights and weight EMA, and the same train loss, valid loss and accuracy
+    (and the EMA's) every epoch."""
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), f"{key} differs after resume"
+    ea, eb = (load_checkpoint(find_latest(run), rank=0, world_size=2)[1]["ema"] for run in (a, b))
+    assert ea["updates"] == eb["updates"] == 20
+    for key in ea["weights"]:
+        assert torch.equal(ea["weights"][key], eb["weights"][key]), f"the EMA's {key} differs after resume"
     epochs_a = json.loads((a / "results.json").read_text())["epochs"]
     epochs_b = json.loads((b / "results.json").read_text())["epochs"]
     assert len(epochs_a) == 2
     for ea, eb in zip(epochs_a, epochs_b, strict=True):
-        assert (ea["train_loss"], ea["valid_loss"], ea["accuracy"]) == (eb["train_loss"], eb["valid_loss"], eb["accuracy"])
+        assert (ea["train_loss"], ea["valid_loss"], ea["accuracy"], ea["metrics"]) == (eb["train_loss"], eb["valid_loss"],
+                                                                                      eb["accuracy"], eb["metrics"])
 
 
 def _logged_steps(run_dir: Path) -> tuple[list, list]:

@@ -105,14 +105,16 @@ def test_user_error_exits_2_with_one_line(tmp_path):
 
 def test_the_finetune_config_trains_the_lessons_recipe_on_the_real_photos(tmp_path, hymenoptera):
     """configs/finetune.yaml as a user runs it (`disttrain launch`, 2 processes, its own data path and
-    the shared ImageNet weights), with the unfreeze stage cut short: the head stage trains on
+    the shared ImageNet weights), with the unfreeze stage cut short and swept (`stages.1.lr=auto`, the
+    lesson's LR finder after unfreezing; the config's own is a fixed rate): the head stage trains on
     precomputed activations after its sweep, then every layer after a second sweep. The pretrained
     features separate ants from bees: the head alone is far above the 0.5 of chance (0.95 measured)."""
     weights = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pt"
     if not weights.is_file():
         pytest.skip("../shared/weights/mobilenet_v2_imagenet.pt is not present")
     done = launch(["launch/train.py", "--config", "configs/finetune.yaml", f"run.output_dir={tmp_path}", "log.progress=false",
-                   "stages.1.epochs=1", "stages.1.sweep.num_iter=12", "train.max_steps_per_epoch=4"], launcher="disttrain")
+                   "stages.1.epochs=1", "stages.1.lr=auto", "stages.1.sweep.num_iter=12", "train.max_steps_per_epoch=4"],
+                  launcher="disttrain")
     out = done.stdout
     assert "data: 245 train / 153 valid images in 2 classes" in out
     assert re.search(r"layer groups of mobilenet_v2 \(finetune\.groups=3: .*\):\n  group 0: features\.0 \.\. features\.6 .*\n"
