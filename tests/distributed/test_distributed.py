@@ -16,7 +16,7 @@ TINY = ["model.name=resnet18", "data.load_size=36", "data.image_size=32", "data.
         "train.precision=no"]
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [3])  # 3 ranks: every pair compared, an uneven share
 def test_weights_identical_on_every_rank_after_training_steps(tmp_path, mnist_small, nproc):
     args = [f"data.root={mnist_small}", f"run.output_dir={tmp_path}", "data.load_size=28", "data.image_size=28",
             "data.batch_size=8", "train.max_steps_per_epoch=4", "data.num_workers=0", "log.progress=false",

@@ -2,7 +2,7 @@
 (ids without a suffix), several tags per image, a seeded validation split.
 
 - every rank draws the same split, checked on what each rank drew before anything is compared or
-  broadcast (tests/distributed/split_worker.py), on 1, 2 and 3 processes, and split.json lists it;
+  broadcast (tests/distributed/split_worker.py), on 1 and 3 processes, and split.json lists it;
 - a multi-label run with the LR sweep: the same sweep on every rank, the table's columns say what
   it shows, model.pt keeps the task and its threshold;
 - a resume whose data would split otherwise refuses with one line; data.valid_pct=0 trains on every
@@ -23,7 +23,7 @@ from conftest import launch
 
 pytestmark = [pytest.mark.dist, pytest.mark.e2e]
 
-LAUNCHERS = {1: "python", 2: "accelerate", 3: "disttrain"}
+LAUNCHERS = {1: "python", 3: "disttrain"}  # 1 process against 3 (uneven shares); accelerate launch: the other files
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_every_rank_draws_the_same_split_on_1_2_and_3_processes(multi_runs, tags
         assert [str(tags / "train" / name) for name in saved["valid"]] == records[0]["valid"]
         assert f"split: {len(saved['valid'])} valid / {saved['train']} train files (valid_pct=0.25 seed=42 stratified), the same on {nproc} rank(s)" in stdout
         drawn[nproc] = records[0]
-    assert drawn[1] == drawn[2] == drawn[3]
+    assert drawn[1] == drawn[3]
     from disttrain.config.parse import build_config_unchecked
     from disttrain.data.source import list_source
 

@@ -40,7 +40,7 @@ def _demo(root: Path, out: Path) -> list[str]:
             "data.batch_size=32", "train.precision=no", "log.progress=true", "checkpoint.resume=never"]
 
 
-RUNS = 3
+RUNS = 2
 
 
 def test_many_runs_in_a_row_start_their_loader_workers_and_finish(tmp_path, folder_with_bad_files):

@@ -25,10 +25,12 @@ and the rounded mean differ by at most 1e-6 (plus float parsing)."""
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, mnist_small) -> Path:
-    """The run dir: checkpoints at steps 2 and 4 (the epoch's end), model.pt, config.yaml."""
+    """The run dir: checkpoints at steps 2 and 4 (the first epoch's end) and on to 8, model.pt,
+    config.yaml, and the SGDR snapshots of its two 1-epoch cycles (checkpoint.snapshot_cycles)."""
     out = tmp_path_factory.mktemp("ensemble")
     launch(["launch/train.py", "--config", "configs/demo.yaml", f"data.root={mnist_small}", f"run.output_dir={out}", "run.name=e",
-            "train.epochs=1", "train.max_steps_per_epoch=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=5",
+            "train.epochs=2", "schedule.name=sgdr", "schedule.cycle_len=1", "schedule.cycle_mult=1", "checkpoint.snapshot_cycles=true",
+            "train.max_steps_per_epoch=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=5",
             "data.batch_size=8", "data.num_workers=0", "log.progress=false", "train.precision=no", "data.load_size=32",
             "data.image_size=32"], nproc=1, launcher="python")
     run_dir = out / "e"
@@ -114,7 +116,7 @@ def test_an_ensemble_writes_the_mean_of_each_models_own_probabilities(run, avera
         mean = [(float(x) + float(y)) / 2 for x, y in zip(one[path][3:], two[path][3:])]
         probs = [float(p) for p in row[3:]]
         largest = max(largest, max(abs(p - m) for p, m in zip(probs, mean)))
-        assert row[1] == classes[max(range(len(probs)), key=probs.__getitem__)] and float(row[2]) == max(probs)
+        assert probs[classes.index(row[1])] == float(row[2]) == max(probs)  # the label's is the top one (ties in 6 decimals either way)
     assert largest <= TOLERANCE
     assert any(one[p][3:] != two[p][3:] for p in one if p), "two different models"
 
@@ -163,3 +165,17 @@ def test_the_weights_end_at_the_first_word_that_is_no_model_file(tmp_path):
     assert split_weights(["a.pt", "b.PTH", str(zipped), "photos/", "c.pt"]) == (["a.pt", "b.PTH", str(zipped)], ["photos/", "c.pt"])
     assert split_weights(["model"]) == (["model"], [])
     assert split_weights(["model.pt", "x.jpg"]) == (["model.pt"], ["x.jpg"])
+
+
+def test_sgdr_snapshots_hold_the_weights_at_each_cycle_end(run):
+    """checkpoint.snapshot_cycles: cycle 0 ends with the first epoch (step 4), cycle 1 with the run;
+    each snapshot is a model file predict takes (the weights, classes and the run's metadata)."""
+    snapshots = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snapshots == ["cycle-0.pt", "cycle-1.pt"]
+    first = torch.load(run / "snapshots" / "cycle-0.pt", weights_only=True)
+    last = torch.load(run / "snapshots" / "cycle-1.pt", weights_only=True)
+    at_step_4 = torch.load(run / "checkpoints" / "step-00000004" / "shared.pt", weights_only=True)["model"]
+    final = torch.load(run / "model.pt", weights_only=True)
+    assert all(torch.equal(first["model"][k], at_step_4[k]) for k in at_step_4)
+    assert all(torch.equal(last["model"][k], final["model"][k]) for k in final["model"])
+    assert {k: v for k, v in first.items() if k != "model"} == {k: v for k, v in final.items() if k != "model"}
