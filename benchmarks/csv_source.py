@@ -110,21 +110,29 @@ def sources(flat: Path, ordered: Path, vary_split: bool) -> dict[str, callable]:
     }
 
 
+def run_logged(cmd: list[str], log: Path, env: dict, label: str) -> tuple[int, float, str]:
+    """Run `cmd` from the repository root with its output in `log`: (exit code, seconds, the error
+    line of a failed run: its last `disttrain: error:` line, else its last line), printed when it failed."""
+    start = time.perf_counter()
+    with log.open("w") as sink:
+        code = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env).returncode
+    seconds = time.perf_counter() - start
+    error = ""
+    if code != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        error = next((line for line in reversed(lines) if line.startswith("disttrain: error:")), lines[-1] if lines else "")
+        print(f"[{label}] FAILED (exit {code}) after {seconds:.1f} s: {error}  (log {log})", flush=True)
+    return code, seconds, error
+
+
 def run_one(name: str, overrides: list[str], seed: int, out: Path, nproc: int | None, extra: list[str], env: dict) -> dict:
     run_name = f"{name.replace('+', '-')}-seed{seed}"
     cmd = [sys.executable, "-m", "disttrain.cli", "launch", *launch_options(nproc), "launch/train.py", "--config", CONFIG,
            *overrides, f"run.seed={seed}", f"run.output_dir={out}", f"run.name={run_name}", "log.progress=false", *extra]
     print(f"[{name} seed {seed}] {' '.join(cmd)}", flush=True)
-    log = out / f"{run_name}.log"
-    start = time.perf_counter()
-    with log.open("w") as sink:
-        code = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env).returncode
-    seconds = time.perf_counter() - start
+    code, seconds, error = run_logged(cmd, out / f"{run_name}.log", env, f"{name} seed {seed}")
     run_dir = out / run_name
     if code != 0:  # a run that stops (a sweep without a suggestion: exit 2) is a row of the table, not the end of it
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        error = next((line for line in reversed(lines) if line.startswith("disttrain: error:")), lines[-1] if lines else "")
-        print(f"[{name} seed {seed}] FAILED (exit {code}) after {seconds:.1f} s: {error}  (log {log})", flush=True)
         return {"source": name, "seed": seed, "accuracy": None, "valid_loss": None, "valid_images": None, "wall_s": seconds,
                 "failed": f"exit {code}: {error}", "run_dir": str(run_dir)}
     last = json.loads((run_dir / "results.json").read_text())["epochs"][-1]

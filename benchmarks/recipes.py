@@ -43,11 +43,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from csv_source import run_logged  # noqa: E402  benchmarks/csv_source.py: a launched run, logged to a file
 from multilabel import REPO  # noqa: E402  benchmarks/multilabel.py: the repository root
 
 MNIST = Path("~/.cache/disttrain/mnist").expanduser()
@@ -129,15 +129,9 @@ def run_one(case: dict, variant: str, seed: int, out: Path, nproc: int, extra: l
            f"run.output_dir={out}", f"run.name={run_name}", "log.progress=false", *case["variants"][variant], *extra]
     print(f"[{variant} seed {seed}] {' '.join(cmd)}", flush=True)
     log = out / f"{run_name}.log"
-    start = time.perf_counter()
-    with log.open("w") as sink:
-        code = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env).returncode
-    seconds = time.perf_counter() - start
+    code, seconds, error = run_logged(cmd, log, env, f"{variant} seed {seed}")
     row = {"variant": variant, "seed": seed, "wall_s": round(seconds, 1), "log": str(log)}
     if code != 0:
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        error = next((line for line in reversed(lines) if line.startswith("disttrain: error:")), lines[-1] if lines else "")
-        print(f"[{variant} seed {seed}] FAILED (exit {code}) after {seconds:.1f} s: {error}  (log {log})", flush=True)
         return {**row, "failed": f"exit {code}: {error}"}
     row.update(last_epoch(out / run_name))
     ema = f", EMA loss {row['ema_valid_loss']:.4f} accuracy {row['ema_accuracy']:.4f}" if row["ema_valid_loss"] is not None else ""

@@ -57,7 +57,7 @@ class WeightEma:
     in eval mode, no gradients) for evaluation and saving.
 
     `update(model, step)` after each optimizer step; `state_dict()` / `load_state_dict()` for
-    checkpoints (bitwise); `copy_to(other)` to put the averaged weights into another model."""
+    checkpoints (bitwise); `take_buffers(model)` where the ranks' buffers agree."""
 
     def __init__(self, module: nn.Module, decay: float, warmup: bool = False, every: int = 1):
         """`module`: the bare model being trained (under DDP its `.module`), already on its device and
@@ -84,13 +84,13 @@ class WeightEma:
 
     def _pair(self, module: nn.Module) -> None:
         """Cache the (EMA tensor, model tensor) lists that `update` hands to the foreach kernels:
-        floating-point parameters are averaged, buffers (and any non-float parameter) copied."""
+        floating-point parameters are averaged, any non-float parameter copied (the buffers are
+        looked up by `take_buffers` each time); the names must match, buffers' too."""
         ema_params, ema_buffers = _tensors(self.module)
         model_params, model_buffers = _tensors(module)
         _check_names("parameters", ema_params, model_params)
         _check_names("buffers", ema_buffers, model_buffers)
         self._source = module
-        self._model_params, self._model_buffers = model_params, model_buffers
         lerp = [name for name, t in ema_params.items() if t.is_floating_point()]
         copied = [name for name, t in ema_params.items() if not t.is_floating_point()]
         self._lerp_ema = [ema_params[name] for name in lerp]
@@ -146,24 +146,6 @@ class WeightEma:
         if own:
             torch._foreach_copy_(list(own.values()), [theirs[name] for name in own])
 
-    def sync_new(self, module: nn.Module) -> bool:
-        """Check the pairs against `module` and re-pair if its tensors were replaced since (for
-        example by load_state_dict(assign=True)); call it when a stage begins. Unfreezing needs
-        nothing: every parameter is tracked from the start. Returns whether the pairs had to be
-        rebuilt; raises if the model's tensors no longer match the EMA's (names, shapes, dtypes,
-        devices: a `.to()` after the EMA was made changes them in place)."""
-        ema_params, ema_buffers = _tensors(self.module)
-        params, buffers = _tensors(module)
-        _check_names("parameters", ema_params, params)
-        _check_names("buffers", ema_buffers, buffers)
-        held = (module is self._source
-                and all(params[name] is t for name, t in self._model_params.items())
-                and all(buffers[name] is t for name, t in self._model_buffers.items()))
-        if held:
-            return False
-        self._pair(module)
-        return True
-
     def state_dict(self) -> dict:
         """{"weights": {state_dict name: CPU copy}, "updates": int}, for the checkpoint."""
         weights = {name: t.detach().to("cpu", copy=True) for name, t in self.module.state_dict().items()}
@@ -199,15 +181,3 @@ class WeightEma:
         torch._foreach_copy_(self._lerp_ema + self._copy_ema, self._lerp_model + self._copy_model)
         self.take_buffers(module)
         self.started = step
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Copy the averaged weights and buffers into `module` (same architecture, any device), in
-        place: its parameters stay the same objects and their gradients are left as they are."""
-        target, own = module.state_dict(), self.module.state_dict()
-        if target.keys() != own.keys():
-            raise ValueError(
-                "weight EMA: copy_to needs a model with the same state_dict names as the one the EMA "
-                f"was made from (differing: {sorted(target.keys() ^ own.keys())[:3]})")
-        for name, t in target.items():
-            t.copy_(own[name])

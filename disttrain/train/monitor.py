@@ -73,10 +73,10 @@ class EarlyStopping:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def describe(self) -> str:
-        """The line a run prints when it stops early."""
-        best = "none yet" if self.best is None else f"{self.best:.4f}"
+        """Why a run stops early (the trainer's line says when)."""
+        best = "none yet" if self.best is None else f"{self.best:.6f}"
         by = f" by more than {self.min_delta:g}" if self.min_delta else ""
-        return f"early stop: {self.monitor} has not improved{by} for {self.bad_epochs} epoch(s) (best {best})"
+        return f"{self.monitor} has not improved{by} for {self.bad_epochs} epoch(s) (best {best})"
 
     def state_dict(self) -> dict:
         return {"monitor": self.monitor, "best": self.best, "bad_epochs": self.bad_epochs}

@@ -286,10 +286,8 @@ class Trainer:
                 if preempt and epoch + 1 < self.total_epochs and not self.stopped_early:
                     raise Preempted(path)
             if self.stopped_early:
-                self.reporter.line(
-                    f"early stop after epoch {epoch}: {self.early_stop.monitor} has not improved on {self.early_stop.best:.6f} "
-                    f"for {self.early_stop.patience} epoch(s) (train.early_stop); every rank stops here"
-                )
+                self.reporter.line(f"early stop after epoch {epoch}: {self.early_stop.describe()} (train.early_stop); "
+                                   "every rank stops here")
                 break
         if result is None:  # resumed after the last epoch: nothing left to train
             return self.history

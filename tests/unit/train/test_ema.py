@@ -181,7 +181,6 @@ def test_frozen_parameter_stays_bitwise_then_moves_once_unfrozen():
     assert not torch.equal(ema.module[2].weight, model[2].weight), "the trained layer is averaged"
     model[0].requires_grad_(True)  # a later stage unfreezes: the EMA needs nothing new
     opt.add_param_group({"params": list(model[0].parameters())})
-    assert ema.sync_new(model) is False
     train(3)
     assert not torch.equal(model[0].weight, frozen)
     assert not torch.equal(ema.module[0].weight, frozen), "an unfrozen parameter is averaged from then on"
@@ -260,21 +259,6 @@ def test_channels_last_conv_model():
     assert ema.module[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_copy_to_leaves_grads_and_parameters_in_place():
-    model = _conv_model()
-    ema = WeightEma(model, decay=0.5)
-    _random_walk(model, 1)
-    ema.update(model, 1)
-    other = _conv_model()
-    other[0].weight.grad = torch.full_like(other[0].weight, 7.0)
-    param = other[0].weight
-    ema.copy_to(other)
-    assert other[0].weight is param and torch.equal(param.grad, torch.full_like(param, 7.0))
-    assert _equal_states(other, ema.module)
-    with pytest.raises(ValueError, match="same state_dict names"):
-        ema.copy_to(nn.Linear(2, 2))
-
-
 class _Wrapper(nn.Module):
     """Holds the model as `.module`, as DDP does: its names start with 'module.'."""
 
@@ -288,17 +272,18 @@ def test_wrapped_model_is_refused_and_replaced_tensors_are_re_paired():
     ema = WeightEma(model, decay=0.5)
     with pytest.raises(ValueError, match="bare model"):
         ema.update(_Wrapper(model), 1)
-    assert ema.sync_new(model) is False
-    # load_state_dict(assign=True) gives the model new tensors: the cached pairs no longer hold
-    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    assert ema.sync_new(model) is True and ema.sync_new(model) is False
+    # load_state_dict(assign=True) gives the model new tensors, and a model object of its own is re-paired
+    other = _conv_model()
+    other.load_state_dict({k: v.clone() + 1 for k, v in model.state_dict().items()}, assign=True)
+    before = ema.module[0].weight.clone()
+    ema.update(other, 1)
+    assert torch.equal(ema.module[0].weight, torch.lerp(before, other[0].weight.detach(), 0.5))
     with torch.no_grad():
-        model[1].running_mean.fill_(3.0)
-    ema.update(model, 1)
-    ema.take_buffers(model)
-    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
+        other[1].running_mean.fill_(3.0)
+    ema.take_buffers(other)
+    assert torch.equal(ema.module[1].running_mean, other[1].running_mean)
     with pytest.raises(ValueError, match="float64"):
-        ema.sync_new(model.double())
+        ema.update(_conv_model().double(), 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -41,7 +41,7 @@ def test_stops_after_patience_epochs_without_improvement():
     stop = EarlyStopping("valid_loss", patience=2)
     assert [stop.update(v) for v in (0.9, 0.5, 0.6, 0.5, 0.4, 0.7, math.nan)] == [False, False, False, True, False, False, True]
     assert stop.best == 0.4 and stop.bad_epochs == 2
-    assert stop.describe() == "early stop: valid_loss has not improved for 2 epoch(s) (best 0.4000)"
+    assert stop.describe() == "valid_loss has not improved for 2 epoch(s) (best 0.400000)"
 
 
 def test_max_direction_and_min_delta():
