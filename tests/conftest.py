@@ -182,8 +182,8 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def slurm_two_nodes(tmp_path_factory):
-    """Two nodes (two slurmd on this host), half of the CPUs each."""
-    state, env = _cluster(tmp_path_factory, 2)
+def slurm_four_nodes(tmp_path_factory):
+    """Four nodes dt1..dt4 (four slurmd on this host), a quarter of the CPUs each (at least one)."""
+    state, env = _cluster(tmp_path_factory, 4)
     yield env
     subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60)

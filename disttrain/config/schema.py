@@ -124,6 +124,15 @@ class DataConfig:
     (they are for data larger than memory)."""
     bad_files: Literal["skip", "error"] = "skip"
     """Undecodable files found at scan time: `skip` (counted, listed in bad_files.txt) or `error`."""
+    verify: Literal["full", "header", "off"] = "full"
+    """What the scan checks of each image file before training: `full` decodes it (finds truncated
+    files too), `header` reads its first bytes (empty files, other formats, HTML saved as .jpg),
+    `off` lists it only. Whatever passes, the loaders still skip and count a file that fails to decode
+    later. For folders of a million files: `header` (docs/scaling.md has the times)."""
+    scan_cache: bool = True
+    """Keep what the scan found in a cache file per folder (`.disttrain-scan.npz` in it, or under the
+    run dir when the folder is read-only), so the next start or resume checks again only files whose
+    size or modification time changed, and new ones."""
     worker_timeout: float = 120.0
     """Seconds a loader may deliver no batch before the run fails, with one line naming the rank, the
     loader and its worker (instead of the other ranks waiting in a collective until
@@ -139,6 +148,7 @@ class DataConfig:
             raise ConfigError("data.decode=gpu decodes the JPEG bytes of shards: set data.format=shards (see `disttrain prepare`)")
         _positive("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _choice("data.bad_files", self.bad_files, ("skip", "error"))
+        _choice("data.verify", self.verify, ("full", "header", "off"))
         _choice("data.cache", self.cache, ("auto", "on", "off"))
         for key in ("load_size", "image_size", "batch_size", "repeats"):
             _positive(f"data.{key}", getattr(self, key))

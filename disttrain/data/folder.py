@@ -1,21 +1,24 @@
 """Scan and validate an image folder once: `root/<train_dir>/<class>/*` and `root/<valid_dir>/<class>/*`.
 
-Classes are train's sub-folders, sorted. Every candidate file is fully decoded at scan time (JPEGs
-at reduced DCT scale, which still reads every byte), so a zero-byte, truncated or mislabelled file
-is found before training starts rather than crashing a worker at hour three.
+Classes are train's sub-folders, sorted. Each candidate file is checked at scan time as
+`data.verify` says (disttrain/data/verify.py: fully decoded by default, so a zero-byte, truncated
+or mislabelled file is found before training starts rather than crashing a worker at hour three),
+through a cache that checks again only what changed. Listings and splits hold their paths compactly
+(disttrain/data/paths.py): a million files cost tens of MB per rank, not GBs.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 
-from disttrain.data.decode import IMAGE_EXTENSIONS, open_image
+from disttrain.data.decode import IMAGE_EXTENSIONS
+from disttrain.data.paths import Files, PathTable, targets_array
+from disttrain.data.verify import verify
 from disttrain.errors import UserError
 
 
@@ -35,13 +38,13 @@ Target = Union[int, tuple[int, ...]]
 
 @dataclass
 class Split:
-    """One split (train or valid): paths with their targets into `classes` (int labels, or tuples
-    of class indices for multi-label data)."""
+    """One split (train or valid): paths with their targets into `classes` (an int64 array of
+    labels, or a list of tuples of class indices for multi-label data)."""
 
     name: str
     dir: Path
-    paths: list[str]
-    labels: list[Target]
+    paths: PathTable
+    labels: np.ndarray | list[tuple[int, ...]]
     bad: list[BadFile] = field(default_factory=list)
     classes: int = 0
     """The number of classes (the width of a multi-label target)."""
@@ -51,9 +54,9 @@ class Split:
 
     @property
     def multi_label(self) -> bool:
-        return bool(self.labels) and isinstance(self.labels[0], tuple)
+        return len(self.labels) > 0 and isinstance(self.labels[0], tuple)
 
-    def targets(self) -> list[int] | np.ndarray:
+    def targets(self) -> np.ndarray:
         """What a loader yields per sample: the int labels, or a uint8 (N, classes) multi-hot matrix."""
         if not self.multi_label:
             return self.labels
@@ -104,35 +107,37 @@ def _class_dirs(split_dir: Path) -> dict[str, Path]:
     }
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+def _image_names(split_dir: Path, class_dir: str):
+    """The relative names (`<class>/<sub>/<file>`) of a class folder's image files: a folder's
+    files (sorted) before its sub-folders (sorted); hidden ones skipped, links followed."""
+    base = len(str(split_dir)) + 1
+    for dirpath, dirnames, filenames in os.walk(split_dir / class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(Path(dirpath) / name)
-    return files
+        prefix = dirpath[base:] + os.sep
+        filenames.sort()
+        for name in filenames:
+            dot = name.rfind(".")  # as os.path.splitext, which a million calls make slow
+            if dot > 0 and name[0] != "." and name[dot:].lower() in IMAGE_EXTENSIONS:
+                yield prefix + name
 
 
-def check_image(path: str | Path) -> str | None:
-    """None if the file decodes as an image, else a short reason."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        open_image(path, draft_size=32)
-    except Exception as err:  # PIL raises many types; every one means "cannot train on this"
-        return f"{type(err).__name__}: {err}".strip()
-    return None
-
-
-def _list_split(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """(path, label) of every candidate image file in a split, classes in order, files sorted."""
+def _list_split(split_dir: Path, classes: list[str]) -> Files:
+    """Every candidate image file of a split with its label, classes in order, files sorted."""
     class_dirs = _class_dirs(split_dir)
-    candidates: list[tuple[Path, int]] = []
-    for label, cls in enumerate(classes):
-        if cls in class_dirs:
-            candidates += [(p, label) for p in _image_files(class_dirs[cls])]
-    return candidates
+    labels: list[np.ndarray] = []
+    counts = [0]
+
+    def names():
+        for label, cls in enumerate(classes):
+            if cls in class_dirs:
+                before = counts[0]
+                for name in _image_names(split_dir, cls):
+                    counts[0] += 1
+                    yield name
+                labels.append(np.full(counts[0] - before, label, dtype=np.int64))
+
+    paths = PathTable.from_names(split_dir, names())
+    return Files(paths, np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64))
 
 
 @dataclass
@@ -143,8 +148,9 @@ class FolderListing:
     classes: list[str]
     train_dir: Path
     valid_dir: Path
-    train: list[tuple[Path, Target]]
-    valid: list[tuple[Path, Target]]
+    train: Files
+    """The training candidates, read as (Path, target) pairs."""
+    valid: Files
     multi_label: bool = False
     bad: list[BadFile] = field(default_factory=list)
     """Files set aside while listing (data.bad_files decides: an error, or counted and skipped)."""
@@ -173,27 +179,26 @@ def list_image_folder(root: str | Path, train_dir: str = "train", valid_dir: str
             f"{valid_path}: class folder(s) {', '.join(extra)} do not exist in {train_path}; "
             "the model can only predict training classes: add them to train or remove them from valid"
         )
-    valid = _list_split(valid_path, classes) if valid_dir is not None else []
+    valid = _list_split(valid_path, classes) if valid_dir is not None else Files(PathTable.from_names(valid_path, []), targets_array([]))
     return FolderListing(classes, train_path, valid_path, _list_split(train_path, classes), valid)
 
 
-def _check_split(name: str, split_dir: Path, candidates: list[tuple[Path, Target]], workers: int, classes: int) -> Split:
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(check_image, [p for p, _ in candidates], chunksize=64))
-    split = Split(name=name, dir=split_dir, paths=[], labels=[], classes=classes)
-    for (path, label), reason in zip(candidates, reasons):
-        if reason is None:
-            split.paths.append(str(path))
-            split.labels.append(label)
-        else:
-            split.bad.append(BadFile(str(path), reason))
-    return split
+def _checked(name: str, split_dir: Path, files: Files, found: dict[int, str], classes: int) -> Split:
+    """The split of `files` without those `found` failed the check."""
+    if found:
+        keep = np.ones(len(files), dtype=bool)
+        keep[list(found)] = False
+        kept = files.take(keep)
+    else:
+        kept = files
+    bad = [BadFile(files.paths[i], reason) for i, reason in sorted(found.items())]
+    return Split(name=name, dir=split_dir, paths=kept.paths, labels=kept.targets, bad=bad, classes=classes)
 
 
 def check_usable(classes: list[str], train_dir: Path, valid_dir: Path, train_labels, valid_count: int) -> None:
     """Every class has a usable training image and the validation split is not empty (a class
     folder tree's rules; disttrain/data/source.py states a flat folder's)."""
-    present = set(train_labels)
+    present = set(np.unique(np.asarray(train_labels, dtype=np.int64)).tolist())
     empty = [c for i, c in enumerate(classes) if i not in present]
     if empty:
         raise DataError(
@@ -212,21 +217,34 @@ def bad_files_error(bad: list[BadFile]) -> DataError:
 
 
 def scan_image_folder(
-    root: str | Path, train_dir: str = "train", valid_dir: str = "auto", bad_files: str = "skip", workers: int = 4
+    root: str | Path, train_dir: str = "train", valid_dir: str = "auto", bad_files: str = "skip", workers: int = 4,
+    verify: str = "full", cache_dir: Path | None = None, use_cache: bool = True,
 ) -> ImageFolderData:
     """Scan, validate and label both splits. Raises DataError with every problem a user must fix."""
     listing = list_image_folder(root, train_dir, valid_dir)
-    data = scan_listing(listing, bad_files, workers)
+    data = scan_listing(listing, bad_files, workers, verify, cache_dir, use_cache)
     check_usable(listing.classes, listing.train_dir, listing.valid_dir, data.train.labels, len(data.valid))
     return data
 
 
-def scan_listing(listing: FolderListing, bad_files: str = "skip", workers: int = 4) -> ImageFolderData:
-    """Decode-check every candidate file of a listing (any source) and keep the usable ones; with
-    `bad_files="error"`, DataError listing every bad file (the listing's own included)."""
+def scan_listing(listing: FolderListing, bad_files: str = "skip", workers: int = 4, verify_level: str = "full",
+                 cache_dir: Path | None = None, use_cache: bool = True) -> ImageFolderData:
+    """Check every candidate file of a listing (any source) as `verify_level` says (data.verify:
+    full | header | off) and keep the usable ones; with `bad_files="error"`, DataError listing every
+    bad file (the listing's own included). `use_cache`: read and write each folder's scan cache
+    (data.scan_cache; `cache_dir`, the run dir, holds it where the folder cannot be written)."""
     width = len(listing.classes)
-    train = _check_split("train", listing.train_dir, listing.train, workers, width)
-    valid = _check_split("valid", listing.valid_dir, listing.valid, workers, width)
+    train_paths, valid_paths = listing.train.paths, listing.valid.paths
+    if train_paths.root == valid_paths.root and len(valid_paths):  # one folder (a drawn split): one cache
+        both = verify(PathTable.concat(train_paths, valid_paths), verify_level, workers, cache_dir, use_cache)
+        cut = len(train_paths)
+        found_train = {i: r for i, r in both.items() if i < cut}
+        found_valid = {i - cut: r for i, r in both.items() if i >= cut}
+    else:
+        found_train = verify(train_paths, verify_level, workers, cache_dir, use_cache)
+        found_valid = verify(valid_paths, verify_level, workers, cache_dir, use_cache)
+    train = _checked("train", listing.train_dir, listing.train, found_train, width)
+    valid = _checked("valid", listing.valid_dir, listing.valid, found_valid, width)
     if bad_files == "error" and (listing.bad or train.bad or valid.bad):
         raise bad_files_error(listing.bad + train.bad + valid.bad)
     return ImageFolderData(listing.classes, train, valid, listing.multi_label, list(listing.bad), listing.split)

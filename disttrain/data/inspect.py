@@ -142,7 +142,7 @@ def inspect_data(data: DataConfig, sample: int = 2000) -> Inspection:
         raise ConfigError("data.format=shards: disttrain inspect reads image files; inspect the image folder the shards "
                           "were prepared from (data.format=folder)")
     listing = list_source(data)
-    files = listing.train + listing.valid
+    files = list(listing.train) + list(listing.valid)
     classes = listing.classes
     counts = _class_counts(files, len(classes), listing.multi_label)
     rarest = min(range(len(classes)), key=lambda c: (counts[c], c))  # ties: the first in class order
@@ -196,7 +196,7 @@ def tag_stats(targets: list[tuple[int, ...]], last: int = 6) -> TagStats:
 def _unlabelled(data: DataConfig, listing: FolderListing) -> int:
     if data.labels is None:
         return 0
-    named = {str(path.relative_to(listing.train_dir)) for path, _ in listing.train + listing.valid}
+    named = {str(path.relative_to(listing.train_dir)) for path, _ in [*listing.train, *listing.valid]}
     return len(set(flat_images(listing.train_dir)) - named)
 
 

@@ -19,6 +19,7 @@ a new draw every epoch), every rank ceil(N / world) of them in the same `steps` 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import zlib
@@ -27,13 +28,15 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from disttrain.data.decode import decode_jpeg_batch, load_presized
 from disttrain.data.folder import DataError, Split
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
 from disttrain.data.workers import StartTimedOut, start_deadline, worker_context, worker_init
 from disttrain.dist.cores import CoreSplit
+
+log = logging.getLogger(__name__)
 
 
 class FolderDataset(Dataset):
@@ -77,18 +80,50 @@ class FolderDataset(Dataset):
         slot = int(self.slots[index])
         return slot if slot >= 0 else None
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        """The sample, or None when its file does not decode now (data.verify let it through, or it
+        changed after the scan): `FolderCollate` counts it and fills or drops its place."""
         slot = self._slot(index)
         if slot is not None and self.filled[slot]:
             return self.pixels[slot], self.labels[index]
         path = self.paths[index]
         try:
             image = torch.from_numpy(load_presized(path, self.load_size, None if slot is None else self.pixels[slot].numpy()))
-        except Exception as err:
-            raise DataError(f"{path}: could not be decoded during training ({err}); was it changed after the scan?") from err
+        except Exception as err:  # PIL raises many types; every one means "cannot train on this"
+            log.warning("%s: skipped, it does not decode (%s: %s)", path, type(err).__name__, err)
+            return None
         if slot is not None:
             self.filled[slot] = True
         return image, self.labels[index]
+
+
+class FolderCollate:
+    """A folder batch from its samples, the unreadable ones (None) counted as the shard readers
+    count theirs (`(images, labels, {"skipped": n})`, added up by DeviceLoader):
+
+    - `substitute=True` (training: every rank keeps its batch size and its steps): each unreadable
+      sample's place goes to a readable sample of the same batch (the first ones, in turn); a batch
+      of which nothing decodes is a DataError naming the rank.
+    - `substitute=False` (validation, precompute, TTA): dropped, so the figures count only what was
+      decoded; a batch of which nothing decodes comes out empty (and is left out).
+    """
+
+    def __init__(self, substitute: bool):
+        self.substitute = substitute
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        good = [item for item in items if item is not None]
+        skipped = len(items) - len(good)
+        if skipped and self.substitute:
+            if not good:
+                raise DataError(f"rank {os.environ.get('RANK', '0')}: none of the {skipped} files of a training batch decodes "
+                                "(each is named in a warning above); remove or replace them, or set data.verify=full to find "
+                                "them all before training")
+            good += [good[i % len(good)] for i in range(skipped)]
+        if not good:
+            return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), {"skipped": skipped}
+        images, labels = default_collate(good)
+        return images, labels, {"skipped": skipped}
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:

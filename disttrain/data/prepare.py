@@ -32,6 +32,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
@@ -108,6 +109,12 @@ def encode_sample(path: str, presize: int, quality: int) -> bytes:
     return out.getvalue()
 
 
+def _reason(err: Exception) -> str:
+    """Why a file was skipped, the same on every run: PIL names the buffer it read by its memory
+    address (`<_io.BytesIO object at 0x7f...>`), which would make two manifests of one source differ."""
+    return re.sub(r" at 0x[0-9a-f]+>", ">", f"{type(err).__name__}: {err}".strip())
+
+
 def label_member(label: Target) -> dict[str, bytes]:
     """A sample's label member: `cls` (the class index) or, multi-label, `tags` (the class indices,
     space-separated; see the module docstring)."""
@@ -134,7 +141,7 @@ def write_shard(task: ShardTask, out_dir: str, presize: int, quality: int) -> di
                 try:
                     jpeg = encode_sample(path, presize, quality)
                 except Exception as err:  # any decode failure means "cannot train on this file"
-                    bad.append({"path": path, "reason": f"{type(err).__name__}: {err}".strip()})
+                    bad.append({"path": path, "reason": _reason(err)})
                     continue
                 sink.write({
                     "__key__": f"{task.first_key + i:08d}",

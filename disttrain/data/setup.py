@@ -21,7 +21,7 @@ from disttrain.data.augment import DeviceAugment
 from disttrain.data.folder import DataError, FolderListing, ImageFolderData, scan_image_folder, scan_listing, write_bad_files
 from disttrain.data.source import check_flat_usable, list_source
 from disttrain.data.split import SPLIT_FILE, SplitRecord, read_split, write_split
-from disttrain.data.loader import DecodeOnDevice, DeviceLoader, FolderDataset, RankBatchSampler, Workers, loader_generator, make_loader
+from disttrain.data.loader import DecodeOnDevice, FolderCollate, DeviceLoader, FolderDataset, RankBatchSampler, Workers, loader_generator, make_loader
 from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.dist.runtime import rank_seed
 from disttrain.errors import UserError
@@ -69,13 +69,14 @@ def load_data(cfg: Config, group: MainFirst, report: Callable[[str], None], scan
     workers = max(2, scan_workers)
     if not draws_split(cfg.data):
         data: ImageFolderData = group.from_main(
-            lambda: scan_image_folder(root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=workers),
+            lambda: scan_image_folder(root, cfg.data.train_dir, cfg.data.valid_dir, cfg.data.bad_files, workers=workers,
+                                      verify=cfg.data.verify, cache_dir=cfg.run.dir, use_cache=cfg.data.scan_cache),
         )
     else:
         listing = agreed_listing(cfg, group)
         if resuming:
             group.from_main(lambda: check_resumed_split(cfg.run.dir / SPLIT_FILE, listing.split))
-        data = group.from_main(lambda: scan_flat(listing, cfg.data.bad_files, workers))
+        data = group.from_main(lambda: scan_flat(listing, cfg.data, workers, cfg.run.dir))
         if group.is_main:
             write_split(listing.split, cfg.run.dir)
         record: SplitRecord = listing.split
@@ -126,9 +127,9 @@ def check_resumed_split(path: Path, split: SplitRecord) -> None:
                         "resume with the same data and data.* split settings, or start a new run")
 
 
-def scan_flat(listing: FolderListing, bad_files: str, workers: int) -> ImageFolderData:
-    """Decode-check a drawn listing's files; a single-label class must keep a training image."""
-    data = scan_listing(listing, bad_files, workers)
+def scan_flat(listing: FolderListing, data_cfg: DataConfig, workers: int, run_dir: Path) -> ImageFolderData:
+    """Check a drawn listing's files (data.verify); a single-label class must keep a training image."""
+    data = scan_listing(listing, data_cfg.bad_files, workers, data_cfg.verify, run_dir, data_cfg.scan_cache)
     check_flat_usable(listing, data.train.labels, str(listing.train_dir))
     if len(data.train) == 0:
         raise DataError(f"{listing.train_dir}: no usable training image in this split")
@@ -169,7 +170,7 @@ def build_loaders(
     train_sampler = RankBatchSampler(len(data.train), bs, world, rank, seed=cfg.run.seed, shuffle=True, repeats=cfg.data.repeats)
     valid_share = rank_share(_eval_sampler(len(data.valid), bs * 2, accelerator)) if len(data.valid) else []
     cache = use_cache(cfg.data.cache, (len(data.train) + len(valid_share)) * load_size**2 * 3)
-    train = make_loader(FolderDataset(data.train, load_size, cache), count, pin, train_sampler, timeout,
+    train = make_loader(FolderDataset(data.train, load_size, cache), count, pin, train_sampler, timeout, FolderCollate(substitute=True),
                         generator=loader_generator(cfg.run.seed, rank, "train"), worker_cores=cores)
     valid = eval_loader(cfg, data.valid, accelerator, workers, load_size, bs * 2, name="valid", cache=cache) if len(data.valid) else None
     return DeviceLoader(train, train_sampler, bs, device, name="train"), valid  # no valid loader: data.valid_pct=0
@@ -182,7 +183,7 @@ def eval_loader(cfg: Config, split, accelerator: Accelerator, workers: Workers, 
     `cache`: keep the decoded images of this rank's share (validation every epoch)."""
     sampler = _eval_sampler(len(split), batch_size, accelerator)
     dataset = FolderDataset(split, load_size, rank_share(sampler) if cache else False)
-    loader = make_loader(dataset, workers.count, accelerator.device.type == "cuda", sampler, cfg.data.worker_timeout,
+    loader = make_loader(dataset, workers.count, accelerator.device.type == "cuda", sampler, cfg.data.worker_timeout, FolderCollate(substitute=False),
                          generator=loader_generator(cfg.run.seed, accelerator.process_index, name), worker_cores=workers.cores)
     return DeviceLoader(loader, sampler, batch_size, accelerator.device, name=name)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from disttrain.config import DataConfig
 from disttrain.data.folder import BadFile, DataError, FolderListing, Target, list_image_folder
+from disttrain.data.paths import Files, PathTable, targets_array
 from disttrain.data.labels import LabelledFiles, labels_from_names, read_label_table
 from disttrain.data.split import SplitRecord, draw_split, rarest_tag_strata, split_digest
 
@@ -71,9 +72,7 @@ def list_source(data: DataConfig) -> FolderListing:
         if data.valid_pct is None:
             return list_image_folder(root, data.train_dir, data.valid_dir)
         tree = list_image_folder(root, data.train_dir, None)
-        names = [str(path.relative_to(tree.train_dir)) for path, _ in tree.train]
-        targets = [label for _, label in tree.train]
-        valid, record = _draw(data, names, targets, len(tree.classes), None)
+        valid, record = _draw(data, list(tree.train.paths.names()), tree.train.labels(), len(tree.classes), None)
         return _parts(tree.classes, tree.train_dir, tree.train_dir, tree.train, valid, False, [], record)
 
     if data.valid_pct is None and data.valid_col is None:
@@ -90,16 +89,16 @@ def list_source(data: DataConfig) -> FolderListing:
         targets = [index[tags[0]] for tags in found.tags]
     valid, record = _draw(data, found.files, targets, len(classes), found.valid)
     missing = {b.path for b in bad}
-    candidates = [(found.folder / name, target) for name, target in zip(found.files, targets)]
-    keep = np.asarray([str(path) not in missing for path, _ in candidates], dtype=bool)
+    candidates = Files(PathTable.from_names(found.folder, found.files), targets_array(targets))
+    keep = np.asarray([str(found.folder / name) not in missing for name in found.files], dtype=bool)
     return _parts(classes, found.folder, found.folder, candidates, valid, found.multi_label, bad, record, keep)
 
 
-def _parts(classes, train_dir, valid_dir, candidates, valid: np.ndarray, multi_label: bool, bad, record, keep=None) -> FolderListing:
+def _parts(classes, train_dir, valid_dir, candidates: Files, valid: np.ndarray, multi_label: bool, bad, record,
+           keep=None) -> FolderListing:
     keep = np.ones(len(candidates), dtype=bool) if keep is None else keep
-    train = [c for c, v, k in zip(candidates, valid.tolist(), keep.tolist()) if k and not v]
-    held = [c for c, v, k in zip(candidates, valid.tolist(), keep.tolist()) if k and v]
-    return FolderListing(classes, train_dir, valid_dir, train, held, multi_label, bad, record)
+    return FolderListing(classes, train_dir, valid_dir, candidates.take(keep & ~valid), candidates.take(keep & valid),
+                         multi_label, bad, record)
 
 
 def check_flat_usable(listing: FolderListing, train_labels: list[Target], where: str) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from disttrain.models import timm, torchvision
+from disttrain.models import timm, tiny, torchvision
 from disttrain.models.family import Family
 
-FAMILIES: tuple[Family, ...] = (torchvision.FAMILY, timm.FAMILY)
+FAMILIES: tuple[Family, ...] = (torchvision.FAMILY, timm.FAMILY, tiny.FAMILY)
 
 
 def family_of(name: str) -> Family:

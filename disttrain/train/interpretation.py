@@ -31,7 +31,7 @@ def interpret_run(cfg, trainer, data, stage) -> None:
     model = trainer.module.eval()
     view = trainer.augment  # called with train=False: the eval view, at the last stage's image size
     task = trainer.task.with_threshold(trainer.threshold) if trainer.task.multi_label else trainer.task
-    inputs = Inputs(list(data.valid.paths), list(data.valid.labels), folder=str(data.valid.dir))
+    inputs = Inputs(list(data.valid.paths), _plain(data.valid.labels), folder=str(data.valid.dir))
     recorder = TagRecorder(len(trainer.classes)) if task.multi_label else SampleRecorder()
     options = EvaluateOptions(str(cfg.run.dir / "model.pt"), batch_size=stage.batch_size * 2)
     evaluate_files(acc, group, model, view, inputs, task, stage.load_size, trainer.workers,
@@ -52,3 +52,8 @@ def interpret_run(cfg, trainer, data, stage) -> None:
                                            step=trainer.global_step, columns=written.columns)
 
     group.from_main(write)
+
+
+def _plain(labels) -> list:
+    """A split's labels as Python values (an int array, or multi-label tuples)."""
+    return labels.tolist() if hasattr(labels, "tolist") else list(labels)

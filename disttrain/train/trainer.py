@@ -30,6 +30,7 @@ from disttrain.metrics import EvalResult
 from disttrain.models.forward import evaluate
 from disttrain.task import Task
 from disttrain.tracking import ConsoleReporter, Tracker
+from disttrain.train.buckets import settle_buckets
 from disttrain.train.checkpoint import Checkpointer, Preempted
 from disttrain.train.ema import WeightEma
 from disttrain.train.monitor import EarlyStopping
@@ -164,6 +165,7 @@ class Trainer:
         self._step_observer: Callable[[float], None] | None = None
         self.start = (0, 0)  # (epoch, optimizer steps of it already done): where fit() begins
         self._resumed_sums: dict | None = None
+        self._settle = False  # the next step rehearses one first (disttrain/train/buckets.py)
         self._history_shown = False
         self.model: nn.Module | None = None  # the stage's (see StageSetup for these)
         self.optimizer = self.schedule = self.train_loader = self.valid_loader = self.transform = None
@@ -248,6 +250,7 @@ class Trainer:
                 self.reporter.epoch_row(row.epoch, row.train_loss, row.valid_loss, row.columns(), row.seconds)
             self._history_shown = True
         start_epoch, start_steps = self.start
+        self._settle = self.start != (self.first_epoch, 0)  # resumed inside the stage: disttrain/train/buckets.py
         if self.stopped_early:  # resumed after train.early_stop ended the run
             return self.history
         if self.ema_stage and self.ema_restart and self.start == (self.first_epoch, 0):
@@ -357,6 +360,9 @@ class Trainer:
                 x, labels = self.mixer(x, labels)
             if self.compiled is not None:  # batches differ in size by one (the sampler): one graph for both
                 torch._dynamo.maybe_mark_dynamic(x, 0)
+            if self._settle:  # a resumed run's first step: DDP's buckets as the uninterrupted run's
+                self._settle = False
+                settle_buckets(acc, model, forward, x, labels, self.task.loss)
             if self.images:
                 self._samples.show(x, self.global_step)
             last = j == len(batches) - 1

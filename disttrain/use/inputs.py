@@ -3,9 +3,15 @@ and `disttrain evaluate` share all of it.
 
 - Listing (once, on the main process, then sent to every rank): files as given, folders searched
   recursively for the suffixes of `--ext` (default `IMAGE_EXTENSIONS`, what the training scan
-  takes), hidden files and folders left out, paths sorted (`list_inputs`); or a labelled folder,
-  `<class>/<images>`, labels from the folder names mapped to the model's classes (`list_labelled`,
-  with `choose_split` for a folder holding valid/, val/ or test/).
+  takes), hidden files and folders left out, paths sorted by their parts (`list_inputs`); or a
+  labelled folder, `<class>/<images>`, labels from the folder names mapped to the model's classes
+  (`list_labelled`, with `choose_split` for a folder holding valid/, val/ or test/). A folder is
+  walked one directory at a time, its entries sorted by name (files and sub-folders interleaved,
+  which is the order of sorting every path by its parts), and the names go straight into a
+  `PathTable` (disttrain/data/paths.py: one byte buffer and its end offsets, about 30 bytes a
+  file): a million files are listed without a Python object per file, sent to the ranks as two
+  arrays, and read by forked decoding workers without copy-on-write growth. Several items on one
+  line read as one sequence (`Listing`, a table per folder and per run of files given).
 - Batches: batch b is files[b*B:(b+1)*B] whatever the number of processes, and rank r takes a
   contiguous run of whole batches (`rank_batches`; runs differ by at most one batch). So every image
   is computed in the same batch on 1 or N processes (the same floats), and the ranks' results, one
@@ -19,9 +25,12 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from disttrain.data.decode import IMAGE_EXTENSIONS, load_presized
 from disttrain.data.folder import DataError
 from disttrain.data.loader import Workers, make_loader
+from disttrain.data.paths import PathTable
 
 SPLITS = ("valid", "val", "test")
 """The folders `choose_split` looks for, in this order."""
@@ -51,56 +61,192 @@ def describe_extensions(extensions: frozenset[str] | None) -> str:
     return "every file" if extensions is None else ",".join(sorted(extensions))
 
 
+class Listing(Sequence):
+    """Several `PathTable`s read as one sequence of paths, in order (the items of a `predict` line:
+    files as given and folders). Indexing gives str; a slice gives a list."""
+
+    __slots__ = ("tables", "starts")
+
+    def __init__(self, tables: list[PathTable]):
+        self.tables = [table for table in tables if len(table)]
+        self.starts = np.cumsum([0] + [len(table) for table in self.tables]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"path {index} of {len(self)}")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.tables[part][index - int(self.starts[part])]
+
+    def __iter__(self) -> Iterator[str]:
+        for table in self.tables:
+            yield from table
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Listing({len(self)} paths in {len(self.tables)} table(s))"
+
+
 @dataclass
 class Inputs:
-    """What a job reads: paths (str), their labels for a labelled folder, and how many files of the
-    folders searched `--ext` left out."""
+    """What a job reads: paths (a sequence of str: a `PathTable` or `Listing`, compact for millions
+    of files, or a list), their labels for a labelled folder, and how many files of the folders
+    searched `--ext` left out."""
 
-    paths: list[str]
+    paths: Sequence[str]
     labels: list[int] | list[tuple[int, ...]] | None = None  # multi-label: each image's tag indices
     left_out: int = 0
     folder: str = ""
     """The labelled folder evaluated (list_labelled)."""
 
 
-def _walk(folder: Path, extensions: frozenset[str] | None) -> tuple[list[tuple[tuple[str, ...], str]], int]:
-    """((relative path parts, path) of every file under `folder` whose suffix is taken, sorted), and
-    the number of files left out by their suffix. Hidden files and folders are skipped; links are
-    followed, as the training scan does."""
-    found, left_out = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(folder).parts
-        for name in filenames:
-            if name.startswith("."):
-                continue
+class SharedPaths(Sequence):
+    """A `PathTable` whose two arrays live in shared memory (torch tensors moved there): decoding
+    workers started from the fork server receive a handle to them when the dataset is sent, not a
+    copy each (which the main process would also pickle once per worker: a transient copy of the
+    whole listing per worker)."""
+
+    __slots__ = ("table", "tensors")
+
+    def __init__(self, root: str, blob: torch.Tensor, ends: torch.Tensor):
+        self.tensors = (blob, ends)
+        self.table = PathTable(root, blob.numpy(), ends.numpy())
+
+    @classmethod
+    def of(cls, table: PathTable) -> "SharedPaths":
+        blob = torch.empty(len(table.blob), dtype=torch.uint8).share_memory_()
+        ends = torch.empty(len(table.ends), dtype=torch.int64).share_memory_()
+        blob.numpy()[:] = table.blob
+        ends.numpy()[:] = table.ends
+        return cls(table.root, blob, ends)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        return self.table[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table)
+
+    def __eq__(self, other) -> bool:
+        return self.table == (other.table if isinstance(other, SharedPaths) else other)
+
+    def __reduce__(self):
+        return SharedPaths, (self.table.root, *self.tensors)
+
+
+def share_paths(paths: Sequence[str]) -> Sequence[str]:
+    """`paths` with a PathTable's arrays moved to shared memory (`SharedPaths`), before loaders with
+    workers are made from them; any other sequence as it is. Hold on to the result in place of
+    `paths`, so the private copy can go."""
+    return SharedPaths.of(paths) if isinstance(paths, PathTable) else paths
+
+
+class _Names:
+    """Names appended into one byte buffer and an array of end offsets (what a `PathTable` holds),
+    with no Python object kept per name."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.ends = array("q")
+
+    def add(self, name: str) -> None:
+        self.buffer += name.encode("utf-8", "surrogateescape")
+        self.ends.append(len(self.buffer))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def table(self, root: str) -> PathTable:
+        return PathTable(root, np.frombuffer(self.buffer, dtype=np.uint8), np.frombuffer(self.ends, dtype=np.int64))
+
+
+def _sorted_entries(folder: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of `folder`'s entries that are not hidden, sorted by name; links are
+    followed; a folder that cannot be read has none (as os.walk skips it)."""
+    try:
+        with os.scandir(folder) as entries:
+            found = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                found.append((entry.name, is_dir))
+    except OSError:
+        return []
+    found.sort()
+    return found
+
+
+def _walk(folder: str, prefix: str, names: _Names, extensions: frozenset[str] | None, on_file=None) -> int:
+    """Appends the names (`prefix` + the path relative to `folder`) of every file under `folder`
+    whose suffix is taken, in the order of their relative path parts (at each folder its entries by
+    name, files and sub-folders interleaved; the same as sorting the whole list by parts), and
+    returns the number of files left out by their suffix. Hidden files and folders are skipped;
+    links are followed, as the training scan does. One folder's entries are held at a time (a
+    stack of them down the current branch), never the whole listing. `on_file()` is called after
+    each name appended."""
+    left_out = 0
+    stack = [(folder, prefix, iter(_sorted_entries(folder)))]
+    while stack:
+        path, rel, entries = stack[-1]
+        for name, is_dir in entries:
+            if is_dir:
+                sub = os.path.join(path, name)
+                stack.append((sub, rel + name + os.sep, iter(_sorted_entries(sub))))
+                break
             if extensions is not None and os.path.splitext(name)[1].lower() not in extensions:
                 left_out += 1
                 continue
-            found.append(((*rel, name), os.path.join(dirpath, name)))
-    found.sort()
-    return found, left_out
+            names.add(rel + name)
+            if on_file is not None:
+                on_file()
+        else:
+            stack.pop()
+    return left_out
 
 
 def list_inputs(inputs: list[str], extensions: frozenset[str] | None = IMAGE_EXTENSIONS) -> Inputs:
     """Files as given (whatever their suffix) and the files of folders (recursively, `extensions`
-    only), in that order; DataError for a missing path or when nothing is left."""
-    paths: list[str] = []
+    only), in that order; DataError for a missing path or when nothing is left. One folder: a
+    `PathTable` under it; several items: a `Listing` of one table per folder and per run of files."""
+    tables: list[PathTable] = []
+    given = _Names()
     left_out = 0
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found, skipped = _walk(path, extensions)
-            paths.extend(p for _, p in found)
-            left_out += skipped
+            if len(given):
+                tables.append(given.table(""))
+                given = _Names()
+            found = _Names()
+            left_out += _walk(str(path), "", found, extensions)
+            tables.append(found.table(str(path)))
         elif path.is_file():
-            paths.append(str(path))
+            given.add(str(path))
         else:
             raise DataError(f"{item}: no such file or folder")
-    if not paths:
+    if len(given):
+        tables.append(given.table(""))
+    if not sum(len(table) for table in tables):
         other = f" ({left_out} file(s) with other suffixes; --ext takes {describe_extensions(extensions)})" if left_out else ""
         raise DataError(f"no files to predict in {', '.join(inputs)}{other}")
-    return Inputs(paths, left_out=left_out)
+    return Inputs(tables[0] if len(tables) == 1 else Listing(tables), left_out=left_out)
 
 
 def choose_split(root: str | Path, split: str | None) -> Path:
@@ -136,12 +282,17 @@ def list_labelled(folder: Path, classes: list[str], weights: str, extensions: fr
     if unknown:
         raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not classes of {weights} ({known}); "
                         "remove them, or evaluate a model trained on them")
-    found, left_out = _walk(folder, extensions)
     index = {name: i for i, name in enumerate(classes)}
-    labelled = [(path, index[parts[0]]) for parts, path in found if len(parts) > 1]
-    if not labelled:
+    found, labels, left_out = _Names(), array("q"), 0
+    for name, is_dir in _sorted_entries(str(folder)):
+        if is_dir:
+            label = index[name]
+            left_out += _walk(str(folder / name), name + os.sep, found, extensions, on_file=lambda: labels.append(label))
+        elif extensions is not None and os.path.splitext(name)[1].lower() not in extensions:
+            left_out += 1
+    if not len(found):
         raise DataError(f"{folder}: no image files in its class folders (--ext takes {describe_extensions(extensions)})")
-    return Inputs([p for p, _ in labelled], [label for _, label in labelled], left_out, str(folder))
+    return Inputs(found.table(str(folder)), labels.tolist(), left_out, str(folder))
 
 
 def share(count: int, world: int, rank: int) -> range:
@@ -173,7 +324,7 @@ def _reason(path: str, err: Exception) -> str:
 class FileImages(Dataset):
     """index -> (index, uint8 (S, S, 3) presized image or None, reason it did not decode)."""
 
-    def __init__(self, paths: list[str], load_size: int):
+    def __init__(self, paths: Sequence[str], load_size: int):
         self.paths, self.load_size = paths, load_size
 
     def __len__(self) -> int:
@@ -215,7 +366,7 @@ imports torch and the decoders, disttrain/data/workers.py) costs about 2-3 s on 
 what decoding about 1,000 photos costs; a smaller share is decoded by the rank itself."""
 
 
-def batch_loader(paths: list[str], batches: range, batch_size: int, load_size: int, workers: Workers, timeout: float,
+def batch_loader(paths: Sequence[str], batches: range, batch_size: int, load_size: int, workers: Workers, timeout: float,
                  pin_memory: bool = False, pay_off: int = WORKERS_PAY_OFF) -> DataLoader:
     """This rank's batches (`rank_batches`), decoded and presized by `workers.count` processes (0, or
     a share under `pay_off` images: here) on `workers.cores` (the run's planned split), which deliver

@@ -1,7 +1,8 @@
 """`disttrain predict`: class probabilities for new images from a model.pt alone, on one process or
 many, for a handful of files or millions.
 
-The main process lists the inputs once (disttrain/use/inputs.py) and sends the list to every rank with
+The main process lists the inputs once (disttrain/use/inputs.py: a `PathTable`, about 30 bytes a
+file, which each rank's decoding workers map from shared memory) and sends the list to every rank with
 the path of a parts folder: `<out>.parts/` beside `--out`, or without `--out` a temporary
 `.disttrain-predict-*` folder in the current directory (on several machines it must be on a
 filesystem they share). Each rank predicts its run of the global batches and appends its rows to
@@ -51,15 +52,18 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from disttrain import durable
@@ -70,7 +74,7 @@ from disttrain.data.loader import Workers, watched
 from disttrain.use.exported import OnnxModel, is_onnx_file
 from disttrain.use.inference import Ensemble, SavedModel, load_ensemble, load_saved_model
 from disttrain.models.forward import batch_outputs, eval_view
-from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
+from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches, share_paths
 from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import build_runtime
 from disttrain.models.checks import build_config
@@ -145,17 +149,29 @@ def file_id(path: str) -> str:
     return Path(path).stem
 
 
-def check_ids(paths: list[str], fmt: str) -> None:
-    """DataError naming both files when two inputs have one id (a submission has one row per id)."""
+def check_ids(paths: Sequence[str], fmt: str) -> None:
+    """DataError naming both files when two inputs have one id (a submission has one row per id):
+    the first input whose id an earlier one has, and that earlier one. Holds 8 bytes per input (a
+    hash of its id), not the ids: the inputs whose hash repeats are then compared by their ids."""
+    hashes = np.fromiter((_id_hash(path) for path in paths), dtype=np.uint64, count=len(paths))
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if not len(repeated):
+        return
     seen: dict[str, str] = {}
-    for path in paths:
+    for i in np.flatnonzero(np.isin(hashes, repeated)).tolist():
+        path = paths[i]
         first = seen.setdefault(file_id(path), path)
         if first != path:
             raise DataError(f"{first} and {path}: the same id {file_id(path)!r} (the file name without its suffix); "
                             f"--format {fmt} writes one row per id: rename one, or predict them separately")
 
 
-def write_rows(writer, paths: list[str], probs: torch.Tensor, classes: list[str], topk: int | None, fmt: str = "csv",
+def _id_hash(path: str) -> int:
+    return int.from_bytes(hashlib.blake2b(file_id(path).encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+def write_rows(writer, paths: Sequence[str], probs: torch.Tensor, classes: list[str], topk: int | None, fmt: str = "csv",
                task: Task | None = None) -> None:
     """The rows of a batch in format `fmt` (module docstring): per image one row, or `topk` rows
     (`path, rank, class, probability`); probabilities with 6 decimals, ties to the lower class
@@ -238,6 +254,8 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel | Ensemble, inputs:
     from tqdm import tqdm
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if workers.count:  # the workers map the listing instead of receiving a copy each; the private copy goes
+        inputs.paths = share_paths(inputs.paths)
     paths = inputs.paths
     batches = rank_batches(len(paths), options.batch_size, world, rank)
     sizes = saved.load_sizes if isinstance(saved, Ensemble) else [saved.load_size]

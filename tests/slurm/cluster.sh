@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A single-host SLURM cluster for the tests: munge + slurmctld + slurmd, no systemd.
 #   tests/slurm/cluster.sh start DIR [NODES] -> writes DIR/slurm.conf and starts the daemons; with
-#       NODES=2, two slurmd (nodes dt1 and dt2, half of this host's CPUs each) on their own ports
+#       NODES=N > 1, N slurmd on this host (nodes dt1..dtN, each on its own port, each given 1/N of
+#       this host's CPUs and at least one: a job of one task per node fits on every node)
 #   tests/slurm/cluster.sh stop DIR          -> stops them by PID
 # Finished jobs stay in `scontrol show job` for an hour (MinJobAge), so tests can read their record.
 # Needs root (munge runs as user munge) and Debian's slurmctld slurmd slurm-client munge, which
@@ -56,11 +57,11 @@ if [ "$nodes" = 1 ]; then
     mkdir -p "$dir/spool/d-$host"
     echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN" >> "$dir/slurm.conf"
 else
-    # two slurmd on this host, each its own node with its own port and half of the CPUs
-    names=dt1,dt2
+    # N slurmd on this host, each its own node with its own port and 1/N of the CPUs (at least one)
+    names=dt[1-$nodes]
     base=$((16950 + RANDOM % 40))
-    per=$(( cpus / 2 > 0 ? cpus / 2 : 1 ))
-    for i in 1 2; do
+    per=$(( cpus / nodes > 0 ? cpus / nodes : 1 ))
+    for i in $(seq 1 "$nodes"); do
         mkdir -p "$dir/spool/d-dt$i"
         echo "NodeName=dt$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((base + i)) CPUs=$per State=UNKNOWN" >> "$dir/slurm.conf"
         grep -q "[[:space:]]dt$i\$" /etc/hosts || echo "127.0.0.1 dt$i" >> /etc/hosts  # node names must resolve
@@ -87,8 +88,9 @@ slurmctld -f "$dir/slurm.conf"
 if [ "$nodes" = 1 ]; then
     slurmd -f "$dir/slurm.conf"
 else
-    slurmd -f "$dir/slurm.conf" -N dt1
-    slurmd -f "$dir/slurm.conf" -N dt2
+    for i in $(seq 1 "$nodes"); do
+        slurmd -f "$dir/slurm.conf" -N "dt$i"
+    done
 fi
 for _ in $(seq 1 60); do
     if timeout 10 srun -N"$nodes" -n"$nodes" true 2>/dev/null; then

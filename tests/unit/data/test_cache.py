@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_folder
 from disttrain.config import Config
-from disttrain.data.folder import DataError, scan_image_folder
+from disttrain.data.folder import scan_image_folder
 from disttrain.data.loader import FolderDataset, RankBatchSampler, Workers, make_loader
 from disttrain.data.setup import build_loaders, use_cache
 
@@ -31,8 +31,7 @@ def test_a_second_epoch_reads_the_first_epochs_pixels_without_the_files(tmp_path
     for path in split.paths:
         Path(path).unlink()  # only the cache can serve them now
     assert torch.equal(_epoch(cached, workers), first)
-    with pytest.raises(DataError, match="could not be decoded"):
-        plain[0]
+    assert plain[0] is None  # decoding now fails: the loader's collate counts it (tests/unit/data/test_verify.py)
 
 
 def test_the_cache_is_taken_when_it_fits_and_as_set():
