@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,6 +27,23 @@ def _sbatch(env, out_dir, *args, wait: bool, nodes: int = 1, config: str = "conf
 def _common(mnist, out, name):
     return [f"data.root={mnist}", f"run.output_dir={out}", f"run.name={name}", "data.batch_size=16",
             "data.num_workers=0", "log.progress=false", "log.wandb.mode=disabled", "train.precision=no"]
+
+
+def completed_runs(env: dict, job: str, out, restarts: int) -> tuple[str, list[str]]:
+    """Wait for `job` to end; it must have COMPLETED after exactly `restarts` requeues. Its log (in
+    `out`) and the log of each of its runs (split at the batch script's restart lines)."""
+    def finished():
+        record = _job_record(env, job)
+        assert record, f"slurmctld has no record of job {job} (cluster.sh sets MinJobAge=3600)"
+        return record["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+    _wait_until(finished, "the job to finish", timeout=480)
+    log = next(Path(out).glob("*.out")).read_text()
+    final = _job_record(env, job)
+    assert (final["JobState"], final["Restarts"], final["ExitCode"]) == ("COMPLETED", str(restarts), "0:0"), (final, log[-6000:])
+    runs = re.split(rf"^disttrain: job {job} restart \d+: .*$", log, flags=re.M)[1:]
+    assert len(runs) == restarts + 1, log[-6000:]
+    return log, runs
 
 
 def _wait_until(condition, what, timeout=300):
@@ -108,17 +126,7 @@ def test_usr1_before_the_first_checkpoint_requeues_a_job_that_starts_again(slurm
     common = [o for o in _common(mnist_small, tmp_path, "early") if o != "data.num_workers=0"] + ["data.num_workers=1"]
     _, job = _sbatch(env, tmp_path, *common, wait=False, config=str(config))
 
-    def finished():
-        record = _job_record(env, job)
-        assert record, f"slurmctld has no record of job {job} (cluster.sh sets MinJobAge=3600)"
-        return record["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-
-    _wait_until(finished, "the job to finish", timeout=480)
-    log = next(tmp_path.glob("*.out")).read_text()
-    final = _job_record(env, job)
-    assert (final["JobState"], final["Restarts"], final["ExitCode"]) == ("COMPLETED", "3", "0:0"), (final, log[-6000:])
-    runs = re.split(rf"^disttrain: job {job} restart \d+: .*$", log, flags=re.M)[1:]
-    assert len(runs) == 4, log[-6000:]
+    log, runs = completed_runs(env, job, tmp_path, restarts=3)
     then = "; exiting with 75 so the job can be requeued and start again"
     stops = ["during the data scan", "during the precompute of head", r"during the LR sweep of head \(after its step 3 of 12\)"]
     for run, where in zip(runs, stops):

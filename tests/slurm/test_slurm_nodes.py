@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import launch, make_folder
-from test_slurm import _failure_report, _job_record, _sbatch, _wait_until
+from test_slurm import _failure_report, _sbatch, completed_runs
 
 pytestmark = pytest.mark.slurm
 
@@ -59,17 +59,7 @@ def test_four_nodes_preempted_on_one_node_resume_to_the_result_of_4_processes_on
     launch(["launch/train.py", "--config", "configs/demo.yaml", f"data.root={tints}", f"run.output_dir={tmp_path}",
             "run.name=one", *overrides(world)], nproc=world)
 
-    def finished():
-        record = _job_record(env, job)
-        assert record, f"slurmctld has no record of job {job} (cluster.sh sets MinJobAge=3600)"
-        return record["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-
-    _wait_until(finished, "the job to finish", timeout=480)
-    log = next(tmp_path.glob("*.out")).read_text()
-    final = _job_record(env, job)
-    assert (final["JobState"], final["Restarts"], final["ExitCode"]) == ("COMPLETED", "1", "0:0"), (final, log[-6000:])
-    runs = re.split(rf"^disttrain: job {job} restart \d+: .*$", log, flags=re.M)[1:]
-    assert len(runs) == 2, log[-6000:]
+    log, runs = completed_runs(env, job, tmp_path, restarts=1)
     first, resumed = runs
     assert log.count(f"{NODES} node(s) x {PER_NODE} process(es)") == 2 and f"training on {world} process(es)" in first
     # every rank stopped at the log point after the signalled step, in a checkpoint of that step, and exited 75
