@@ -205,14 +205,6 @@ def drop_caches() -> bool:
 # scan
 
 
-def scan_ready() -> bool:
-    import inspect
-
-    from disttrain.data.folder import scan_image_folder
-
-    return "verify" in inspect.signature(scan_image_folder).parameters
-
-
 SCAN = """
 import os, pickle, time
 from pathlib import Path
@@ -421,11 +413,8 @@ def main() -> None:
         try:
             rows = []
             if "scan" in only:
-                if not scan_ready():
-                    print("scan API not ready (scan_image_folder has no verify parameter)", flush=True)
-                else:
-                    levels = ["header"] + (["full", "off"] if files < 1_000_000 else ["full"] if args.full_at_1m else [])
-                    rows += measure_scan(root, work, levels, args.drop_caches)
+                levels = ["header"] + (["full", "off"] if files < 1_000_000 else ["full"] if args.full_at_1m else [])
+                rows += measure_scan(root, work, levels, args.drop_caches)
             if "prepare" in only:
                 rows += measure_prepare(root, files, work, args.kill_after)
             if args.predict_rows:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from disttrain.data.decode import decode_jpeg_batch, load_presized
 from disttrain.data.folder import DataError, Split
+from disttrain.data.paths import in_shared_memory
 from disttrain.data.shards import PREFETCH_FACTOR, SlotRef
 from disttrain.data.workers import StartTimedOut, start_deadline, worker_context, worker_init
 from disttrain.dist.cores import CoreSplit
@@ -66,6 +67,10 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def share_paths(self) -> None:
+        """The listing in shared memory before the loader's workers start (`make_loader`)."""
+        self.paths = in_shared_memory(self.paths)
 
     @property
     def cache_bytes(self) -> int:
@@ -272,6 +277,8 @@ def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, sampler: S
     stream (dropout, stochastic depth) by one draw per iterator, so a resumed run, whose iterators
     start at other points of that stream, would train differently. A loader therefore always has a
     generator of its own (`loader_generator`; a fixed-seed one when none is given)."""
+    if num_workers > 0 and hasattr(dataset, "share_paths"):  # workers get handles to the listing, not a copy each
+        dataset.share_paths()
     return DataLoader(
         dataset,
         batch_sampler=sampler,

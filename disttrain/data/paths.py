@@ -1,8 +1,9 @@
 """A listing of a million files held compactly: `PathTable` keeps paths as one byte buffer and an
 array of end offsets under a common root (about 30 bytes a file for ImageNet's names, against about
-150 for a Python list of str and 300 for one of Path), pickles as two arrays (what the main process
-broadcasts to the other ranks), and is shared page for page with forked loader workers (no
-reference counts are touched per item, so no copy-on-write).
+150 for a Python list of str and 300 for one of Path), and pickles as two arrays (what the main
+process broadcasts to the other ranks). Loader workers start from a fork server and receive their
+dataset pickled: `share_memory()` moves a table's arrays into shared memory first, so each worker
+gets a handle to them, not a copy (disttrain/data/loader.py's `make_loader` does it).
 
 `Files` pairs a PathTable with the targets (an int array, or a list of tag tuples for multi-label
 data) and reads as the sequence of `(Path, target)` pairs a listing's users iterate.
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 _ENCODING, _ERRORS = "utf-8", "surrogateescape"  # any name the filesystem holds round-trips
 _CHUNK = 65536  # names encoded at a time
@@ -86,11 +88,12 @@ class PathTable(Sequence):
     def __iter__(self) -> Iterator[str]:
         return self.span(0, len(self))
 
-    def span(self, first: int, stop: int) -> Iterator[str]:
-        """The paths `first` to `stop` - 1, in order (one decode per path, no per-path lookup)."""
+    def span(self, first: int, stop: int, relative: bool = False) -> Iterator[str]:
+        """The paths `first` to `stop` - 1 (relative to `root` with `relative`), in order: one decode
+        per path, no per-path lookup."""
         begin = int(self.ends[first - 1]) if first > 0 else 0
         data = self.blob[begin:int(self.ends[stop - 1]) if stop > first else begin].tobytes()
-        prefix = self.root + os.sep if self.root and self.root != os.sep else self.root
+        prefix = "" if relative or not self.root else self.root if self.root == os.sep else self.root + os.sep
         start = 0
         for end in (self.ends[first:stop] - begin).tolist():
             yield prefix + data[start:end].decode(_ENCODING, _ERRORS)
@@ -98,30 +101,20 @@ class PathTable(Sequence):
 
     def names(self) -> Iterator[str]:
         """Every path relative to `root`, in order."""
-        data = self.blob.tobytes()
-        start = 0
-        for end in self.ends.tolist():
-            yield data[start:end].decode(_ENCODING, _ERRORS)
-            start = end
+        return self.span(0, len(self), relative=True)
 
     def take(self, indices) -> "PathTable":
-        """The paths at `indices` (ints or a boolean mask), in that order, under the same root."""
+        """The paths at `indices` (a boolean mask, or increasing indices), in order, under the same root:
+        one byte mask over the buffer (a byte per byte of the names), no index arrays 8x its size."""
         chosen = np.asarray(indices)
-        starts = np.concatenate(([0], self.ends[:-1])) if len(self.ends) else self.ends
-        lengths = self.ends - starts
-        if chosen.dtype == bool or (chosen.size > 1 and bool(np.all(chosen[1:] > chosen[:-1]))):
-            keep = chosen if chosen.dtype == bool else np.zeros(len(self), dtype=bool)
-            if chosen.dtype != bool:
-                keep[chosen] = True
-            # in order: one byte mask (a byte per byte of the names), no index arrays 8x the buffer's size
-            return PathTable(self.root, self.blob[np.repeat(keep, lengths)], np.cumsum(lengths[keep]))
-        chosen = chosen.astype(np.int64, copy=False)
-        if len(chosen) == 0:
-            return PathTable(self.root, np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64))
-        ends = np.cumsum(lengths[chosen])
-        offsets = np.repeat(starts[chosen] - (ends - lengths[chosen]), lengths[chosen])
-        blob = self.blob[np.arange(int(ends[-1]), dtype=np.int64) + offsets]
-        return PathTable(self.root, blob, ends.astype(np.int64))
+        if chosen.dtype != bool:
+            if chosen.size > 1 and not bool(np.all(chosen[1:] > chosen[:-1])):
+                raise ValueError("PathTable.take keeps the table's order: give a mask or increasing indices")
+            keep = np.zeros(len(self), dtype=bool)
+            keep[chosen.astype(np.int64)] = True
+            chosen = keep
+        lengths = np.diff(self.ends, prepend=0)
+        return PathTable(self.root, self.blob[np.repeat(chosen, lengths)], np.cumsum(lengths[chosen]))
 
     @classmethod
     def concat(cls, first: "PathTable", second: "PathTable") -> "PathTable":
@@ -145,6 +138,30 @@ class PathTable(Sequence):
     def __repr__(self) -> str:
         return f"PathTable({len(self)} paths under {self.root or '/'!r}, {self.nbytes()} bytes)"
 
+    def share_memory(self) -> "PathTable":
+        """This table with its arrays in shared memory (itself when they are there already): pickled
+        to a process started from the fork server, it sends handles to them, not a copy."""
+        if isinstance(self, _SharedPathTable):
+            return self
+        blob = torch.empty(len(self.blob), dtype=torch.uint8).share_memory_()
+        ends = torch.empty(len(self.ends), dtype=torch.int64).share_memory_()
+        blob.numpy()[:] = self.blob
+        ends.numpy()[:] = self.ends
+        return _SharedPathTable(self.root, blob, ends)
+
+
+class _SharedPathTable(PathTable):
+    """A PathTable whose arrays are views of shared-memory tensors, pickled as those tensors."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, root: str, blob: torch.Tensor, ends: torch.Tensor):
+        super().__init__(root, blob.numpy(), ends.numpy())
+        self.tensors = (blob, ends)
+
+    def __reduce__(self):
+        return _SharedPathTable, (self.root, *self.tensors)
+
 
 class Files(Sequence):
     """A listing part: paths with their targets, read as `(Path, target)` pairs. Single-label
@@ -155,12 +172,6 @@ class Files(Sequence):
     def __init__(self, paths: PathTable, targets):
         self.paths = paths
         self.targets = targets
-
-    @classmethod
-    def of(cls, pairs: Iterable[tuple[str | Path, object]], root: str | Path | None = None) -> "Files":
-        """From (path, target) pairs (a flat source's rows)."""
-        pairs = list(pairs)
-        return cls(PathTable.from_paths((p for p, _ in pairs), root), targets_array([t for _, t in pairs]))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -212,3 +223,9 @@ def targets_array(targets: Sequence) -> np.ndarray | list:
     if len(targets) and isinstance(targets[0], tuple):
         return list(targets)
     return np.asarray(targets, dtype=np.int64)
+
+
+def in_shared_memory(paths):
+    """A PathTable's listing moved to shared memory (`PathTable.share_memory`); any other sequence
+    of paths as it is."""
+    return paths.share_memory() if isinstance(paths, PathTable) else paths

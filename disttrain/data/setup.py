@@ -21,7 +21,8 @@ from disttrain.data.augment import DeviceAugment
 from disttrain.data.folder import DataError, FolderListing, ImageFolderData, scan_image_folder, scan_listing, write_bad_files
 from disttrain.data.source import check_flat_usable, list_source
 from disttrain.data.split import SPLIT_FILE, SplitRecord, read_split, write_split
-from disttrain.data.loader import DecodeOnDevice, FolderCollate, DeviceLoader, FolderDataset, RankBatchSampler, Workers, loader_generator, make_loader
+from disttrain.data.loader import DecodeOnDevice, DeviceLoader, FolderCollate, FolderDataset, RankBatchSampler, Workers, loader_generator, make_loader
+from disttrain.data.paths import in_shared_memory
 from disttrain.data.shards import Manifest, ShardDataset, load_manifest
 from disttrain.dist.runtime import rank_seed
 from disttrain.errors import UserError
@@ -82,6 +83,8 @@ def load_data(cfg: Config, group: MainFirst, report: Callable[[str], None], scan
         record: SplitRecord = listing.split
         report(f"split: {len(record.valid)} valid / {record.train} train files ({record.how}), the same on {group.world} rank(s); "
                f"listed in {cfg.run.dir / SPLIT_FILE}")
+    for split in (data.train, data.valid):  # once: every stage's loader workers get handles to it, not a copy each
+        split.paths = in_shared_memory(split.paths)
     if group.is_main:
         write_bad_files(data.bad, cfg.run.dir / "bad_files.txt")
     skipped = f"; {len(data.bad)} undecodable file(s) skipped, listed in {cfg.run.dir / 'bad_files.txt'}" if data.bad else ""

@@ -191,11 +191,13 @@ def verify(paths: PathTable, verify: str, workers: int, cache_dir: Path | None =
         done = np.zeros(len(paths), dtype=bool)
         checked = np.zeros(len(paths), dtype=np.int8)
         found = {}
+        unchanged = False
         if cached is not None:
             if cached.same_files(names):  # no index arrays: a million files cost a few vector compares
                 same = (cached.size == size) & (cached.mtime == mtime) & (size >= 0)
                 level_of = cached.level
                 reasons = cached.reasons
+                unchanged = bool(same.all())
             else:
                 at = cached.matches(names)
                 hit = at >= 0
@@ -216,7 +218,8 @@ def verify(paths: PathTable, verify: str, workers: int, cache_dir: Path | None =
         for part in pool.map(lambda chunk: _check_chunk(paths, chunk, CHECKS[level]), spans):
             found.update(part)
         checked[todo] = level
-    _write_cache(where, ScanCache(names, size, mtime, checked, dict(found)))
+    if not (unchanged and len(todo) == 0):  # a restart with nothing changed leaves the cache as it is
+        _write_cache(where, ScanCache(names, size, mtime, checked, dict(found)))
     return found
 
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from disttrain.data.decode import IMAGE_EXTENSIONS, load_presized
 from disttrain.data.folder import DataError
 from disttrain.data.loader import Workers, make_loader
-from disttrain.data.paths import PathTable
+from disttrain.data.paths import PathTable, in_shared_memory
 
 SPLITS = ("valid", "val", "test")
 """The folders `choose_split` looks for, in this order."""
@@ -111,68 +111,6 @@ class Inputs:
     """The labelled folder evaluated (list_labelled)."""
 
 
-class SharedPaths(Sequence):
-    """A `PathTable` whose two arrays live in shared memory (torch tensors moved there): decoding
-    workers started from the fork server receive a handle to them when the dataset is sent, not a
-    copy each (which the main process would also pickle once per worker: a transient copy of the
-    whole listing per worker)."""
-
-    __slots__ = ("table", "tensors")
-
-    def __init__(self, root: str, blob: torch.Tensor, ends: torch.Tensor):
-        self.tensors = (blob, ends)
-        self.table = PathTable(root, blob.numpy(), ends.numpy())
-
-    @classmethod
-    def of(cls, table: PathTable) -> "SharedPaths":
-        blob = torch.empty(len(table.blob), dtype=torch.uint8).share_memory_()
-        ends = torch.empty(len(table.ends), dtype=torch.int64).share_memory_()
-        blob.numpy()[:] = table.blob
-        ends.numpy()[:] = table.ends
-        return cls(table.root, blob, ends)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, index):
-        return self.table[index]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.table)
-
-    def __eq__(self, other) -> bool:
-        return self.table == (other.table if isinstance(other, SharedPaths) else other)
-
-    def __reduce__(self):
-        return SharedPaths, (self.table.root, *self.tensors)
-
-
-def share_paths(paths: Sequence[str]) -> Sequence[str]:
-    """`paths` with a PathTable's arrays moved to shared memory (`SharedPaths`), before loaders with
-    workers are made from them; any other sequence as it is. Hold on to the result in place of
-    `paths`, so the private copy can go."""
-    return SharedPaths.of(paths) if isinstance(paths, PathTable) else paths
-
-
-class _Names:
-    """Names appended into one byte buffer and an array of end offsets (what a `PathTable` holds),
-    with no Python object kept per name."""
-
-    def __init__(self):
-        self.buffer = bytearray()
-        self.ends = array("q")
-
-    def add(self, name: str) -> None:
-        self.buffer += name.encode("utf-8", "surrogateescape")
-        self.ends.append(len(self.buffer))
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def table(self, root: str) -> PathTable:
-        return PathTable(root, np.frombuffer(self.buffer, dtype=np.uint8), np.frombuffer(self.ends, dtype=np.int64))
-
-
 def _sorted_entries(folder: str) -> list[tuple[str, bool]]:
     """(name, is a folder) of `folder`'s entries that are not hidden, sorted by name; links are
     followed; a folder that cannot be read has none (as os.walk skips it)."""
@@ -193,15 +131,14 @@ def _sorted_entries(folder: str) -> list[tuple[str, bool]]:
     return found
 
 
-def _walk(folder: str, prefix: str, names: _Names, extensions: frozenset[str] | None, on_file=None) -> int:
-    """Appends the names (`prefix` + the path relative to `folder`) of every file under `folder`
-    whose suffix is taken, in the order of their relative path parts (at each folder its entries by
-    name, files and sub-folders interleaved; the same as sorting the whole list by parts), and
-    returns the number of files left out by their suffix. Hidden files and folders are skipped;
-    links are followed, as the training scan does. One folder's entries are held at a time (a
-    stack of them down the current branch), never the whole listing. `on_file()` is called after
-    each name appended."""
-    left_out = 0
+def _walk(folder: str, prefix: str, extensions: frozenset[str] | None, left_out: list[int]) -> Iterator[str]:
+    """The names (`prefix` + the path relative to `folder`) of every file under `folder` whose
+    suffix is taken, in the order of their relative path parts (at each folder its entries by name,
+    files and sub-folders interleaved; the same as sorting the whole list by parts); each file left
+    out by its suffix adds one to `left_out[0]`. Hidden files and folders are skipped; links are
+    followed, as the training scan does. One folder's entries are held at a time (a stack of them
+    down the current branch), never the whole listing: `PathTable.from_names` takes the names as
+    they come."""
     stack = [(folder, prefix, iter(_sorted_entries(folder)))]
     while stack:
         path, rel, entries = stack[-1]
@@ -211,14 +148,11 @@ def _walk(folder: str, prefix: str, names: _Names, extensions: frozenset[str] | 
                 stack.append((sub, rel + name + os.sep, iter(_sorted_entries(sub))))
                 break
             if extensions is not None and os.path.splitext(name)[1].lower() not in extensions:
-                left_out += 1
+                left_out[0] += 1
                 continue
-            names.add(rel + name)
-            if on_file is not None:
-                on_file()
+            yield rel + name
         else:
             stack.pop()
-    return left_out
 
 
 def list_inputs(inputs: list[str], extensions: frozenset[str] | None = IMAGE_EXTENSIONS) -> Inputs:
@@ -226,23 +160,22 @@ def list_inputs(inputs: list[str], extensions: frozenset[str] | None = IMAGE_EXT
     only), in that order; DataError for a missing path or when nothing is left. One folder: a
     `PathTable` under it; several items: a `Listing` of one table per folder and per run of files."""
     tables: list[PathTable] = []
-    given = _Names()
-    left_out = 0
+    given: list[str] = []  # files named on the line: a run of them is one table
+    left_out = [0]
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            if len(given):
-                tables.append(given.table(""))
-                given = _Names()
-            found = _Names()
-            left_out += _walk(str(path), "", found, extensions)
-            tables.append(found.table(str(path)))
+            if given:
+                tables.append(PathTable.from_names("", given))
+                given = []
+            tables.append(PathTable.from_names(str(path), _walk(str(path), "", extensions, left_out)))
         elif path.is_file():
-            given.add(str(path))
+            given.append(str(path))
         else:
             raise DataError(f"{item}: no such file or folder")
-    if len(given):
-        tables.append(given.table(""))
+    if given:
+        tables.append(PathTable.from_names("", given))
+    left_out = left_out[0]
     if not sum(len(table) for table in tables):
         other = f" ({left_out} file(s) with other suffixes; --ext takes {describe_extensions(extensions)})" if left_out else ""
         raise DataError(f"no files to predict in {', '.join(inputs)}{other}")
@@ -283,16 +216,21 @@ def list_labelled(folder: Path, classes: list[str], weights: str, extensions: fr
         raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not classes of {weights} ({known}); "
                         "remove them, or evaluate a model trained on them")
     index = {name: i for i, name in enumerate(classes)}
-    found, labels, left_out = _Names(), array("q"), 0
-    for name, is_dir in _sorted_entries(str(folder)):
-        if is_dir:
-            label = index[name]
-            left_out += _walk(str(folder / name), name + os.sep, found, extensions, on_file=lambda: labels.append(label))
-        elif extensions is not None and os.path.splitext(name)[1].lower() not in extensions:
-            left_out += 1
-    if not len(found):
+    labels, left_out = array("q"), [0]
+
+    def names() -> Iterator[str]:
+        for name, is_dir in _sorted_entries(str(folder)):
+            if is_dir:
+                for found in _walk(str(folder / name), name + os.sep, extensions, left_out):
+                    labels.append(index[name])
+                    yield found
+            elif extensions is not None and os.path.splitext(name)[1].lower() not in extensions:
+                left_out[0] += 1
+
+    table = PathTable.from_names(str(folder), names())
+    if not len(table):
         raise DataError(f"{folder}: no image files in its class folders (--ext takes {describe_extensions(extensions)})")
-    return Inputs(found.table(str(folder)), labels.tolist(), left_out, str(folder))
+    return Inputs(table, labels.tolist(), left_out[0], str(folder))
 
 
 def share(count: int, world: int, rank: int) -> range:
@@ -329,6 +267,10 @@ class FileImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def share_paths(self) -> None:
+        """The listing in shared memory before the loader's workers start (`make_loader`)."""
+        self.paths = in_shared_memory(self.paths)
 
     def __getitem__(self, index: int):
         path = self.paths[index]

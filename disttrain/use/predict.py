@@ -71,10 +71,11 @@ from disttrain.config import ConfigError
 from disttrain.data.decode import IMAGE_EXTENSIONS
 from disttrain.data.folder import DataError
 from disttrain.data.loader import Workers, watched
+from disttrain.data.paths import in_shared_memory
 from disttrain.use.exported import OnnxModel, is_onnx_file
 from disttrain.use.inference import Ensemble, SavedModel, load_ensemble, load_saved_model
 from disttrain.models.forward import batch_outputs, eval_view
-from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches, share_paths
+from disttrain.use.inputs import Inputs, batch_loader, list_inputs, rank_batches
 from disttrain.dist.jobgroup import JobGroup
 from disttrain.dist.runtime import build_runtime
 from disttrain.models.checks import build_config
@@ -146,7 +147,7 @@ def header(classes: list[str], topk: int | None, fmt: str = "csv", multi_label: 
 
 def file_id(path: str) -> str:
     """A submission's id of an input: its file name without the suffix."""
-    return Path(path).stem
+    return os.path.splitext(os.path.basename(path))[0]  # Path(path).stem, at a third of its cost per million inputs
 
 
 def check_ids(paths: Sequence[str], fmt: str) -> None:
@@ -254,8 +255,8 @@ def predict_share(accelerator, saved: SavedModel | OnnxModel | Ensemble, inputs:
     from tqdm import tqdm
 
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if workers.count:  # the workers map the listing instead of receiving a copy each; the private copy goes
-        inputs.paths = share_paths(inputs.paths)
+    if workers.count:  # one shared copy for every loader's workers (an ensemble has a loader per presize)
+        inputs.paths = in_shared_memory(inputs.paths)
     paths = inputs.paths
     batches = rank_batches(len(paths), options.batch_size, world, rank)
     sizes = saved.load_sizes if isinstance(saved, Ensemble) else [saved.load_size]

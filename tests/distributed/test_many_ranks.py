@@ -11,6 +11,7 @@ import json
 import re
 import time
 
+import numpy as np
 import pytest
 
 from conftest import launch, make_folder
@@ -52,6 +53,10 @@ def test_every_rank_computes_the_same_sweep_curve_and_suggestion(job):
     for key in SHARED:
         assert all(r[key] == ranks[0][key] for r in ranks), f"{key} differs between ranks"
     assert len({json.dumps(r["local_losses"]) for r in ranks}) > 1, "the ranks saw the same batches"
+    # the shared curve is built from every rank's own loss (each rank's file, before the all-reduce):
+    # the all-reduced (float64) mean of 16 values, against their mean summed in another order
+    own = np.asarray([r["local_losses"] for r in ranks], dtype=np.float64)
+    np.testing.assert_allclose(ranks[0]["losses"], own.mean(axis=0), rtol=1e-12, atol=0)
     assert f"agreed by {RANKS} ranks" in job["proc"].stdout
 
 

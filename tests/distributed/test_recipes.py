@@ -43,7 +43,8 @@ def test_every_rank_computes_the_same_ema(recipe_run):
 def test_early_stop_at_the_same_step_on_every_rank(recipe_run):
     out, run, stdout = recipe_run
     records = [[json.loads(line) for line in (out / f"stop-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    assert records[0] == records[1]  # the same values and the same decision, each rank on its own
+    # each rank's own record: fed the all-reduced figure, every rank decides itself (nothing broadcast from one)
+    assert records[0] == records[1]
     assert [r["stop"] for r in records[0]] == [False, True]  # min_delta 100: nothing after the first epoch improves
     epochs = json.loads((run / "results.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1]

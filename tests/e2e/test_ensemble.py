@@ -18,9 +18,10 @@ from conftest import launch
 pytestmark = pytest.mark.e2e
 
 STEPS = ("step-00000002", "step-00000004")
-TOLERANCE = 1e-6 + 1e-9
+TOLERANCE = 1e-6 + 1e-7
 """Each probability in a CSV is rounded to 6 decimals (within 5e-7): the mean of two rounded values
-and the rounded mean differ by at most 1e-6 (plus float parsing)."""
+and the rounded mean differ by at most 1e-6, plus the ensemble's float32 mean (up to about 3e-8) and
+float parsing: 1e-7 of slack, whatever the CPU's kernels round."""
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def _tolerance(name: str, m: float) -> tuple[float, float]:
     Color, contrast, sharpness: that truncation, plus its grey (floored) or smoothed (rounded) image
     being < 1 level off, weighted by |1 - factor| = |m|. Posterize, solarize, equalize act on the
     8-bit values as torchvision's: exact (but for float32 rounding)."""
-    eps = 1e-3  # float32 rounding of the values x 255
+    eps = 2e-3  # float32 rounding of the values x 255 (the worst measured 3e-4; other kernels round otherwise)
     if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
         return 0.5 + eps, 0.5 + eps
     if name in ("Brightness", "AutoContrast"):

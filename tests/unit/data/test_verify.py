@@ -68,6 +68,10 @@ def test_the_cache_checks_again_only_what_changed(folder):
     assert cache is not None and len(cache.names) == 12 and set(cache.level.tolist()) == {2}
     assert sorted(os.path.basename(cache.names[i]) for i in cache.reasons) == sorted(header_bad | decode_bad)
 
+    written = (folder / "train" / CACHE_NAME).stat().st_mtime_ns
+    scan_image_folder(folder, verify="full")
+    assert (folder / "train" / CACHE_NAME).stat().st_mtime_ns == written  # nothing changed: not written again
+
     # a file made unreadable with its size and mtime kept is not opened again: its verdict stands
     kept = folder / "train" / "a" / "001.png"
     stat = kept.stat()
@@ -147,6 +151,9 @@ def test_path_table_round_trips_any_name(tmp_path):
     names = ["a/b.png", "é/ü.jpg", "x/\udcff.png", "deep/er/c.png"]
     table = PathTable.from_names(tmp_path, names)
     assert list(table.names()) == names and table[-1] == str(tmp_path / "deep/er/c.png")
-    assert list(table.take(np.array([3, 0])).names()) == ["deep/er/c.png", "a/b.png"]
+    assert list(table.take(np.array([0, 3])).names()) == ["a/b.png", "deep/er/c.png"]
+    assert list(table.take(np.array([False, True, False, True])).names()) == ["é/ü.jpg", "deep/er/c.png"]
+    with pytest.raises(ValueError, match="keeps the table's order"):
+        table.take(np.array([3, 0]))
     assert pickle.loads(pickle.dumps(table)) == table
     assert list(PathTable.concat(table, table[1:2]).names()) == names + ["é/ü.jpg"]

@@ -17,7 +17,7 @@ from disttrain.data.loader import Workers, watched
 from disttrain.use.inference import read_model_file
 from disttrain.models.forward import MAX_TTA_VIEWS, check_tta, outputs, tta_view
 from disttrain.data.paths import PathTable
-from disttrain.use.inputs import batch_loader, choose_split, list_inputs, list_labelled, parse_extensions, rank_batches, share_paths
+from disttrain.use.inputs import batch_loader, choose_split, list_inputs, list_labelled, parse_extensions, rank_batches
 from disttrain.models.build import WeightsError
 
 
@@ -166,10 +166,10 @@ def test_an_undecodable_file_leaves_its_batch_with_the_reason_and_the_rest_keep_
     assert [bad for _, _, bad in batches] == [[(1, "not an image (PIL cannot identify the format)")], [(3, "empty file (0 bytes)")], []]
     assert batches[1][1].shape == (1, 8, 8, 3) and int(batches[1][1][0, 0, 0, 0]) == 80
     # the same from a decoding worker (started by the fork server: what a share of 1,000+ images gets),
-    # the listing in shared memory as predict hands it to the workers (the worker maps it, no copy)
-    shared = share_paths(PathTable.from_paths(paths, tmp_path))
-    loader = batch_loader(shared, range(0, 3), 2, 8, workers=Workers(1), timeout=60, pay_off=0)
+    # the listing moved to shared memory by make_loader before the worker starts (the worker maps it, no copy)
+    loader = batch_loader(PathTable.from_paths(paths, tmp_path), range(0, 3), 2, 8, workers=Workers(1), timeout=60, pay_off=0)
     assert loader.num_workers == 1 and loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert all(t.is_shared() for t in loader.dataset.paths.tensors)
     from_worker = list(watched(loader, "predict"))
     assert [(i, b) for i, _, b in from_worker] == [(i, b) for i, _, b in batches]
     assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(batches, from_worker) if a is not None)

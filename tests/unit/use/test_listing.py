@@ -65,10 +65,16 @@ def test_the_first_repeated_id_is_named_with_the_file_that_had_it_first(tmp_path
 
 
 def test_a_listing_in_shared_memory_reads_as_the_table_it_was_made_from(tmp_path):
-    from disttrain.use.inputs import SharedPaths, share_paths
+    from multiprocessing.reduction import ForkingPickler
+
+    from disttrain.data.paths import in_shared_memory
 
     table = PathTable.from_names(str(tmp_path), ["a/1.png", "b/é.png", "c.png"])
-    shared = share_paths(table)
-    assert isinstance(shared, SharedPaths) and shared == table and list(shared) == list(table) and shared[-1] == table[2]
+    shared = in_shared_memory(table)
+    assert shared == table and list(shared) == list(table) and shared[-1] == table[2] and shared.share_memory() is shared
     assert all(t.is_shared() for t in shared.tensors) and pickle.loads(pickle.dumps(shared)) == table
-    assert share_paths(list(table)) == list(table)  # a list stays as it is
+    # what a worker started from the fork server receives: handles to the same memory, not a copy
+    received = pickle.loads(ForkingPickler.dumps(shared))
+    received.blob[0] = ord("z")
+    assert shared[0] == str(tmp_path / "z/1.png") and table[0] == str(tmp_path / "a/1.png")
+    assert in_shared_memory(list(table)) == list(table)  # a list stays as it is
